@@ -1,0 +1,264 @@
+"""Checkpoints: a directory with ``config.json``, ``model.safetensors``, ``tokenizer.json`` and
+``metadata.json`` (format version, sha256 of the weights, training record).
+
+Loading validates everything before the model is built, and each problem is one
+``CheckpointError`` naming the file, tensor or field. Saving is atomic: the files go to a temporary
+sibling directory that is renamed into place, so an interrupted save never leaves a directory that
+looks complete.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import SMLPConfig
+from .errors import CheckpointError, ConfigError
+from .tokenizer import ByteTokenizer
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+TOKENIZER_FILE = "tokenizer.json"
+METADATA_FILE = "metadata.json"
+DEFAULT_NAME = "default"
+FLOAT_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def default_checkpoint_dir() -> Path:
+    """The embedded default checkpoint shipped inside the package."""
+    return Path(__file__).resolve().parent / "default_model"
+
+
+def resolve(path_or_name: str | os.PathLike | None) -> Path:
+    if path_or_name is None or str(path_or_name) == DEFAULT_NAME:
+        return default_checkpoint_dir()
+    return Path(path_or_name)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# save
+# ---------------------------------------------------------------------------------------------
+def atomic_dir(target: Path, overwrite: bool = False):
+    """Context manager: yields a temp dir next to ``target``; renames it into place on success."""
+    return _AtomicDir(Path(target), overwrite)
+
+
+class _AtomicDir:
+    def __init__(self, target: Path, overwrite: bool):
+        self.target, self.overwrite = target, overwrite
+
+    def __enter__(self) -> Path:
+        if self.target.exists() and not self.overwrite:
+            raise CheckpointError(f"{self.target} already exists (use --force to overwrite)")
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.tmp-", dir=self.target.parent))
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return False
+        old = None
+        if self.target.exists():
+            old = self.target.parent / f".{self.target.name}.old-{os.getpid()}"
+            os.rename(self.target, old)
+        os.rename(self.tmp, self.target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return False
+
+
+def save_checkpoint(
+    model: torch.nn.Module,
+    directory: str | os.PathLike,
+    *,
+    tokenizer: ByteTokenizer | None = None,
+    metadata: dict[str, Any] | None = None,
+    dtype: torch.dtype = torch.float32,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``model`` (an ``SMLPForCausalLM``) as a checkpoint directory, atomically."""
+    from safetensors.torch import save_file
+
+    if dtype not in FLOAT_DTYPES:
+        raise CheckpointError(f"unsupported checkpoint dtype {dtype}")
+    cfg: SMLPConfig = model.config
+    tok = tokenizer or getattr(model, "tokenizer", None) or ByteTokenizer(cfg.vocab_size, cfg.eos_token_id or 256)
+    state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
+    target = Path(directory)
+    with atomic_dir(target, overwrite) as tmp:
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        (tmp / CONFIG_FILE).write_text(cfg.to_json() + "\n")
+        (tmp / TOKENIZER_FILE).write_text(tok.to_json() + "\n")
+        meta = dict(metadata or {})
+        meta.update(format_version=FORMAT_VERSION, dtype=FLOAT_DTYPES[dtype],
+                    weights_sha256=sha256_file(tmp / WEIGHTS_FILE),
+                    num_parameters=sum(v.numel() for v in state.values()))
+        (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    return target
+
+
+# ---------------------------------------------------------------------------------------------
+# load
+# ---------------------------------------------------------------------------------------------
+def _read_json(path: Path) -> Any:
+    if not path.is_file():
+        raise CheckpointError(f"{path.parent}: missing {path.name}")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+
+
+def read_config(path_or_name: str | os.PathLike | None = None) -> SMLPConfig:
+    d = resolve(path_or_name)
+    try:
+        return SMLPConfig.from_dict(_read_json(d / CONFIG_FILE))
+    except ConfigError as e:
+        raise CheckpointError(f"{d / CONFIG_FILE}: {e}") from None
+
+
+def read_metadata(path_or_name: str | os.PathLike | None = None) -> dict[str, Any]:
+    return _read_json(resolve(path_or_name) / METADATA_FILE)
+
+
+def _expected_state(cfg: SMLPConfig) -> dict[str, tuple[int, ...]]:
+    from .model import SMLPForCausalLM
+
+    with torch.device("meta"):
+        m = SMLPForCausalLM(cfg)
+    return {k: tuple(v.shape) for k, v in m.state_dict().items()}
+
+
+def _load_tensors(wpath: Path, cfg: SMLPConfig) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    if not wpath.is_file():
+        raise CheckpointError(f"{wpath.parent}: missing {wpath.name}")
+    expected = _expected_state(cfg)
+    try:
+        with safe_open(str(wpath), framework="pt") as f:
+            keys = set(f.keys())
+            missing = sorted(set(expected) - keys)
+            unexpected = sorted(keys - set(expected))
+            if missing:
+                raise CheckpointError(f"{wpath}: missing tensor {missing[0]}"
+                                      + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+            if unexpected:
+                raise CheckpointError(f"{wpath}: unexpected tensor {unexpected[0]}"
+                                      + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
+            for k in sorted(keys):
+                shape = tuple(f.get_slice(k).get_shape())
+                if shape != expected[k]:
+                    raise CheckpointError(f"{wpath}: tensor {k} has shape {list(shape)} but config.json "
+                                          f"implies {list(expected[k])} (config does not match the weights)")
+            tensors = {k: f.get_tensor(k) for k in sorted(keys)}
+    except CheckpointError:
+        raise
+    except Exception as e:  # safetensors raises its own error types for truncated/corrupt headers
+        raise CheckpointError(f"{wpath}: corrupt or truncated safetensors file ({e})") from None
+    dtypes = {v.dtype for v in tensors.values()}
+    for k, v in tensors.items():
+        if v.dtype not in FLOAT_DTYPES:
+            raise CheckpointError(f"{wpath}: tensor {k} has dtype {v.dtype}; expected a float dtype")
+    if len(dtypes) > 1:
+        raise CheckpointError(f"{wpath}: mixed dtypes {sorted(map(str, dtypes))}")
+    for k, v in tensors.items():
+        if not torch.isfinite(v).all():
+            raise CheckpointError(f"{wpath}: tensor {k} contains NaN or Inf")
+    return tensors
+
+
+def load_checkpoint(
+    path_or_name: str | os.PathLike | None = None, *, allow_pickle: bool = False
+) -> torch.nn.Module:
+    """Load a checkpoint directory (or ``"default"``/None for the embedded model), in eval mode.
+
+    The returned ``SMLPForCausalLM`` carries ``.tokenizer`` and ``.checkpoint_info``
+    (path, metadata, weights sha256). A pickled ``.pt`` file is refused unless ``allow_pickle`` is
+    set, and then read with ``torch.load(weights_only=True)``.
+    """
+    from .model import SMLPForCausalLM
+
+    d = resolve(path_or_name)
+    if d.is_file() and d.suffix in (".pt", ".pth", ".bin"):
+        return _load_pickle(d, allow_pickle)
+    if not d.exists():
+        raise CheckpointError(f"checkpoint {d} does not exist")
+    if not d.is_dir():
+        raise CheckpointError(f"checkpoint {d} is not a directory (expected config.json + model.safetensors)")
+    meta = _read_json(d / METADATA_FILE)
+    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+        got = meta.get("format_version") if isinstance(meta, dict) else None
+        raise CheckpointError(f"{d / METADATA_FILE}: unknown checkpoint format_version {got!r} "
+                              f"(this version reads {FORMAT_VERSION})")
+    cfg = read_config(d)
+    tok = ByteTokenizer.from_dict(_read_json(d / TOKENIZER_FILE))
+    if tok.vocab_size != cfg.vocab_size:
+        raise CheckpointError(f"{d / TOKENIZER_FILE}: vocab_size {tok.vocab_size} != config vocab_size {cfg.vocab_size}")
+    wpath = d / WEIGHTS_FILE
+    tensors = _load_tensors(wpath, cfg)  # structure first: names the tensor or the truncation
+    digest = sha256_file(wpath)
+    if meta.get("weights_sha256") not in (None, digest):
+        raise CheckpointError(f"{wpath}: sha256 does not match metadata.json (file corrupt or replaced)")
+    model = SMLPForCausalLM(cfg)
+    model.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=True)
+    model.eval()
+    model.tokenizer = tok
+    model.checkpoint_info = {"path": str(d), "metadata": meta, "weights_sha256": digest}
+    return model
+
+
+def _load_pickle(path: Path, allow_pickle: bool) -> torch.nn.Module:
+    from .model import SMLPForCausalLM
+
+    if not allow_pickle:
+        raise CheckpointError(f"{path}: pickled checkpoints are refused (they can run code); "
+                              "pass --allow-pickle to load it with torch.load(weights_only=True)")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot load with weights_only=True ({str(e).splitlines()[0]})") from None
+    if not isinstance(obj, dict) or "config" not in obj or "state_dict" not in obj:
+        raise CheckpointError(f"{path}: expected a dict with 'config' and 'state_dict'")
+    try:
+        cfg = SMLPConfig.from_dict(obj["config"])
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    expected = _expected_state(cfg)
+    sd = obj["state_dict"]
+    for k, shape in expected.items():
+        if k not in sd:
+            raise CheckpointError(f"{path}: missing tensor {k}")
+        if tuple(sd[k].shape) != shape:
+            raise CheckpointError(f"{path}: tensor {k} has shape {list(sd[k].shape)}, expected {list(shape)}")
+        if not torch.isfinite(sd[k]).all():
+            raise CheckpointError(f"{path}: tensor {k} contains NaN or Inf")
+    extra = sorted(set(sd) - set(expected))
+    if extra:
+        raise CheckpointError(f"{path}: unexpected tensor {extra[0]}")
+    model = SMLPForCausalLM(cfg)
+    model.load_state_dict({k: v.float() for k, v in sd.items()})
+    model.eval()
+    model.tokenizer = ByteTokenizer(cfg.vocab_size, cfg.eos_token_id if cfg.eos_token_id is not None else 256)
+    model.checkpoint_info = {"path": str(path), "metadata": {}, "weights_sha256": sha256_file(path)}
+    return model
+
+
+def load_tokenizer(path_or_name: str | os.PathLike | None = None) -> ByteTokenizer:
+    return ByteTokenizer.from_dict(_read_json(resolve(path_or_name) / TOKENIZER_FILE))

@@ -1,0 +1,141 @@
+"""Token mixture-of-experts (tMoE): routing + grouped expert FFN + weighted combine.
+
+Custom op ``smlp::token_moe`` and its plain-torch reference. The reference is *sparse*: tokens
+are sorted by expert and each expert multiplies only its own rows, so cost grows with the number
+of routed tokens (N * k), not with the number of experts.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+ROUTINGS = ("base", "topk")
+
+
+def activation_fn(name: str, x: torch.Tensor) -> torch.Tensor:
+    if name == "gelu":
+        return F.gelu(x)
+    if name == "gelu_tanh":
+        return F.gelu(x, approximate="tanh")
+    if name == "relu":
+        return F.relu(x)
+    if name == "silu":
+        return F.silu(x)
+    raise ValueError(f"unknown activation {name!r}")
+
+
+def route_tokens(router_logits: torch.Tensor, routing: str, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inference routing, per token (never depends on other tokens).
+
+    router_logits: [N, E] float. Returns (expert_ids [N, k] int64, gates [N, k] same dtype).
+    - ``base`` (Base Layers, k must be 1): e = argmax, gate = sigmoid(logit_e).
+    - ``topk``: the k largest logits, gates = softmax over those k.
+    """
+    if routing == "base":
+        if k != 1:
+            raise ValueError("routing 'base' is top-1")
+        top, idx = router_logits.max(dim=-1, keepdim=True)
+        return idx, torch.sigmoid(top)
+    if routing == "topk":
+        top, idx = torch.topk(router_logits, k, dim=-1)
+        return idx, torch.softmax(top, dim=-1)
+    raise ValueError(f"unknown routing {routing!r}")
+
+
+def grouped_expert_ffn(
+    hidden: torch.Tensor,
+    expert_ids: torch.Tensor,
+    gates: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor,
+    w2: torch.Tensor,
+    b2: torch.Tensor,
+    activation: str,
+) -> torch.Tensor:
+    """Sparse grouped FFN: ``out[i] = sum_j gates[i, j] * FFN_{expert_ids[i, j]}(hidden[i])``.
+
+    hidden [N, d]; expert_ids [N, k] int; gates [N, k]; w1 [E, f, d]; b1 [E, f]; w2 [E, d, f];
+    b2 [E, d]. Differentiable (used by training too).
+    """
+    N, d = hidden.shape
+    E = w1.shape[0]
+    k = expert_ids.shape[1]
+    flat_e = expert_ids.reshape(-1)
+    # Sort the N*k (token, slot) pairs by expert: each expert then owns one contiguous slice.
+    order = torch.argsort(flat_e, stable=True)
+    token_of = order // k
+    counts = torch.bincount(flat_e, minlength=E).tolist()
+    x_sorted = hidden.index_select(0, token_of)
+    pieces = []
+    start = 0
+    for e, n_e in enumerate(counts):
+        if n_e == 0:  # an expert that gets no token costs nothing
+            continue
+        rows = x_sorted[start:start + n_e]
+        h = activation_fn(activation, F.linear(rows, w1[e], b1[e]))
+        pieces.append(F.linear(h, w2[e], b2[e]))
+        start += n_e
+    y_sorted = torch.cat(pieces, 0) if pieces else hidden.new_zeros(0, d)
+    y_sorted = y_sorted * gates.reshape(-1)[order].unsqueeze(-1).to(y_sorted.dtype)
+    out = hidden.new_zeros(N, d)
+    return out.index_add(0, token_of, y_sorted)
+
+
+def token_moe_reference(
+    hidden: torch.Tensor,
+    router_logits: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor,
+    w2: torch.Tensor,
+    b2: torch.Tensor,
+    routing: str,
+    k: int,
+    activation: str,
+) -> torch.Tensor:
+    expert_ids, gates = route_tokens(router_logits, routing, k)
+    return grouped_expert_ffn(hidden, expert_ids, gates, w1, b1, w2, b2, activation)
+
+
+@torch.library.custom_op("smlp::token_moe", mutates_args=())
+def token_moe(
+    hidden: torch.Tensor,
+    router_logits: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor,
+    w2: torch.Tensor,
+    b2: torch.Tensor,
+    routing: str,
+    k: int,
+    activation: str,
+) -> torch.Tensor:
+    """Token MoE layer (inference routing).
+
+    Inputs:
+      hidden        [N, d]     float (fp32/fp16/bf16): the expert input (already layer-normed)
+      router_logits [N, E]     same dtype: affinities ``x @ C^T`` (base) or router logits (topk)
+      w1 [E, f, d], b1 [E, f], w2 [E, d, f], b2 [E, d]  same dtype (torch Linear layout: out x in;
+                               this is also ONNX Runtime com.microsoft.MoE's fc1/fc2 layout)
+    Attributes:
+      routing    "base" (greedy top-1, gate = sigmoid(logit)) | "topk" (softmax over the top k)
+      k          1 or 2 (must be 1 for "base")
+      activation "gelu" | "gelu_tanh" | "relu" | "silu"
+    Output: [N, d], ``sum_j gate_j * FFN_{e_j}(hidden)``.
+    """
+    return token_moe_reference(hidden, router_logits, w1, b1, w2, b2, routing, k, activation)
+
+
+@token_moe.register_fake
+def _token_moe_fake(hidden, router_logits, w1, b1, w2, b2, routing, k, activation):
+    return torch.empty_like(hidden)
+
+
+def token_moe_naive(hidden, router_logits, w1, b1, w2, b2, routing, k, activation) -> torch.Tensor:
+    """Test oracle: a per-token Python loop (slow; never used by the model)."""
+    ids, gates = route_tokens(router_logits, routing, k)
+    out = torch.zeros_like(hidden)
+    for i in range(hidden.shape[0]):
+        for j in range(k):
+            e = int(ids[i, j])
+            h = activation_fn(activation, w1[e] @ hidden[i] + b1[e])
+            out[i] += gates[i, j] * (w2[e] @ h + b2[e])
+    return out

@@ -1,0 +1,47 @@
+"""Byte-level tokenizer, stored inside each checkpoint as ``tokenizer.json``.
+
+Ids 0..255 are the UTF-8 bytes; id 256 is the end-of-sequence token (between training documents).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import CheckpointError, InputError
+
+
+@dataclass(frozen=True)
+class ByteTokenizer:
+    vocab_size: int = 257
+    eos_token_id: int = 256
+
+    kind = "byte"
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: list[int] | Any, errors: str = "replace") -> str:
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise InputError(f"token id {bad[0]} outside the vocabulary [0, {self.vocab_size})")
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors=errors)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.kind, "vocab_size": self.vocab_size, "eos_token_id": self.eos_token_id}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ByteTokenizer":
+        if not isinstance(d, dict) or d.get("type") != cls.kind:
+            raise CheckpointError(f"tokenizer.json: unsupported tokenizer type {d.get('type') if isinstance(d, dict) else d!r}")
+        try:
+            tok = cls(vocab_size=int(d["vocab_size"]), eos_token_id=int(d["eos_token_id"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"tokenizer.json: bad field {e}") from None
+        if tok.vocab_size < 256 or not 0 <= tok.eos_token_id < tok.vocab_size:
+            raise CheckpointError("tokenizer.json: byte tokenizer needs vocab_size >= 256 and eos inside it")
+        return tok
