@@ -1,0 +1,86 @@
+"""The node contract shared by the ONNX exporter (``--target tensorrt``) and the TensorRT plugins.
+
+Each MoE custom op becomes ONE ONNX node in the ``smlp`` domain whose ``op_type`` is the TensorRT
+plugin's name; it carries ``plugin_namespace`` / ``plugin_version`` string attributes (TensorRT's
+ONNX parser uses them to pick the plugin over the model-local fallback function) plus the typed
+fields below, which match the plugin creator's fields by name. The exporter writes nodes from this
+table; plugins/ read their names, inputs and fields from it: one place, both sides.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+DOMAIN = "smlp"
+PLUGIN_NAMESPACE = "smlp"
+PLUGIN_VERSION = "1"
+
+
+@dataclass(frozen=True)
+class PluginContract:
+    op_type: str  # ONNX op_type == TensorRT plugin name
+    torch_op: str  # qualified torch.library name it lowers from
+    inputs: tuple[str, ...]  # positional, with shapes in the docstring of the torch op
+    outputs: tuple[str, ...]
+    attributes: dict[str, type] = field(default_factory=dict)  # field name -> int | float | str
+    domain: str = DOMAIN
+    namespace: str = PLUGIN_NAMESPACE
+    version: str = PLUGIN_VERSION
+
+    @property
+    def qualified_name(self) -> str:
+        """``namespace::name`` as tensorrt.plugin registers it."""
+        return f"{self.namespace}::{self.op_type}"
+
+
+TOKEN_MOE = PluginContract(
+    op_type="SMLPTokenMoE",
+    torch_op="smlp::token_moe",
+    # hidden [N, d], router_logits [N, E], w1 [E, f, d], b1 [E, f], w2 [E, d, f], b2 [E, d]
+    inputs=("hidden", "router_logits", "w1", "b1", "w2", "b2"),
+    outputs=("output",),  # [N, d]
+    attributes={"routing": str, "k": int, "activation": str},
+)
+
+SPATIAL_MOE = PluginContract(
+    op_type="SMLPSpatialMoE",
+    torch_op="smlp::spatial_moe",
+    # z2 [B, T, c], weight [E, n, n] (lower triangle of [:T, :T] used), bias [E, n]
+    inputs=("z2", "weight", "bias"),
+    outputs=("output",),  # [B, T, c]
+    attributes={"num_experts": int},
+)
+
+SPATIAL_MOE_PARTIAL = PluginContract(
+    op_type="SMLPSpatialMoEPartial",
+    torch_op="smlp::spatial_moe_partial",
+    # z2 [B, T, c], weight [E, n, n], bias [E, n], router_weight [p, E]
+    inputs=("z2", "weight", "bias", "router_weight"),
+    outputs=("output",),  # [B, T, c]
+    attributes={"num_experts": int, "prefix": int},
+)
+
+CONTRACTS: dict[str, PluginContract] = {}
+
+
+def register(c: PluginContract) -> PluginContract:
+    """Add a contract; refuses duplicates and malformed names (registrations never overwrite)."""
+    if not c.op_type.isidentifier() or "::" not in c.torch_op:
+        raise ValueError(f"malformed contract {c.op_type!r} / {c.torch_op!r}")
+    if c.op_type in CONTRACTS or any(x.torch_op == c.torch_op for x in CONTRACTS.values()):
+        raise ValueError(f"duplicate plugin contract {c.op_type} ({c.torch_op})")
+    for name, t in c.attributes.items():
+        if t not in (int, float, str):
+            raise ValueError(f"{c.op_type}.{name}: attribute type must be int, float or str")
+    CONTRACTS[c.op_type] = c
+    return c
+
+
+for _c in (TOKEN_MOE, SPATIAL_MOE, SPATIAL_MOE_PARTIAL):
+    register(_c)
+
+
+def by_torch_op(qualified: str) -> PluginContract:
+    for c in CONTRACTS.values():
+        if c.torch_op == qualified:
+            return c
+    raise KeyError(qualified)
