@@ -53,10 +53,9 @@ def route_channels(z2: torch.Tensor, router_weight: torch.Tensor) -> tuple[torch
     Returns (expert [B, c] int64, gate [B, c] = softmax prob of that expert, probs [B, c, E]).
     """
     p = router_weight.shape[0]
-    T = z2.shape[1]
-    v = z2[:, :p, :]
-    if T < p:
-        v = F.pad(v, (0, 0, 0, p - T))
+    # Pad by p, then keep the first p rows: no branch on T, so torch.export does not bake the
+    # T < p (or T >= p) case of the example input into the exported graph.
+    v = F.pad(z2, (0, 0, 0, p))[:, :p, :]
     logits = torch.einsum("bpc,pe->bce", v, router_weight)
     probs = torch.softmax(logits.float(), dim=-1).to(z2.dtype)
     gate, expert = probs.max(dim=-1)
