@@ -1,0 +1,176 @@
+"""Build the ONNX graph of an sMLP model for one target: torch.export -> dynamo ONNX -> finish.
+
+``build_onnx(model, target=..., dtype=..., opset=...)`` returns an ``onnx.ModelProto`` with
+
+- input ``input_ids`` int64 [batch, seq] (1 <= seq <= max_seq_len; both axes dynamic);
+- output ``logits`` float32 [batch, seq, vocab] and the router outputs the validator compares:
+  ``router.blocks.{i}.tmoe`` [batch, seq, E_t] (token-router logits) and, for partial spatial
+  routing, ``router.blocks.{i}.smoe`` [batch, c, E_s] (channel-router probabilities), in block
+  order. With ``dtype="fp16"`` the graph computes in float16 and casts its outputs to float32 at
+  the very end (one Cast per output): callers get one output type for every export, and
+  downstream softmax / sampling over 257 logits does not run in half precision.
+
+The graph is made deterministic (node metadata with stack traces stripped, symbolic dims renamed
+to ``batch`` / ``seq``), so the same checkpoint and options give byte-identical files.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import logging
+from typing import Any
+
+import onnx
+import onnx.inliner
+
+from . import contract
+from .functions import functions_for, onnx_elem_type
+from .translations import translation_table
+
+DIM_NAMES = ("batch", "seq")
+
+
+def routing_layout(model) -> list[tuple[str, str]]:
+    """[(layer name, kind)] of the model's router outputs, in output order (one tiny eager run)."""
+    import torch
+
+    routing: dict[str, Any] = {}
+    with torch.no_grad():
+        model(torch.zeros(1, 1, dtype=torch.long), routing)
+    return [(name, "tmoe_logits" if name.endswith(".tmoe") else "smoe_probs") for name in routing]
+
+
+class _Wrapper:
+    """Built lazily (torch import) as an nn.Module returning (logits, *router outputs) in float32."""
+
+    @staticmethod
+    def make(model, names: list[str]):
+        import torch
+
+        class Wrapped(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.model = model
+
+            def forward(self, input_ids: torch.Tensor):
+                routing: dict[str, torch.Tensor] = {}
+                logits = self.model(input_ids, routing)
+                return (logits.float(), *[routing[n].float() for n in names])
+
+        return Wrapped().eval()
+
+
+def _trace(model, target: str, dtype: str, opset: int, names: list[str]) -> onnx.ModelProto:
+    """torch.export with dynamic batch/seq, then the dynamo ONNX exporter with our translations."""
+    import torch
+
+    cfg = model.config
+    m = copy.deepcopy(model).eval()
+    if dtype == "fp16":
+        m = m.half()
+    wrapped = _Wrapper.make(m, names)
+    # T = 2 as the example: T = 1 would let torch specialise size-1 broadcasts.
+    ids = torch.zeros(2, min(2, cfg.max_seq_len), dtype=torch.long)
+    # Dim.DYNAMIC, not Dim("seq", max=n): slicing W[:T, :T] makes torch guard T != n, which a
+    # bounded Dim rejects; the ONNX Slice it becomes is correct for every 1 <= T <= n.
+    dyn = {0: torch.export.Dim.DYNAMIC, 1: torch.export.Dim.DYNAMIC}
+    quiet = io.StringIO()
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with torch.no_grad(), contextlib.redirect_stdout(quiet):
+            ep = torch.export.export(wrapped, (ids,), dynamic_shapes=(dyn,), strict=False)
+            program = torch.onnx.export(
+                ep, (ids,), dynamo=True, opset_version=opset, optimize=True, verbose=False,
+                custom_translation_table=translation_table(target, dtype, opset),
+                input_names=["input_ids"], output_names=["logits", *[f"router.{n}" for n in names]],
+            )
+    finally:
+        logger.setLevel(level)
+    return program.model_proto
+
+
+def _all_graphs(g: onnx.GraphProto):
+    yield g
+    for n in g.node:
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                yield from _all_graphs(a.g)
+            for sg in a.graphs:
+                yield from _all_graphs(sg)
+
+
+def _clean(model: onnx.ModelProto) -> None:
+    """Drop exporter metadata (stack traces, original node names): noise, and not reproducible."""
+    del model.metadata_props[:]
+    for g in _all_graphs(model.graph):
+        g.doc_string = ""
+        for n in g.node:
+            del n.metadata_props[:]
+            n.doc_string = ""
+        for vi in (*g.input, *g.output, *g.value_info):
+            del vi.metadata_props[:]
+            vi.doc_string = ""
+        for t in g.initializer:
+            del t.metadata_props[:]
+
+
+def _rename_dims(model: onnx.ModelProto) -> None:
+    """The exporter names the dynamic axes s0, s1, ...; call them batch and seq everywhere."""
+    inp = model.graph.input[0].type.tensor_type.shape.dim
+    mapping = {inp[i].dim_param: DIM_NAMES[i] for i in range(2) if inp[i].dim_param}
+    for vi in (*model.graph.input, *model.graph.output, *model.graph.value_info):
+        if vi.type.HasField("tensor_type"):
+            for d in vi.type.tensor_type.shape.dim:
+                if d.dim_param in mapping:
+                    d.dim_param = mapping[d.dim_param]
+
+
+def _smlp_op_types(model: onnx.ModelProto) -> set[str]:
+    return {n.op_type for g in _all_graphs(model.graph) for n in g.node if n.domain == contract.DOMAIN}
+
+
+def _drop_unused_opsets(model: onnx.ModelProto) -> None:
+    used = {n.domain for g in _all_graphs(model.graph) for n in g.node}
+    used |= {n.domain for f in model.functions for n in f.node}
+    keep = [o for o in model.opset_import if o.domain in used or o.domain in ("", "ai.onnx")]
+    del model.opset_import[:]
+    model.opset_import.extend(keep)
+
+
+def build_onnx(model, *, target: str, dtype: str, opset: int, ir_version: int = 10) -> onnx.ModelProto:
+    """The finished, checked-ready ONNX model of ``model`` (an SMLPForCausalLM in eval mode)."""
+    names = [n for n, _ in routing_layout(model)]
+    proto = _trace(model, target, dtype, opset, names)
+    ops = _smlp_op_types(proto)
+    # Model-local standard-op bodies for the smlp nodes (the exporter cannot emit functions).
+    proto.functions.extend(functions_for(model.config, elem=onnx_elem_type(dtype), opset=opset, op_types=ops))
+    if target in ("ort", "portable"):
+        proto = onnx.inliner.inline_local_functions(proto)
+        del proto.functions[:]
+    _drop_unused_opsets(proto)
+    _clean(proto)
+    _rename_dims(proto)
+    proto.ir_version = ir_version  # ONNX Runtime 1.31 refuses IR > 13
+    return proto
+
+
+def node_counts(model: onnx.ModelProto) -> dict[str, int]:
+    """Top-level nodes by ``domain::op_type`` (default domain shown bare), most frequent first."""
+    counts: dict[str, int] = {}
+    for n in model.graph.node:
+        key = f"{n.domain}::{n.op_type}" if n.domain not in ("", "ai.onnx") else n.op_type
+        counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def io_spec(model: onnx.ModelProto) -> tuple[list[dict], list[dict]]:
+    """Graph inputs/outputs as manifest entries: {name, dtype, shape: ["batch", "seq", 257]}."""
+    def entry(vi: onnx.ValueInfoProto) -> dict:
+        tt = vi.type.tensor_type
+        shape = [d.dim_param if d.dim_param else int(d.dim_value) for d in tt.shape.dim]
+        return {"name": vi.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).name, "shape": shape}
+
+    return [entry(v) for v in model.graph.input], [entry(v) for v in model.graph.output]
