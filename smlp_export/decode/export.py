@@ -1,0 +1,172 @@
+"""``decode.onnx``: the incremental (spatial-state cache) step of an sMLP as one ONNX graph.
+
+Inputs: ``input_ids`` int64 [batch, new] (1 <= new), ``position`` int64 [] (absolute position of
+the first new token), one ``state.blocks.{i}`` [batch, max_seq_len, c] per block (compute dtype).
+Outputs: ``logits`` float32 [batch, new, vocab] and ``new_state.blocks.{i}`` (same shape/dtype as
+the inputs; rows ``[position, position + new)`` replaced by the new z2 rows, a ScatterND).
+Prefill (new > 1) and decode (new = 1) are the same graph.
+
+The graph is ``state.DecodeStep`` traced with ``torch.export`` and converted with the dynamo ONNX
+exporter using the exporter's per-target translation table (``smlp_export.export.translations``):
+token MoE becomes the same node as in the full graph (``com.microsoft.MoE`` for ``ort``, an
+``smlp`` plugin node + model-local function for ``tensorrt``, inlined standard ops for
+``portable``). The spatial decode form (``where(u <= t, W[t, u], 0) @ state``, ``Gather`` of W
+rows, ``ScatterND`` state update, partial routing from ``state[:, :p]``) is standard ONNX ops for
+every target. No range check lives in the graph: the runtime checks position / shapes / ids.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import onnx
+import onnx.inliner
+
+from .state import DecodeStep, state_names
+
+INPUT_IDS, POSITION, LOGITS = "input_ids", "position", "logits"
+OUT_PREFIX = "new_"  # output name of a state = "new_" + its input name
+
+
+def _wrapper(model, dtype: str):
+    import torch
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.step = DecodeStep(model)
+
+        def forward(self, input_ids, position, *states):
+            out = self.step(input_ids, position, *states)
+            return (out[0].float(), *out[1:])
+
+    return Wrapped().eval()
+
+
+def _trace(model, target: str, dtype: str, opset: int) -> onnx.ModelProto:
+    import torch
+
+    from ..export.translations import translation_table
+
+    cfg = model.config
+    m = copy.deepcopy(model).eval()
+    tdt = torch.float16 if dtype == "fp16" else torch.float32
+    m = m.to(tdt)
+    wrapped = _wrapper(m, dtype)
+    names = state_names(m)
+    B, S = 2, 2  # not 1: size-1 example dims get specialised
+    ids = torch.zeros(B, S, dtype=torch.long)
+    pos = torch.tensor(0, dtype=torch.long)
+    states = tuple(torch.zeros(B, cfg.max_seq_len, cfg.spatial_channels, dtype=tdt) for _ in names)
+    batch, new = torch.export.Dim("batch", min=1), torch.export.Dim.DYNAMIC
+    dyn = ({0: batch, 1: new}, None, tuple({0: batch} for _ in names))  # *states is one varargs entry
+    quiet = io.StringIO()
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with torch.no_grad(), contextlib.redirect_stdout(quiet):
+            ep = torch.export.export(wrapped, (ids, pos, *states), dynamic_shapes=dyn, strict=False)
+            program = torch.onnx.export(
+                ep, (ids, pos, *states), dynamo=True, opset_version=opset, optimize=True, verbose=False,
+                custom_translation_table=translation_table(target, dtype, opset),
+                input_names=[INPUT_IDS, POSITION, *names],
+                output_names=[LOGITS, *[OUT_PREFIX + n for n in names]],
+            )
+    finally:
+        logger.setLevel(level)
+    return program.model_proto
+
+
+def _finish(proto: onnx.ModelProto, model, target: str, dtype: str, opset: int, ir_version: int) -> onnx.ModelProto:
+    """Add / inline the smlp nodes' standard-op bodies, drop exporter noise, name the dynamic dims."""
+    from ..export import contract
+    from ..export.functions import functions_for, onnx_elem_type
+
+    ops = {n.op_type for n in proto.graph.node if n.domain == contract.DOMAIN}
+    if ops:
+        proto.functions.extend(functions_for(model.config, elem=onnx_elem_type(dtype), opset=opset, op_types=ops))
+    if target in ("ort", "portable"):
+        proto = onnx.inliner.inline_local_functions(proto)
+        del proto.functions[:]
+    used = {n.domain for n in proto.graph.node} | {n.domain for f in proto.functions for n in f.node}
+    keep = [o for o in proto.opset_import if o.domain in used or o.domain in ("", "ai.onnx")]
+    del proto.opset_import[:]
+    proto.opset_import.extend(keep)
+    del proto.metadata_props[:]
+    for n in proto.graph.node:
+        del n.metadata_props[:]
+        n.doc_string = ""
+    for vi in (*proto.graph.input, *proto.graph.output, *proto.graph.value_info):
+        del vi.metadata_props[:]
+    # Dynamic axes: the exporter calls them s0, s1...; name them after the input_ids axes.
+    d = proto.graph.input[0].type.tensor_type.shape.dim
+    mapping = {d[0].dim_param: "batch", d[1].dim_param: "new"}
+    for vi in (*proto.graph.input, *proto.graph.output, *proto.graph.value_info):
+        for dim in vi.type.tensor_type.shape.dim:
+            if dim.dim_param in mapping:
+                dim.dim_param = mapping[dim.dim_param]
+    proto.ir_version = ir_version  # ONNX Runtime 1.31 refuses IR > 13
+    return proto
+
+
+def build_decode_onnx(model, *, target: str = "ort", dtype: str = "fp32", opset: int = 18,
+                      ir_version: int = 10) -> onnx.ModelProto:
+    """The checked decode graph of ``model`` (SMLPForCausalLM) for one export target."""
+    from ..export.translations import DTYPES, TARGETS
+
+    if target not in TARGETS:
+        raise ValueError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    proto = _finish(_trace(model, target, dtype, opset), model, target, dtype, opset, ir_version)
+    onnx.checker.check_model(proto)
+    return proto
+
+
+def decode_manifest(model, *, target: str, dtype: str, opset: int, file: str = "decode.onnx") -> dict[str, Any]:
+    """The ``manifest["decode"]`` section: file, I/O names, state names / shapes / dtype, rules."""
+    cfg = model.config
+    names = state_names(model)
+    state_dtype = "float16" if dtype == "fp16" else "float32"
+    return {
+        "file": file,
+        "target": target,
+        "dtype": dtype,
+        "opset": opset,
+        "inputs": {"input_ids": INPUT_IDS, "position": POSITION, "states": names},
+        "outputs": {"logits": LOGITS, "states": [OUT_PREFIX + n for n in names]},
+        "state_shape": ["batch", cfg.max_seq_len, cfg.spatial_channels],
+        "state_dtype": state_dtype,
+        "logits_dtype": "float32",
+        "max_seq_len": cfg.max_seq_len,
+        "vocab_size": cfg.vocab_size,
+        "eos_token_id": cfg.eos_token_id,
+        # partial-prediction models: the first step must cover positions [0, p)
+        "min_prompt_tokens": max(1, cfg.prefix_len),
+        "spatial_routing": cfg.spatial_routing,
+    }
+
+
+def export_decode_graph(model, path: Path, *, target: str = "ort", dtype: str = "fp32", opset: int = 18) -> dict[str, Any]:
+    """Write ``decode.onnx`` to ``path`` (atomically: temp file + rename) and return its manifest
+    section (store it as ``manifest["decode"]``). ``model``: an SMLPForCausalLM (any mode; a copy
+    is put in eval mode)."""
+    path = Path(path)
+    proto = build_decode_onnx(model, target=target, dtype=dtype, opset=opset)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".decode-", suffix=".onnx", dir=path.parent)
+    os.close(fd)
+    try:
+        onnx.save(proto, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return decode_manifest(model, target=target, dtype=dtype, opset=opset, file=path.name)
