@@ -1,0 +1,107 @@
+"""``smlp bench``: latency of a checkpoint or export across backends (table, JSON, PNG, ORT profile)."""
+from __future__ import annotations
+
+import click
+
+
+def _int_list(text: str, what: str) -> list[int]:
+    from smlp_export.errors import InputError
+
+    try:
+        vals = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise InputError(f"{what} expects comma-separated integers, got {text!r}") from None
+    if not vals or any(v < 1 for v in vals):
+        raise InputError(f"{what} expects integers >= 1, got {text!r}")
+    return vals
+
+
+@click.command("bench")
+@click.argument("source", required=False, default=None, metavar="[CKPT|OUT|FILE.onnx]")
+@click.option("--backends", default="torch,torch-compile,ort,ort-portable", show_default=True,
+              help="Comma-separated: torch, torch-compile, ort, ort-portable, ort-cuda, ort-cuda-portable, tensorrt.")
+@click.option("--batch", "batch", default="1,8", show_default=True, help="Batch sizes, comma-separated.")
+@click.option("--seq", "seq", default="64,128", show_default=True, help="Sequence lengths, comma-separated.")
+@click.option("--threads", type=int, default=None, help="Intra-op threads for every backend (default: usable cores).")
+@click.option("--warmup", type=int, default=3, show_default=True, help="Untimed runs per case.")
+@click.option("--min-runs", type=int, default=10, show_default=True, help="Timed runs per case, at least.")
+@click.option("--min-time", type=float, default=1.0, show_default=True, help="Seconds of timed runs per case, at least.")
+@click.option("--max-time", type=float, default=30.0, show_default=True, help="Stop a case after this many timed seconds.")
+@click.option("--quick", is_flag=True, help="Smoke-test timing (1 warm-up, >= 5 runs, >= 0.2 s).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the JSON report here.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
+              help="Write a PNG: latency vs sequence length per backend, one panel per batch size.")
+@click.option("--profile", is_flag=True,
+              help="After timing, profile each ONNX Runtime backend (ORT profiler) at the largest batch/seq and print per-op time.")
+@click.option("--profile-runs", type=int, default=10, show_default=True, help="Runs in each profile.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def bench(source, backends, batch, seq, threads, warmup, min_runs, min_time, max_time, quick, json_path,
+          plot_path, profile, profile_runs, no_progress):
+    """Time a checkpoint (or an export folder / .onnx file) on each backend.
+
+    Inputs are real held-out token ids. Each case: warm-up runs, then timed runs until both
+    --min-runs and --min-time are reached; the table shows p50/p90/p99, mean, tokens/s (at p50)
+    and the spread (p90-p10)/p50. Backends that cannot run here are listed as skipped with the reason.
+    """
+    import tempfile
+    from pathlib import Path
+
+    from smlp_export.bench.backends import Source, parse_backends
+    from smlp_export.bench.machine import describe_machine, short_description
+    from smlp_export.bench.report import format_table, make_report, write_json, write_plot
+    from smlp_export.bench.sweep import run_sweep
+    from smlp_export.bench.timing import TimingConfig
+    from smlp_export.errors import InputError
+
+    specs = parse_backends(backends)
+    batches, seqs = _int_list(batch, "--batch"), _int_list(seq, "--seq")
+    if threads is not None and threads < 1:
+        raise InputError(f"--threads must be >= 1, got {threads}")
+    try:
+        timing = TimingConfig.quick() if quick else TimingConfig(warmup, min_runs, min_time, max_time)
+    except ValueError as e:
+        raise InputError(f"timing options: {e}") from None
+    src = Source.resolve(source)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    machine = describe_machine()
+    with tempfile.TemporaryDirectory(prefix="smlp-bench-") as work:
+        rows = run_sweep(src, specs, batches, seqs, timing, threads, progress=not no_progress,
+                         workdir=Path(work))
+        click.echo(f"machine: {short_description(machine)}")
+        click.echo(format_table(rows))
+        profiles = _profile(src, specs, rows, threads, profile_runs) if profile else []
+    report = make_report(rows, machine, {"timing": timing.to_dict(), "threads": threads,
+                                         "source": str(src.path) if src.path else "default",
+                                         "source_kind": src.kind, "backends": [s.name for s in specs],
+                                         "batch": batches, "seq": seqs}, profiles=profiles)
+    if json_path:
+        write_json(report, json_path)
+        click.echo(f"wrote {json_path}")
+    if plot_path:
+        if not any(r["status"] == "ok" for r in rows):
+            raise InputError("--plot: no backend produced a measurement (all skipped/failed)")
+        write_plot(rows, plot_path, title=short_description(machine))
+        click.echo(f"wrote {plot_path}")
+
+
+def _profile(src, specs, rows, threads, runs):
+    """Profile each ONNX Runtime backend that ran, at the largest (batch, seq) it measured."""
+    from smlp_export.bench.profile import format_profile, profile_onnx
+    from smlp_export.bench.sweep import _corpus_of, real_token_ids
+
+    out = []
+    for spec in specs:
+        ok = [r for r in rows if r["backend"] == spec.name and r["status"] == "ok"]
+        if spec.runtime != "ort" or not ok:
+            continue
+        b, t = max(r["batch"] for r in ok), max(r["seq"] for r in ok)
+        onnx = src.onnx_by_target.get(spec.target) or src.onnx_by_target["file"]
+        summary = profile_onnx(onnx, real_token_ids(b, t, _corpus_of(src)), runs=runs,
+                               provider=spec.provider, intra_op_threads=threads)
+        summary["backend"] = spec.name
+        click.echo(format_profile(summary))
+        out.append(summary)
+    return out
