@@ -36,7 +36,8 @@ class TrainArgs:
     warmup: int = 100
     weight_decay: float = 0.01
     grad_clip: float = 1.0
-    aux_loss_coef: float = 0.01
+    aux_loss_coef: float = 0.01  # Switch load-balancing loss ("topk" routing)
+    router_loss_coef: float = 0.1  # router-consistency loss ("base" routing), see model.TokenMoE
     eval_every: int = 250
     eval_windows: int = 64
     save_every: int = 500
@@ -132,8 +133,12 @@ def train(cfg: SMLPConfig, out: str | os.PathLike, args: TrainArgs, *, resume: b
             g["lr"] = lr_at(step, args)
         batch = data.random_batch(corpus.train, args.batch_size, seq, gen)
         loss = lm_loss(model, batch)
-        aux = model.aux_loss()
-        total = loss + args.aux_loss_coef * aux if aux is not None else loss
+        aux = model.aux_losses()
+        total = loss
+        if "load_balance" in aux:
+            total = total + args.aux_loss_coef * aux["load_balance"]
+        if "router_consistency" in aux:
+            total = total + args.router_loss_coef * aux["router_consistency"]
         opt.zero_grad(set_to_none=True)
         total.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
@@ -147,8 +152,10 @@ def train(cfg: SMLPConfig, out: str | os.PathLike, args: TrainArgs, *, resume: b
             history.append({"step": done, "train_loss": round(float(loss), 4),
                             "heldout_loss": round(last_eval["loss"], 4),
                             "heldout_bpb": round(last_eval["bits_per_byte"], 4), "grad_norm": round(float(gnorm), 3)})
+            loads = [x for v in last_eval["expert_load"].values() for x in v]
             bar.write(f"step {done}: train {float(loss):.3f}  held-out loss {last_eval['loss']:.3f} "
-                      f"bpb {last_eval['bits_per_byte']:.3f}")
+                      f"bpb {last_eval['bits_per_byte']:.3f}  expert load min {min(loads, default=0):.3f} "
+                      f"max {max(loads, default=0):.3f}")
         if done % args.save_every == 0 or done == args.steps:
             out.mkdir(parents=True, exist_ok=True)
             tmp = state_path.with_suffix(".tmp")
