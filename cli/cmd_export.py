@@ -1,0 +1,74 @@
+"""``smlp export``: checkpoint -> ONNX for ONNX Runtime, TensorRT or any runtime, validated."""
+from __future__ import annotations
+
+import click
+
+from .options import force_option, json_flag, with_checkpoint
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+@click.command("export")
+@with_checkpoint
+@click.option("-o", "--output", required=True, type=click.Path(), help="Output directory (must not exist without --force).")
+@click.option("--target", default="ort", show_default=True, metavar="ort|tensorrt|portable",
+              help="ort: fused com.microsoft.MoE for ONNX Runtime; tensorrt: smlp plugin nodes + local "
+                   "fallback functions; portable: default-domain ONNX ops only.")
+@click.option("--dtype", default="fp32", show_default=True, metavar="fp32|fp16",
+              help="Compute dtype of the graph (outputs are float32 either way).")
+@click.option("--opset", default=18, show_default=True, type=int, help="ONNX opset (>= 18).")
+@click.option("--validate/--no-validate", default=True, show_default=True,
+              help="Check parity against PyTorch before publishing (writes parity.json).")
+@click.option("--quick", is_flag=True, help="Quick validation (fewer held-out batches).")
+@click.option("--decode", is_flag=True, help="Also export the incremental decode graph (decode.onnx).")
+@force_option
+@json_flag
+def export(checkpoint, allow_pickle, output, target, dtype, opset, validate, quick, decode, force, as_json) -> None:
+    """Export CKPT (default: the embedded model) to ONNX in OUTPUT, validate it, print a summary."""
+    import json
+
+    from tqdm import tqdm
+
+    from smlp_export.export.pipeline import check_options, export_model
+
+    check_options(target, dtype, opset)  # fail before the progress bar appears
+    stages = ["load", "trace + translate", "check", "save"] + (["decode graph"] if decode else []) \
+        + (["validate"] if validate else []) + ["publish"]
+    bar = tqdm(total=len(stages), desc="export", unit="stage", leave=False, disable=None)
+
+    def progress(stage: str) -> None:
+        if stage != "load":
+            bar.update(1)
+        bar.set_description(f"export: {stage}")
+
+    try:
+        res = export_model(checkpoint, output, target=target, dtype=dtype, opset=opset, force=force,
+                           validate=validate, quick=quick, decode=decode, allow_pickle=allow_pickle,
+                           progress=progress)
+        bar.update(bar.total - bar.n)
+    finally:
+        bar.close()
+
+    m = res.manifest
+    if res.parity.startswith("skipped (smlp_export.validate"):
+        click.echo("warning: parity was not checked (smlp_export.validate is not available)", err=True)
+    if as_json:
+        click.echo(json.dumps({"output": str(res.out_dir), "target": m["target"], "dtype": m["dtype"],
+                               "opset": m["opset"], "model_bytes": res.model_bytes, "nodes": res.node_counts,
+                               "parity": res.parity, "seconds": round(res.seconds, 2),
+                               "stage_seconds": res.stage_seconds}, indent=2))
+        return
+    top = ", ".join(f"{k} {v}" for k, v in list(res.node_counts.items())[:8])
+    more = len(res.node_counts) - 8
+    click.echo(f"exported {m['checkpoint']['name']} -> {res.out_dir}")
+    click.echo(f"  target   {m['target']} ({m['dtype']}, opset {m['opset']}, IR {m['ir_version']})")
+    click.echo(f"  size     {_size(res.model_bytes)} ({', '.join(f['name'] for f in m['files'])})")
+    click.echo(f"  nodes    {sum(res.node_counts.values())}: {top}" + (f", +{more} more types" if more > 0 else ""))
+    click.echo(f"  parity   {res.parity}")
+    click.echo(f"  time     {res.seconds:.1f} s")

@@ -1,0 +1,269 @@
+"""``export_model``: checkpoint -> OUT/{model.onnx, manifest.json, parity.json}, atomically.
+
+Stages: load -> trace (torch.export) -> translate (dynamo ONNX + smlp translations) -> check
+(onnx.checker full check) -> save -> [decode graph] -> validate (``smlp_export.validate``) ->
+publish. Everything is written into a temporary sibling of OUT that is renamed into place only
+when every stage passed, so an OUT that exists is complete. A parity failure moves the temporary
+directory to ``OUT.failed`` (for inspection) and raises ``ExportError``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from ..errors import SMLPError
+from .translations import DTYPES, MIN_OPSET, TARGETS
+
+MANIFEST_FORMAT = 1
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+MANIFEST_FILE = "manifest.json"
+PARITY_FILE = "parity.json"
+DECODE_FILE = "decode.onnx"
+IR_VERSION = 10  # ONNX Runtime 1.31 refuses IR > 13; 10 is what onnx 1.16+ readers all take
+EXTERNAL_DATA_THRESHOLD = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GiB limit, with headroom
+DEFAULT_OPSET = 18
+
+
+class ExportError(SMLPError):
+    """An export that cannot be done as asked (bad option, existing output, failed parity)."""
+
+
+def max_opset() -> int:
+    import onnx.defs
+
+    return onnx.defs.onnx_opset_version()
+
+
+def check_options(target: str, dtype: str, opset: int) -> None:
+    """One clear error per bad option, before anything heavy runs."""
+    if target not in TARGETS:
+        raise ExportError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+    if dtype not in DTYPES:
+        raise ExportError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if opset < MIN_OPSET:
+        raise ExportError(f"opset {opset} is too old: the export needs opset >= {MIN_OPSET} "
+                          "(LayerNormalization, Reduce*/Split with axes inputs)")
+    if opset > max_opset():
+        raise ExportError(f"opset {opset} is newer than this onnx package supports ({max_opset()})")
+
+
+@dataclass
+class ExportResult:
+    out_dir: Path
+    manifest: dict[str, Any]
+    node_counts: dict[str, int]
+    model_bytes: int
+    seconds: float
+    parity: str  # "passed" | "failed" | "skipped (...)"
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _tool_versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+    import onnxscript
+    import torch
+
+    import smlp_export
+
+    return {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+            "onnxscript": onnxscript.__version__, "smlp_export": smlp_export.__version__}
+
+
+def _checkpoint_entry(model, checkpoint: Any) -> dict[str, Any]:
+    """checkpoint: what the user named (path, "default"/None) or the in-memory model itself."""
+    from ..checkpoint import DEFAULT_NAME
+
+    info = getattr(model, "checkpoint_info", None) or {}
+    path = str(Path(info["path"]).resolve()) if info.get("path") else None
+    if checkpoint is model:
+        name = Path(path).name if path else "in-memory"
+    elif checkpoint is None or str(checkpoint) == DEFAULT_NAME:
+        name = DEFAULT_NAME
+    else:
+        name = Path(str(path or checkpoint)).name
+    return {"path": path, "weights_sha256": info.get("weights_sha256"), "name": name}
+
+
+def build_manifest(model, proto, *, target: str, dtype: str, opset: int, checkpoint: Any,
+                   files: list[dict[str, Any]]) -> dict[str, Any]:
+    """manifest.json: what the file is, what it expects and what made it (keys read by others)."""
+    from .graph import io_spec, routing_layout
+
+    cfg = model.config
+    inputs, outputs = io_spec(proto)
+    routing = {}
+    for name, kind in routing_layout(model):
+        if kind == "tmoe_logits":
+            routing[name] = {"output": f"router.{name}", "kind": kind, "routing": cfg.token_routing, "k": cfg.top_k}
+        else:
+            routing[name] = {"output": f"router.{name}", "kind": kind, "routing": cfg.spatial_routing, "k": 1}
+    return {
+        "format_version": MANIFEST_FORMAT,
+        "target": target,
+        "opset": opset,
+        "dtype": dtype,
+        # fp16 graphs compute in float16 and cast every output to float32 at the end.
+        "output_dtype": "float32",
+        "ir_version": int(proto.ir_version),
+        "inputs": inputs,
+        "outputs": outputs,
+        "routing_outputs": routing,
+        "max_seq_len": cfg.max_seq_len,
+        "custom_domains": sorted({o.domain for o in proto.opset_import if o.domain not in ("", "ai.onnx")}),
+        "checkpoint": _checkpoint_entry(model, checkpoint),
+        "config": cfg.to_dict(),
+        "tool_versions": _tool_versions(),
+        "files": files,
+        "decode": None,
+    }
+
+
+def _save(proto, directory: Path) -> list[dict[str, Any]]:
+    """Write model.onnx (external data beyond 2 GiB) and return its file entries."""
+    import onnx
+
+    path = directory / MODEL_FILE
+    big = proto.ByteSize() > EXTERNAL_DATA_THRESHOLD
+    onnx.save_model(proto, str(path), save_as_external_data=big, all_tensors_to_one_file=True,
+                    location=DATA_FILE, size_threshold=1024)
+    names = [MODEL_FILE] + ([DATA_FILE] if big else [])
+    return [{"name": n, "bytes": (directory / n).stat().st_size, "sha256": _sha256(directory / n)} for n in names]
+
+
+def _validate(tmp: Path, checkpoint: Any, quick: bool) -> tuple[str, bool]:
+    try:
+        from ..validate import run_validation  # type: ignore[attr-defined]
+    except ImportError:
+        # Only while the validator is being developed: the summary says "skipped", never "passed".
+        return "skipped (smlp_export.validate not available)", True
+    report = run_validation(tmp, "ort", checkpoint=checkpoint, quick=quick)
+    return ("passed" if report.passed else "failed"), bool(report.passed)
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.rename(out, old)
+    os.rename(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def export_model(
+    checkpoint: Any,
+    out: str | os.PathLike,
+    *,
+    target: str = "ort",
+    dtype: str = "fp32",
+    opset: int = DEFAULT_OPSET,
+    force: bool = False,
+    validate: bool = True,
+    quick: bool = False,
+    decode: bool = False,
+    allow_pickle: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> ExportResult:
+    """Export a checkpoint (path, "default"/None, or a loaded SMLPForCausalLM) to ``out``.
+
+    ``progress(stage)`` is called as each stage starts. Raises ``ExportError`` / ``SMLPError``
+    with a one-line message for anything the user can fix; ``out`` is only ever complete.
+    """
+    import onnx
+
+    from .graph import build_onnx, node_counts
+
+    check_options(target, dtype, opset)
+    out = Path(out)
+    if out.exists() and not force:
+        raise ExportError(f"{out} already exists (use --force to replace it)")
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out} exists and is not a directory")
+    step = progress or (lambda stage: None)
+    stages: dict[str, float] = {}
+    t0 = last = time.perf_counter()
+
+    def mark(stage: str) -> None:
+        nonlocal last
+        now = time.perf_counter()
+        stages[stage] = round(now - last, 3)
+        last = now
+
+    step("load")
+    if hasattr(checkpoint, "config") and hasattr(checkpoint, "forward"):
+        model, in_memory = checkpoint, True
+    else:
+        from ..checkpoint import load_checkpoint
+
+        model = load_checkpoint(checkpoint, allow_pickle=allow_pickle)
+        in_memory = False
+    model.eval()
+    mark("load")
+
+    step("trace + translate")
+    proto = build_onnx(model, target=target, dtype=dtype, opset=opset, ir_version=IR_VERSION)
+    mark("trace + translate")
+
+    step("check")
+    big = proto.ByteSize() > EXTERNAL_DATA_THRESHOLD
+    if not big:
+        onnx.checker.check_model(proto, full_check=True)
+    mark("check")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        step("save")
+        files = _save(proto, tmp)
+        if big:  # a > 2 GiB model can only be checked from its file
+            onnx.checker.check_model(str(tmp / MODEL_FILE), full_check=True)
+        manifest = build_manifest(model, proto, target=target, dtype=dtype, opset=opset,
+                                  checkpoint=checkpoint, files=files)
+        mark("save")
+        if decode:
+            step("decode graph")
+            from ..decode.export import export_decode_graph
+
+            manifest["decode"] = export_decode_graph(model, tmp / DECODE_FILE, target=target, dtype=dtype, opset=opset)
+            mark("decode graph")
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        parity, ok = "skipped (--no-validate)", True
+        if validate:
+            step("validate")
+            # the validator reloads the checkpoint by path; an in-memory model is passed as is
+            parity, ok = _validate(tmp, model if in_memory else manifest["checkpoint"]["path"], quick)
+            mark("validate")
+        if not ok:
+            failed = out.parent / f"{out.name}.failed"
+            shutil.rmtree(failed, ignore_errors=True)
+            os.rename(tmp, failed)
+            raise ExportError(f"parity check failed; the export is kept for inspection in {failed} "
+                              f"(see {failed / PARITY_FILE}); {out} was not written")
+        step("publish")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it 0700; OUT gets ordinary permissions
+        _publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return ExportResult(out_dir=out, manifest=manifest, node_counts=node_counts(proto),
+                        model_bytes=sum(f["bytes"] for f in files), seconds=time.perf_counter() - t0,
+                        parity=parity, stage_seconds=stages)
