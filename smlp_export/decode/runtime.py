@@ -1,0 +1,425 @@
+"""Token-by-token generation over a decode step: PyTorch (cache or full recompute) and ONNX Runtime.
+
+Every backend is a ``Generator`` with two small methods (``_reset(batch)``, ``_step(ids, position)
+-> logits``); the loop (greedy / temperature / top-k sampling with a seed, EOS and max_seq_len
+stops, streaming callback, timings) lives once in ``Generator.generate``:
+
+- ``TorchGenerator(model)``: ``state.step`` with the spatial-state cache;
+- ``TorchFullGenerator(model)``: recomputes the whole prefix each token (the parity oracle and the
+  benchmark baseline);
+- ``OrtGenerator(export_dir)``: ``decode.onnx`` in ONNX Runtime with IO binding. Each state lives in
+  one preallocated buffer (numpy array wrapped as an ``OrtValue`` without a copy) bound as the
+  input ``state.blocks.i`` *and* the output ``new_state.blocks.i``. ONNX Runtime then writes the
+  ScatterND result straight into that buffer, and its CPU ScatterND skips the initial copy when
+  input and output are the same memory, so a step writes only the S new rows
+  (``state_mode="inplace"``, the default; see docs/decode.md for what was measured). The graph
+  reads the old state only through that ScatterND, so the aliasing is safe; parity tests check it.
+  ``state_mode="copy"`` lets ONNX Runtime allocate fresh outputs each step (for comparison).
+
+Sampling happens in numpy float64 on float32 logits, so two backends with equal logits draw the
+same tokens for the same seed.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from ..errors import InputError, SMLPError
+
+STOP_EOS, STOP_MAX_NEW, STOP_MAX_SEQ = "eos", "max_new_tokens", "max_seq_len"
+STOP_MESSAGES = {
+    STOP_EOS: "stopped at the end-of-sequence token",
+    STOP_MAX_NEW: "stopped after --max-new-tokens tokens",
+    STOP_MAX_SEQ: "stopped: the sequence reached max_seq_len {n} (the model's whole context window; "
+                  "an sMLP's spatial weights have no positions beyond it)",
+}
+
+
+@dataclass(frozen=True)
+class ModelLimits:
+    """What a generator needs to know about its model."""
+
+    vocab_size: int
+    max_seq_len: int
+    eos_token_id: int | None
+    min_prompt_tokens: int = 1  # partial-prediction models: p
+
+    @classmethod
+    def of_config(cls, cfg) -> "ModelLimits":
+        return cls(cfg.vocab_size, cfg.max_seq_len, cfg.eos_token_id, max(1, cfg.prefix_len))
+
+
+@dataclass
+class GenerationResult:
+    """tokens: new ids per batch row (a row stops at its EOS, which is included).
+    step_logits: when recorded, [n_steps] arrays of [B, V] float32 (the logits each choice used)."""
+
+    prompt_len: int
+    tokens: list[list[int]]
+    stop_reason: str
+    prefill_s: float
+    decode_s: float
+    n_decode_steps: int
+    step_logits: list[np.ndarray] = field(default_factory=list)
+    max_seq_len: int = 0
+
+    @property
+    def n_new(self) -> int:
+        return max((len(t) for t in self.tokens), default=0)
+
+    @property
+    def tokens_per_s(self) -> float:
+        """New tokens per second over the whole call (prefill included)."""
+        total = self.prefill_s + self.decode_s
+        return self.n_new / total if total > 0 else float("nan")
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Tokens per second of the incremental steps alone (one token each)."""
+        return self.n_decode_steps / self.decode_s if self.decode_s > 0 else float("nan")
+
+    @property
+    def stop_message(self) -> str:
+        return STOP_MESSAGES[self.stop_reason].format(n=self.max_seq_len)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"prompt_tokens": self.prompt_len, "new_tokens": self.n_new, "tokens": self.tokens,
+                "stop_reason": self.stop_reason, "stop_message": self.stop_message,
+                "prefill_s": self.prefill_s, "decode_s": self.decode_s,
+                "tokens_per_s": self.tokens_per_s, "decode_tokens_per_s": self.decode_tokens_per_s}
+
+
+def softmax64(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def choose(logits: np.ndarray, temperature: float, top_k: int | None, rng: np.random.Generator) -> np.ndarray:
+    """logits [B, V] -> next ids [B] int64. temperature 0: greedy argmax (first max on ties)."""
+    if temperature <= 0:
+        return logits.argmax(axis=-1).astype(np.int64)
+    z = logits.astype(np.float64) / temperature
+    if top_k is not None and top_k < z.shape[-1]:
+        kth = np.sort(z, axis=-1)[:, -top_k][:, None]
+        z = np.where(z >= kth, z, -np.inf)
+    p = softmax64(z)
+    u = rng.random(p.shape[0])
+    idx = (p.cumsum(axis=-1) < u[:, None]).sum(axis=-1)
+    return np.minimum(idx, p.shape[-1] - 1).astype(np.int64)
+
+
+class Generator:
+    """Backend-independent generation loop; subclasses implement ``_reset`` and ``_step``."""
+
+    name = "generator"
+    limits: ModelLimits
+
+    def _reset(self, batch: int) -> None:
+        raise NotImplementedError
+
+    def _step(self, ids: np.ndarray, position: int) -> np.ndarray:
+        """ids [B, S] int64 at positions [position, position + S) -> logits [B, S, V] float32."""
+        raise NotImplementedError
+
+    def check_prompt(self, prompt: np.ndarray) -> None:
+        lim = self.limits
+        if prompt.ndim != 2 or prompt.shape[1] < 1 or prompt.shape[0] < 1:
+            raise InputError(f"prompt must have >= 1 token (shape [batch, tokens]), got shape {prompt.shape}")
+        T = prompt.shape[1]
+        if T < lim.min_prompt_tokens:
+            raise InputError(
+                f"prompt has {T} tokens but this partial-prediction model fixes its spatial routing from "
+                f"the first p = {lim.min_prompt_tokens} tokens: give a prompt of at least {lim.min_prompt_tokens} tokens")
+        if T >= lim.max_seq_len:
+            raise InputError(f"prompt has {T} tokens: max_seq_len {lim.max_seq_len} leaves no room to generate")
+        lo, hi = int(prompt.min()), int(prompt.max())
+        if lo < 0 or hi >= lim.vocab_size:
+            raise InputError(f"token id {hi if hi >= lim.vocab_size else lo} outside the vocabulary [0, {lim.vocab_size})")
+
+    def generate(self, prompt: Sequence[int] | Sequence[Sequence[int]] | np.ndarray, max_new_tokens: int, *,
+                 temperature: float = 0.0, top_k: int | None = None, seed: int = 0, stop_on_eos: bool = True,
+                 on_token: Callable[[int, np.ndarray], None] | None = None,
+                 record_logits: bool = False) -> GenerationResult:
+        """Generate up to ``max_new_tokens`` after ``prompt`` (ids [T] or [B, T], equal lengths).
+
+        temperature 0 = greedy. ``on_token(i, ids[B])`` is called as each token is chosen
+        (streaming). Stops when every row has produced EOS (if ``stop_on_eos``), after
+        ``max_new_tokens``, or when the sequence fills max_seq_len.
+        """
+        if max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if temperature < 0:
+            raise InputError(f"temperature must be >= 0, got {temperature}")
+        if top_k is not None and top_k < 1:
+            raise InputError(f"top_k must be >= 1, got {top_k}")
+        ids = np.asarray(prompt, dtype=np.int64)
+        if ids.ndim == 1:
+            ids = ids[None]
+        self.check_prompt(ids)
+        B, T = ids.shape
+        lim = self.limits
+        rng = np.random.default_rng(seed)
+        out: list[list[int]] = [[] for _ in range(B)]
+        done = np.zeros(B, dtype=bool)
+        recorded: list[np.ndarray] = []
+        self._reset(B)
+        t0 = time.perf_counter()
+        logits = self._step(ids, 0)[:, -1]
+        prefill = time.perf_counter() - t0
+        pos, n_steps, reason = T, 0, STOP_MAX_NEW
+        t1 = time.perf_counter()
+        for i in range(max_new_tokens):
+            nxt = choose(logits, temperature, top_k, rng)
+            if record_logits:
+                recorded.append(np.array(logits, dtype=np.float32))
+            for b in range(B):
+                if not done[b]:
+                    out[b].append(int(nxt[b]))
+                    done[b] = stop_on_eos and lim.eos_token_id is not None and int(nxt[b]) == lim.eos_token_id
+            if on_token is not None:
+                on_token(i, nxt)
+            if done.all():
+                reason = STOP_EOS
+                break
+            if i == max_new_tokens - 1:
+                break
+            if pos + 1 >= lim.max_seq_len:  # the token just chosen sits at index pos: the window is full
+                reason = STOP_MAX_SEQ
+                break
+            logits = self._step(nxt[:, None], pos)[:, -1]
+            pos += 1
+            n_steps += 1
+        return GenerationResult(T, out, reason, prefill, time.perf_counter() - t1, n_steps, recorded, lim.max_seq_len)
+
+
+# ---- PyTorch ------------------------------------------------------------------------------------
+class TorchGenerator(Generator):
+    """PyTorch with the spatial-state cache (``state.step``)."""
+
+    name = "torch"
+
+    def __init__(self, model) -> None:
+        self.model = model.eval()
+        self.limits = ModelLimits.of_config(model.config)
+        self.states: list = []
+
+    def _reset(self, batch: int) -> None:
+        from .state import init_states
+
+        self.states = init_states(self.model, batch)
+
+    def _step(self, ids: np.ndarray, position: int) -> np.ndarray:
+        import torch
+
+        from .state import step
+
+        logits, self.states = step(self.model, torch.from_numpy(ids), position, self.states)
+        return logits.float().numpy()
+
+
+class TorchFullGenerator(Generator):
+    """PyTorch full recompute: every step runs the whole prefix (no cache)."""
+
+    name = "torch-full"
+
+    def __init__(self, model) -> None:
+        self.model = model.eval()
+        self.limits = ModelLimits.of_config(model.config)
+        self.ids: np.ndarray | None = None
+
+    def _reset(self, batch: int) -> None:
+        self.ids = np.zeros((batch, 0), dtype=np.int64)
+
+    def _step(self, ids: np.ndarray, position: int) -> np.ndarray:
+        import torch
+
+        assert self.ids is not None and self.ids.shape[1] == position
+        self.ids = np.concatenate([self.ids, ids], axis=1)
+        with torch.no_grad():
+            logits = self.model(torch.from_numpy(self.ids))
+        return logits[:, position:].float().numpy()
+
+
+# ---- ONNX Runtime --------------------------------------------------------------------------------
+def read_decode_section(path: str | Path) -> tuple[Path, dict[str, Any]]:
+    """(decode.onnx path, manifest["decode"]) from an export dir (manifest.json) or a decode.onnx
+    file (the section is then read from its sibling manifest.json, or inferred from the graph)."""
+    path = Path(path)
+    if path.is_dir():
+        man = path / "manifest.json"
+        if man.exists():
+            try:
+                section = json.loads(man.read_text()).get("decode")
+            except (json.JSONDecodeError, AttributeError):
+                raise SMLPError(f"{man}: not a JSON manifest") from None
+            if not section:
+                raise SMLPError(f"{path} has no decode graph: re-export with `smlp export ... --decode`")
+            return path / section.get("file", "decode.onnx"), section
+        path = path / "decode.onnx"
+    if not path.exists():
+        raise SMLPError(f"{path} does not exist: export with `smlp export ... --decode`")
+    man = path.parent / "manifest.json"
+    if man.exists():
+        section = json.loads(man.read_text()).get("decode")
+        if section:
+            return path, section
+    return path, infer_decode_section(path)
+
+
+def infer_decode_section(path: Path) -> dict[str, Any]:
+    """The manifest section from decode.onnx's own inputs/outputs (for a file without manifest)."""
+    import onnx
+
+    g = onnx.load(str(path), load_external_data=False).graph
+    states = [i.name for i in g.input if i.name.startswith("state.")]
+    if not states or g.input[0].name != "input_ids":
+        raise SMLPError(f"{path} is not a decode graph (no input_ids / state.* inputs)")
+    st = next(i for i in g.input if i.name == states[0]).type.tensor_type
+    lg = g.output[0].type.tensor_type
+    n, c = (d.dim_value for d in st.shape.dim[1:])
+    return {"file": path.name, "inputs": {"input_ids": "input_ids", "position": "position", "states": states},
+            "outputs": {"logits": "logits", "states": ["new_" + s for s in states]},
+            "state_shape": ["batch", n, c],
+            "state_dtype": onnx.helper.tensor_dtype_to_np_dtype(st.elem_type).name,
+            "max_seq_len": n, "vocab_size": lg.shape.dim[2].dim_value, "eos_token_id": 256,
+            "min_prompt_tokens": 1}
+
+
+class OrtDecoder:
+    """One ``decode.onnx`` session. ``run`` is the checked functional step; ``bind`` + ``step_bound``
+    the IO-binding path that keeps states in preallocated buffers."""
+
+    def __init__(self, path: str | Path, *, providers: Sequence[str] | None = None, threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        self.path, self.section = read_decode_section(path)
+        so = ort.SessionOptions()
+        if threads:
+            so.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(self.path), so, providers=list(providers or ["CPUExecutionProvider"]))
+        s = self.section
+        self.state_names: list[str] = list(s["inputs"]["states"])
+        self.state_out_names: list[str] = list(s["outputs"]["states"])
+        self.n, self.c = int(s["state_shape"][1]), int(s["state_shape"][2])
+        self.state_dtype = np.dtype(s["state_dtype"])
+        self.limits = ModelLimits(int(s["vocab_size"]), int(s["max_seq_len"]), s.get("eos_token_id"),
+                                  int(s.get("min_prompt_tokens", 1)))
+        self._binding = None
+        self._buffers: list[np.ndarray] = []
+        self._in_place = True
+
+    # -- checks ------------------------------------------------------------------------------
+    def check(self, ids: np.ndarray, position: int, states: Sequence[np.ndarray] | None) -> None:
+        """One clear InputError for anything the graph would silently get wrong."""
+        lim = self.limits
+        if not isinstance(ids, np.ndarray) or ids.ndim != 2 or ids.shape[1] < 1:
+            raise InputError(f"input_ids must be a [batch, new_tokens] array with new_tokens >= 1, got "
+                             f"{getattr(ids, 'shape', type(ids).__name__)}")
+        if ids.dtype != np.int64:
+            raise InputError(f"input_ids must be int64, got {ids.dtype}")
+        B, S = ids.shape
+        if isinstance(position, (bool, np.bool_)) or not isinstance(position, (int, np.integer)):
+            raise InputError(f"position must be an int, got {type(position).__name__}")
+        position = int(position)
+        if position < 0:
+            raise InputError(f"position must be >= 0, got {position}")
+        if position + S > lim.max_seq_len:
+            raise InputError(f"position {position} + {S} new token(s) = {position + S} exceeds max_seq_len {lim.max_seq_len}")
+        if position + S < lim.min_prompt_tokens:
+            raise InputError(f"partial-prediction model: the first step must cover the first p = "
+                             f"{lim.min_prompt_tokens} tokens (got {position + S})")
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= lim.vocab_size:
+            raise InputError(f"token id {hi if hi >= lim.vocab_size else lo} outside the vocabulary [0, {lim.vocab_size})")
+        if states is None:
+            return
+        if len(states) != len(self.state_names):
+            raise InputError(f"expected {len(self.state_names)} state arrays (one per block), got {len(states)}")
+        want = (B, self.n, self.c)
+        for name, st in zip(self.state_names, states):
+            if not isinstance(st, np.ndarray) or st.shape != want:
+                raise InputError(f"{name} has shape {getattr(st, 'shape', None)}, expected {want} [batch, max_seq_len, c]")
+            if st.dtype != self.state_dtype:
+                raise InputError(f"{name} has dtype {st.dtype}, expected {self.state_dtype}")
+
+    def init_states(self, batch: int) -> list[np.ndarray]:
+        return [np.zeros((batch, self.n, self.c), dtype=self.state_dtype) for _ in self.state_names]
+
+    # -- functional step ----------------------------------------------------------------------
+    def run(self, ids: np.ndarray, position: int, states: Sequence[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """ids [B, S] int64, position, states -> (logits [B, S, V] float32, new states). Checked."""
+        self.check(ids, position, states)
+        feeds = {"input_ids": ids, "position": np.array(position, dtype=np.int64), **dict(zip(self.state_names, states))}
+        out = self.session.run(None, feeds)
+        return out[0], list(out[1:])
+
+    # -- IO binding ---------------------------------------------------------------------------
+    def bind(self, batch: int, *, in_place: bool = True) -> list[np.ndarray]:
+        """Preallocate zero states for ``batch`` rows and bind them. Returns the state buffers
+        (numpy views of the memory ONNX Runtime reads and, with ``in_place``, writes)."""
+        import onnxruntime as ort
+
+        self._binding = self.session.io_binding()
+        self._buffers = self.init_states(batch)
+        self._values = [ort.OrtValue.ortvalue_from_numpy(b) for b in self._buffers]  # shares memory (CPU)
+        self._in_place = in_place
+        return self._buffers
+
+    def step_bound(self, ids: np.ndarray, position: int) -> np.ndarray:
+        """One step on the bound states; ids [B, S] int64 -> logits [B, S, V] float32 (checked)."""
+        if self._binding is None:
+            raise SMLPError("call bind(batch) before step_bound")
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        if ids.ndim == 2 and ids.shape[0] != self._buffers[0].shape[0]:
+            raise InputError(f"input_ids batch {ids.shape[0]} does not match the bound states' batch {self._buffers[0].shape[0]}")
+        self.check(ids, position, None)
+        b = self._binding
+        b.clear_binding_inputs()
+        b.clear_binding_outputs()
+        b.bind_cpu_input("input_ids", ids)
+        b.bind_cpu_input("position", np.array(position, dtype=np.int64))
+        b.bind_output("logits", "cpu")  # first: get_outputs() follows the binding order
+        for name, out_name, v in zip(self.state_names, self.state_out_names, self._values):
+            b.bind_ortvalue_input(name, v)
+            if self._in_place:
+                b.bind_ortvalue_output(out_name, v)
+            else:
+                b.bind_output(out_name, "cpu")
+        self.session.run_with_iobinding(b)
+        outs = b.get_outputs()
+        if not self._in_place:
+            # ORT allocated new state outputs: they become the next step's inputs (no copy).
+            self._values = list(outs[1:])
+            self._buffers = [v.numpy() for v in self._values]
+        return outs[0].numpy()
+
+    def states(self) -> list[np.ndarray]:
+        """The current bound state contents."""
+        return [v.numpy() for v in self._values] if self._binding is not None else []
+
+
+class OrtGenerator(Generator):
+    """``decode.onnx`` in ONNX Runtime with IO-bound, in-place states (see module docstring)."""
+
+    name = "ort"
+
+    def __init__(self, path: str | Path, *, providers: Sequence[str] | None = None, threads: int | None = None,
+                 state_mode: str = "inplace") -> None:
+        if state_mode not in ("inplace", "copy"):
+            raise ValueError(f"state_mode must be 'inplace' or 'copy', got {state_mode!r}")
+        self.decoder = OrtDecoder(path, providers=providers, threads=threads)
+        self.limits = self.decoder.limits
+        self.state_mode = state_mode
+
+    def _reset(self, batch: int) -> None:
+        self.decoder.bind(batch, in_place=self.state_mode == "inplace")
+
+    def _step(self, ids: np.ndarray, position: int) -> np.ndarray:
+        return self.decoder.step_bound(ids, position)
