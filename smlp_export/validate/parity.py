@@ -1,0 +1,265 @@
+"""``run_validation``: feed real held-out text through PyTorch and an exported model, compare.
+
+Cases are windows of the checkpoint corpus's held-out split (``smlp_export.data``), several
+(batch, seq) shapes including odd ones; each window has T + 1 tokens: the first T are the input,
+the last T the next-token targets used for perplexity. Partial-prediction models: positions < p
+only condition the routing (their loss is masked in training), so perplexity uses positions >= p.
+"""
+from __future__ import annotations
+
+import importlib.metadata as _md
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from smlp_export.errors import CheckpointError, InputError, SMLPError
+
+from .compare import LayerRouting, compare_logits, nll_sum
+from .report import ParityReport
+from .tolerances import tolerance_for
+
+MANIFEST_FILE = "manifest.json"
+MODEL_FILE = "model.onnx"
+BACKENDS = ("ort", "reference")
+# (batch, seq); seq None = max_seq_len; every seq is clipped to max_seq_len and duplicates dropped.
+CASES_FULL: tuple[tuple[int, int | None], ...] = ((1, 1), (2, 33), (3, 77), (2, None), (4, 16))
+CASES_QUICK: tuple[tuple[int, int | None], ...] = ((1, 1), (3, 77), (1, None))
+# onnx.reference is pure NumPy (slow): small cases only, still including T = 1 and an odd T.
+CASES_REFERENCE: tuple[tuple[int, int | None], ...] = ((1, 1), (2, 33), (1, 77))
+REQUIRED_MANIFEST_KEYS = ("target", "dtype", "checkpoint", "config")
+
+
+def read_manifest(export_dir: Path) -> dict[str, Any]:
+    """manifest.json of an export folder, with the keys validation needs (InputError otherwise)."""
+    if not export_dir.exists():
+        raise InputError(f"{export_dir} does not exist (expected an export folder from `smlp export`)")
+    if not export_dir.is_dir():
+        raise InputError(f"{export_dir} is not a folder (expected an export folder from `smlp export`)")
+    mpath = export_dir / MANIFEST_FILE
+    if not mpath.is_file():
+        raise InputError(f"{mpath} is missing: not an export folder from `smlp export`")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{mpath} is not valid JSON ({e})") from None
+    if not isinstance(manifest, dict):
+        raise InputError(f"{mpath} must hold a JSON object")
+    missing = [k for k in REQUIRED_MANIFEST_KEYS if k not in manifest]
+    if missing:
+        raise InputError(f"{mpath} lacks key(s) {', '.join(missing)}")
+    if not (export_dir / MODEL_FILE).is_file():
+        raise InputError(f"{export_dir / MODEL_FILE} is missing")
+    return manifest
+
+
+def case_shapes(cases: tuple[tuple[int, int | None], ...], max_seq_len: int) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for b, t in cases:
+        shape = (b, min(t or max_seq_len, max_seq_len))
+        if shape not in out:
+            out.append(shape)
+    return out
+
+
+def _load_reference_model(manifest: dict, checkpoint: Any, export_dir: Path):
+    """The PyTorch model to compare against, its checkpoint facts, and whether its sha was verified."""
+    from smlp_export import load_checkpoint
+
+    want = (manifest.get("checkpoint") or {}).get("weights_sha256")
+    if checkpoint is None or isinstance(checkpoint, (str, Path)):
+        path = checkpoint if checkpoint is not None else (manifest.get("checkpoint") or {}).get("path")
+        if path is None:
+            raise InputError(f"{export_dir / MANIFEST_FILE} names no checkpoint path; pass the checkpoint explicitly")
+        model = load_checkpoint(path)
+    else:
+        model = checkpoint  # an SMLPForCausalLM already in memory
+    info = getattr(model, "checkpoint_info", None) or {}
+    got = info.get("weights_sha256")
+    if want and got and want != got:
+        raise CheckpointError(f"checkpoint {info.get('path')} has weights sha256 {got[:12]}..., but the export "
+                              f"was made from {want[:12]}... (manifest.json): pass the matching checkpoint")
+    if manifest.get("config") and model.config.to_dict() != manifest["config"]:
+        raise CheckpointError(f"checkpoint config differs from the config in {export_dir / MANIFEST_FILE}")
+    ckpt = {"path": info.get("path"), "weights_sha256": got, "manifest_weights_sha256": want,
+            "verified": bool(want and got and want == got)}
+    return model.float().eval(), ckpt
+
+
+def _routing_layers(manifest: dict, cfg) -> list[LayerRouting]:
+    """One accumulator per router output, from the manifest (or the config if the manifest lacks it)."""
+    k_tok = cfg.top_k if cfg.token_routing == "topk" else 1
+    spec = manifest.get("routing_outputs")
+    layers = []
+    if spec:
+        for name, s in spec.items():
+            kind = s.get("kind", "tmoe_logits" if name.endswith(".tmoe") else "smoe_probs")
+            k = int(s.get("k") or 1) if kind == "tmoe_logits" else 1
+            layers.append(LayerRouting(name, kind, k))
+    else:
+        for i in cfg.sparse_layer_ids():
+            layers.append(LayerRouting(f"blocks.{i}.tmoe", "tmoe_logits", k_tok))
+            if cfg.spatial_routing == "partial":
+                layers.append(LayerRouting(f"blocks.{i}.smoe", "smoe_probs", 1))
+    return layers
+
+
+def _make_backend(backend: str, onnx_path: Path, providers: list[str] | None):
+    from smlp_export.runners import RunnerUnavailable, get_runner
+
+    if backend not in BACKENDS:
+        raise InputError(f"unknown validation backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    kwargs = {"providers": providers} if backend == "ort" and providers else {}
+    runner = get_runner(backend, onnx_path, **kwargs)
+    try:
+        runner.load()
+    except RunnerUnavailable as e:
+        raise SMLPError(f"backend {backend} cannot run here: {e}") from None
+    return runner
+
+
+def _sha256(path: Path) -> str:
+    from smlp_export.checkpoint import sha256_file
+
+    return sha256_file(path)
+
+
+def run_validation(export_dir: str | Path, backend: str = "ort", *, checkpoint: Any = None, quick: bool = False,
+                   providers: list[str] | None = None, progress: bool = False, write: bool = True) -> ParityReport:
+    """Compare the export in ``export_dir`` with PyTorch on real held-out text; write parity.json.
+
+    checkpoint: path, name, or an ``SMLPForCausalLM``; default ``manifest["checkpoint"]["path"]``.
+    Its weights sha256 must match the manifest's (CheckpointError otherwise).
+    quick: fewer cases (used after every export). The report's ``passed`` is True only if every
+    check passed; errors in the inputs (missing files, unknown backend) raise ``SMLPError``.
+    """
+    from tqdm import tqdm
+
+    from smlp_export import data
+    from smlp_export.runners.torch_runner import ROUTER_PREFIX, TorchRunner
+
+    t0 = time.perf_counter()
+    export_dir = Path(export_dir)
+    if backend not in BACKENDS:
+        raise InputError(f"unknown validation backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    manifest = read_manifest(export_dir)
+    dtype, target = manifest["dtype"], manifest["target"]
+    tol = tolerance_for(dtype)
+    model, ckpt = _load_reference_model(manifest, checkpoint, export_dir)
+    cfg = model.config
+    onnx_path = export_dir / MODEL_FILE
+    source = data.corpus_source_of(model)
+    base = CASES_REFERENCE if backend == "reference" else (CASES_QUICK if quick else CASES_FULL)
+    shapes = case_shapes(base, cfg.max_seq_len)
+    layers = _routing_layers(manifest, cfg)
+    p = cfg.prefix_len
+
+    ref_runner = TorchRunner(model)
+    ref_runner.load()
+    runner = _make_backend(backend, onnx_path, providers)
+    rows: list[dict[str, Any]] = []
+    failures: list[str] = []
+    nll_t = nll_b = 0.0
+    n_tok = 0
+    offset = 0
+    try:
+        for b, t in tqdm(shapes, desc=f"parity {backend}", unit="case", disable=not progress, leave=False):
+            win = data.heldout_windows(b, t + 1, source, offset=offset).numpy()
+            offset += b
+            ids, tgt = win[:, :t], win[:, 1:]
+            case = f"{b}x{t}"
+            ref, got = ref_runner.run(ids), runner.run(ids)
+            if "logits" not in got:
+                raise SMLPError(f"{onnx_path} has no output 'logits' (outputs: {', '.join(got)})")
+            if got["logits"].shape != ref["logits"].shape:
+                failures.append(f"case {case}: logits shape {got['logits'].shape} != torch {ref['logits'].shape}")
+                continue
+            row = {"case": case, "batch": b, "seq": t, **compare_logits(ref["logits"], got["logits"], tol)}
+            for layer in layers:
+                key = ROUTER_PREFIX + layer.name
+                if key not in got or key not in ref:
+                    msg = f"router output {key} missing from the {'backend' if key not in got else 'torch model'}"
+                    if msg not in failures:
+                        failures.append(msg)
+                    continue
+                if got[key].shape != ref[key].shape:
+                    failures.append(f"case {case}: {key} shape {got[key].shape} != torch {ref[key].shape}")
+                    continue
+                layer.add(case, ref[key], got[key], tol)
+            a, n = nll_sum(ref["logits"], tgt, p)
+            c, _ = nll_sum(got["logits"], tgt, p)
+            nll_t, nll_b, n_tok = nll_t + a, nll_b + c, n_tok + n
+            row.update({"ppl_tokens": n, "nll_torch": a, "nll_backend": c})
+            rows.append(row)
+    finally:
+        backend_meta = runner.metadata()
+        runner.close()
+        ref_meta = ref_runner.metadata()
+        ref_runner.close()
+
+    metrics = _metrics(rows, layers, nll_t, nll_b, n_tok)
+    checks = _checks(metrics, rows, tol, p)
+    failures += [f"{c['name']} = {c['value']} (limit {c['limit']})" for c in checks if not c["ok"]]
+    report = ParityReport(
+        passed=not failures, backend=backend, target=target, dtype=dtype, tolerances=tol.to_dict(),
+        metrics=metrics, checks=checks, failures=failures, cases=rows, checkpoint=ckpt,
+        model={"path": str(onnx_path), "sha256": _sha256(onnx_path)}, backend_metadata=backend_meta,
+        reference={**ref_meta, "onnx": _md.version("onnx"), "numpy": np.__version__},
+        corpus={"source": source, "split": "held-out", "ppl_from_position": p,
+                "windows": "consecutive held-out windows of seq + 1 tokens (input + next-token targets)"},
+        time_s=round(time.perf_counter() - t0, 3), quick=quick)
+    if write:
+        report.write(export_dir)
+    return report
+
+
+def _metrics(rows: list[dict], layers: list[LayerRouting], nll_t: float, nll_b: float, n_tok: int) -> dict[str, Any]:
+    n_values = sum(r["n_values"] for r in rows)
+    positions = sum(r["positions"] for r in rows)
+    ties = sum(r["ties"] for r in rows)
+    outside = positions - ties
+    routing = {layer.name: layer.to_dict() for layer in layers}
+    dec = sum(layer.decisions for layer in layers)
+    ppl_t = float(np.exp(nll_t / n_tok)) if n_tok else None
+    ppl_b = float(np.exp(nll_b / n_tok)) if n_tok else None
+    return {
+        "max_abs_err": max((r["max_abs_err"] for r in rows), default=None),
+        "mean_abs_err": sum(r["sum_abs_err"] for r in rows) / n_values if n_values else None,
+        "max_abs_err_rel": max((r["max_abs_err_rel"] for r in rows), default=None),
+        "logits_scale": max((r["logits_scale"] for r in rows), default=None),
+        "top1_agreement": (sum(r["top1_agree_outside_ties"] for r in rows) / outside) if outside else 1.0,
+        "top1_positions": positions, "top1_ties": ties,
+        "top1_disagree_in_ties": sum(r["top1_disagree_in_ties"] for r in rows),
+        "routing_agreement": {
+            "overall": (sum(layer.agree for layer in layers) / dec) if dec else 1.0,
+            "decisions": dec, "ties": sum(layer.ties for layer in layers),
+            "tie_flips": sum(layer.tie_flips for layer in layers),
+            "flips_outside_ties": sum(layer.flips for layer in layers),
+            "layers": routing},
+        "ppl_reference": ppl_t, "ppl_backend": ppl_b,
+        "ppl_rel_delta": abs(ppl_b - ppl_t) / ppl_t if n_tok else None, "ppl_tokens": n_tok,
+        "all_finite": all(r["finite"] for r in rows),
+    }
+
+
+def _checks(m: dict[str, Any], rows: list[dict], tol, p: int) -> list[dict[str, Any]]:
+    def check(name: str, value: Any, limit: str, ok: bool) -> dict[str, Any]:
+        return {"name": name, "value": value, "limit": limit, "ok": bool(ok)}
+
+    out = [check("cases", len(rows), ">= 1", len(rows) >= 1),
+           check("all_finite", m["all_finite"], "true", m["all_finite"])]
+    if rows:
+        rel = m["max_abs_err_rel"]
+        out.append(check("max_abs_err_rel", rel, f"<= {tol.max_abs_err_rel:g}", rel <= tol.max_abs_err_rel))
+        out.append(check("top1_agreement", m["top1_agreement"], f">= {tol.top1_min:g} outside ties",
+                         m["top1_agreement"] >= tol.top1_min))
+        flips = m["routing_agreement"]["flips_outside_ties"]
+        out.append(check("routing_flips_outside_ties", flips, "== 0", flips == 0))
+        if m["ppl_rel_delta"] is not None:
+            out.append(check("ppl_rel_delta", m["ppl_rel_delta"], f"<= {tol.ppl_rel_delta:g}",
+                             m["ppl_rel_delta"] <= tol.ppl_rel_delta))
+        else:
+            out.append(check("ppl_tokens", 0, f"> 0 (positions >= {p})", False))
+    return out

@@ -1,0 +1,78 @@
+"""The parity report written to ``parity.json`` (format below; keys documented in docs/validation.md)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPORT_FORMAT = 1
+PARITY_FILE = "parity.json"
+
+
+@dataclass
+class ParityReport:
+    """Outcome of one validation run: ``passed`` is True only if every check in ``checks`` passed."""
+
+    passed: bool
+    backend: str  # runtime: "ort" | "reference"
+    target: str  # export target from the manifest: "ort" | "tensorrt" | "portable"
+    dtype: str  # export dtype: "fp32" | "fp16"
+    tolerances: dict[str, Any]
+    metrics: dict[str, Any]
+    checks: list[dict[str, Any]]  # [{name, value, limit, ok}]
+    failures: list[str]  # one line per failed check
+    cases: list[dict[str, Any]]  # one row per (batch, seq) case
+    checkpoint: dict[str, Any]  # path, weights_sha256, verified
+    model: dict[str, Any]  # path, sha256 of model.onnx
+    backend_metadata: dict[str, Any]
+    reference: dict[str, Any]  # the PyTorch side: versions, threads
+    corpus: dict[str, Any]
+    time_s: float
+    quick: bool = False
+    format_version: int = REPORT_FORMAT
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(_finite(self.to_dict()), indent=2, sort_keys=False, allow_nan=False, default=_jsonable)
+
+    def write(self, export_dir: str | os.PathLike) -> Path:
+        """Write ``export_dir/parity.json`` atomically (temp file in the same folder, then rename)."""
+        target = Path(export_dir) / PARITY_FILE
+        text = self.to_json() + "\n"
+        fd, tmp = tempfile.mkstemp(prefix=".parity.", suffix=".tmp", dir=target.parent)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return target
+
+
+def _jsonable(o: Any) -> Any:
+    import numpy as np
+
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def _finite(o: Any) -> Any:
+    """NaN / inf (a broken backend) become the strings "nan" / "inf": JSON has no such numbers."""
+    if isinstance(o, float) and not math.isfinite(o):
+        return str(o)
+    if isinstance(o, dict):
+        return {k: _finite(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_finite(v) for v in o]
+    return o
