@@ -38,6 +38,9 @@ def spatial_moe(z2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> t
     bias [E, n]. c must be divisible by E: channels [i*c/E, (i+1)*c/E) go to expert i.
     Output: [B, T, c].
     """
+    if z2.is_cuda:  # Triton kernel (optional extra); CPU keeps the reference below
+        from .. import kernels
+        return kernels.spatial_moe(z2, weight, bias)
     return spatial_moe_reference(z2, weight, bias)
 
 
@@ -98,6 +101,9 @@ def spatial_moe_partial(
     by that probability. Outputs at positions < p depend on tokens < p (conditioning only).
     Output: [B, T, c].
     """
+    if z2.is_cuda:  # Triton kernel (optional extra); CPU keeps the reference below
+        from .. import kernels
+        return kernels.spatial_moe_partial(z2, weight, bias, router_weight)
     return spatial_moe_partial_reference(z2, weight, bias, router_weight)
 
 

@@ -121,6 +121,9 @@ def token_moe(
       activation "gelu" | "gelu_tanh" | "relu" | "silu"
     Output: [N, d], ``sum_j gate_j * FFN_{e_j}(hidden)``.
     """
+    if hidden.is_cuda:  # Triton kernels (optional extra); CPU keeps the reference below
+        from .. import kernels
+        return kernels.token_moe(hidden, router_logits, w1, b1, w2, b2, routing, k, activation)
     return token_moe_reference(hidden, router_logits, w1, b1, w2, b2, routing, k, activation)
 
 

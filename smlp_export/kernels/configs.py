@@ -1,0 +1,107 @@
+"""Block sizes for the Triton kernels: a small tuned table plus a logged default.
+
+Keys are ``(gpu_name, dtype, E, d, f)`` for the token-MoE grouped GEMMs and ``(gpu_name, dtype, n)``
+for the causal spatial kernel. A shape that is not in the table gets a default chosen from the
+token count and is logged once per key (never silent), so a missing tuning entry shows up in logs.
+
+No triton import here: the table is plain data, readable and testable on any install.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+
+log = logging.getLogger("smlp_export.kernels")
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    """Tile sizes of one grouped GEMM launch. BLOCK_M is also the per-expert row padding."""
+
+    BLOCK_M: int
+    BLOCK_N: int
+    BLOCK_K: int
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class TokenMoEConfig:
+    up: GemmConfig  # hidden @ w1^T + b1, activation  -> [rows, f]
+    down: GemmConfig  # h @ w2^T + b2, gate scale      -> [rows, d]
+
+
+# Token counts are bucketed so one entry covers a range: decode (<= 16 rows per expert),
+# small prefill, large prefill. BLOCK_M must be >= 16 (tl.dot's minimum).
+_DECODE = TokenMoEConfig(GemmConfig(16, 64, 128, 4, 4), GemmConfig(16, 64, 128, 4, 4))
+_SMALL = TokenMoEConfig(GemmConfig(32, 64, 64, 4, 4), GemmConfig(32, 64, 64, 4, 4))
+_LARGE = TokenMoEConfig(GemmConfig(64, 128, 64, 4, 4), GemmConfig(64, 128, 64, 4, 4))
+_HOPPER_LARGE = TokenMoEConfig(GemmConfig(128, 128, 64, 8, 3), GemmConfig(128, 128, 64, 8, 3))
+
+# (gpu name substring, dtype, E, d, f) -> {token bucket: config}. Entries are starting points taken
+# from the usual Hopper tile shapes; benchmarks/gpu_kernels.py --tune prints a better table when a
+# GPU is available (no entry here has been measured on a GPU yet: see docs/kernels.md).
+TOKEN_MOE_TABLE: dict[tuple[str, str, int, int, int], dict[str, TokenMoEConfig]] = {
+    ("H200", "bfloat16", 8, 4096, 14336): {"decode": _DECODE, "small": _SMALL, "large": _HOPPER_LARGE},
+    ("H100", "bfloat16", 8, 4096, 14336): {"decode": _DECODE, "small": _SMALL, "large": _HOPPER_LARGE},
+    ("H200", "bfloat16", 64, 2048, 1408): {"decode": _DECODE, "small": _SMALL, "large": _LARGE},
+    ("H100", "bfloat16", 64, 2048, 1408): {"decode": _DECODE, "small": _SMALL, "large": _LARGE},
+}
+
+SPATIAL_TABLE: dict[tuple[str, str, int], GemmConfig] = {
+    ("H200", "bfloat16", 1024): GemmConfig(64, 64, 64, 4, 3),
+    ("H100", "bfloat16", 1024): GemmConfig(64, 64, 64, 4, 3),
+}
+
+_logged: set[tuple] = set()
+
+
+def _bucket(rows_per_expert: float) -> str:
+    if rows_per_expert <= 16:
+        return "decode"
+    if rows_per_expert <= 256:
+        return "small"
+    return "large"
+
+
+def _log_default(kind: str, key: tuple, cfg: object) -> None:
+    if key not in _logged:
+        _logged.add(key)
+        log.info("no tuned %s config for %s; using default %s", kind, key, cfg)
+
+
+def _match(gpu: str, table_gpu: str) -> bool:
+    return table_gpu.lower() in gpu.lower()
+
+
+def token_moe_config(gpu: str, dtype: str, E: int, d: int, f: int, routed_rows: int) -> TokenMoEConfig:
+    """Tiles for the grouped expert FFN. ``routed_rows`` = tokens * k (sets the bucket)."""
+    bucket = _bucket(routed_rows / max(E, 1))
+    for (g, dt, e, dd, ff), by_bucket in TOKEN_MOE_TABLE.items():
+        if _match(gpu, g) and (dt, e, dd, ff) == (dtype, E, d, f):
+            return by_bucket[bucket]
+    cfg = {"decode": _DECODE, "small": _SMALL, "large": _LARGE}[bucket]
+    _log_default("token_moe", (gpu, dtype, E, d, f, bucket), cfg)
+    return cfg
+
+
+def spatial_config(gpu: str, dtype: str, n: int) -> GemmConfig:
+    """Tiles for the causal spatial kernel (rows = positions, columns = channels)."""
+    for (g, dt, nn), cfg in SPATIAL_TABLE.items():
+        if _match(gpu, g) and (dt, nn) == (dtype, n):
+            return cfg
+    cfg = GemmConfig(32, 32, 32, 4, 2)
+    _log_default("spatial_moe", (gpu, dtype, n), cfg)
+    return cfg
+
+
+def dtype_name(dtype: object) -> str:
+    """torch.float16 -> 'float16' (no torch import needed)."""
+    return str(dtype).replace("torch.", "")
+
+
+__all__ = ["GemmConfig", "TokenMoEConfig", "TOKEN_MOE_TABLE", "SPATIAL_TABLE", "token_moe_config",
+           "spatial_config", "dtype_name"]
