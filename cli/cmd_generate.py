@@ -1,0 +1,84 @@
+"""``smlp generate``: text from a checkpoint (PyTorch) or an export's decode.onnx (ONNX Runtime)."""
+from __future__ import annotations
+
+import click
+
+from .options import allow_pickle_option, json_flag, seed_option
+
+
+@click.command("generate")
+@click.argument("source", required=False, default=None, metavar="[CKPT|OUT]")
+@click.option("--backend", type=click.Choice(["torch", "ort", "torch-full"]), default="torch", show_default=True,
+              help="torch: PyTorch with the spatial-state cache on a checkpoint (default: the embedded "
+                   "model); ort: ONNX Runtime on an export dir made with `smlp export --decode`; "
+                   "torch-full: PyTorch recomputing the whole prefix every token (slow reference).")
+@click.option("--prompt", required=True, help="Prompt text (UTF-8; byte-level tokens).")
+@click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(1), help="Tokens to generate at most.")
+@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(0),
+              help="0: greedy; > 0: sample from softmax(logits / T).")
+@click.option("--top-k", default=None, type=click.IntRange(1), help="Sample only among the k most likely tokens.")
+@seed_option
+@click.option("--no-stop-on-eos", "no_eos", is_flag=True, help="Keep generating after the end-of-sequence token.")
+@click.option("--threads", default=None, type=click.IntRange(1), help="ONNX Runtime intra-op threads (ort backend).")
+@allow_pickle_option
+@json_flag
+def generate(source, backend, prompt, max_new_tokens, temperature, top_k, seed, no_eos, threads, allow_pickle,
+             as_json) -> None:
+    """Generate text after --prompt, streaming tokens as they come, then report tokens/s.
+
+    Stops at the end-of-sequence token, after --max-new-tokens, or when the sequence fills the
+    model's max_seq_len (the message says which).
+    """
+    import codecs
+    import json
+    import sys
+
+    import numpy as np
+
+    from smlp_export.decode.runtime import OrtGenerator, TorchFullGenerator, TorchGenerator
+    from smlp_export.errors import InputError
+    from smlp_export.tokenizer import ByteTokenizer
+
+    if backend == "ort":
+        if source is None:
+            raise click.UsageError("--backend ort needs the export directory OUT (made with `smlp export --decode`)")
+        gen = OrtGenerator(source, threads=threads)
+        lim = gen.limits
+        tok = ByteTokenizer(vocab_size=lim.vocab_size, eos_token_id=lim.eos_token_id if lim.eos_token_id is not None else 256)
+    else:
+        from smlp_export import load_checkpoint
+
+        model = load_checkpoint(source, allow_pickle=allow_pickle)
+        gen = TorchGenerator(model) if backend == "torch" else TorchFullGenerator(model)
+        tok = model.tokenizer
+    ids = tok.encode(prompt)
+    if not ids:
+        raise InputError("--prompt is empty")
+    gen.check_prompt(np.asarray([ids], dtype=np.int64))  # fail before anything is streamed
+
+    stream = not as_json
+    dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def on_token(i: int, nxt) -> None:
+        t = int(nxt[0])
+        if stream and t < 256:
+            sys.stdout.write(dec.decode(bytes([t])))
+            sys.stdout.flush()
+
+    if stream:
+        sys.stdout.write(prompt)
+        sys.stdout.flush()
+    res = gen.generate(ids, max_new_tokens, temperature=temperature, top_k=top_k, seed=seed,
+                       stop_on_eos=not no_eos, on_token=on_token)
+    new = res.tokens[0]
+    if as_json:
+        d = res.to_dict()
+        d.update(backend=backend, source=str(source) if source else "default", prompt=prompt,
+                 text=tok.decode(new), temperature=temperature, top_k=top_k, seed=seed)
+        d["tokens"] = new
+        click.echo(json.dumps(d, indent=2))
+        return
+    sys.stdout.write(dec.decode(b"", final=True) + "\n")
+    click.echo(f"[{backend}] {res.n_new} tokens, {res.tokens_per_s:.1f} tokens/s "
+               f"(prefill {res.prompt_len} tokens {res.prefill_s * 1e3:.1f} ms, "
+               f"decode {res.decode_tokens_per_s:.1f} tokens/s); {res.stop_message}", err=True)
