@@ -1,0 +1,56 @@
+"""``smlp validate OUT``: numeric parity of an export against PyTorch on real held-out text."""
+from __future__ import annotations
+
+import sys
+
+import click
+
+from .options import json_flag
+
+
+def _fmt(v) -> str:
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+@click.command("validate")
+@click.argument("out", type=click.Path(path_type=str))
+@click.option("--backend", type=click.Choice(["ort", "reference"]), default="ort", show_default=True,
+              help="ort: ONNX Runtime; reference: onnx.reference.ReferenceEvaluator (independent, slow: small cases).")
+@click.option("--checkpoint", default=None, metavar="CKPT",
+              help="Checkpoint to compare with (default: the one named in manifest.json; its sha256 must match).")
+@click.option("--quick", is_flag=True, help="Fewer cases (what `smlp export` runs).")
+@click.option("--provider", "providers", multiple=True, metavar="NAME",
+              help="ONNX Runtime execution provider (repeatable; default CPUExecutionProvider). No silent fallback.")
+@json_flag
+def validate(out, backend, checkpoint, quick, providers, as_json) -> None:
+    """Compare OUT (an export folder) with PyTorch; write OUT/parity.json; exit 0 only if it passes."""
+    from smlp_export.validate import run_validation
+
+    report = run_validation(out, backend, checkpoint=checkpoint, quick=quick,
+                            providers=list(providers) or None, progress=not as_json and sys.stderr.isatty())
+    if as_json:
+        click.echo(report.to_json())
+    else:
+        m = report.metrics
+        click.echo(f"parity  {report.backend} on {report.target} / {report.dtype}  "
+                   f"({len(report.cases)} cases, {report.time_s:.1f} s)  -> {out}/parity.json")
+        rows = [("metric", "value", "tolerance", "ok")]
+        rows += [(c["name"], _fmt(c["value"]), c["limit"], "ok" if c["ok"] else "FAIL") for c in report.checks]
+        ra = m["routing_agreement"]
+        rows += [("max_abs_err", _fmt(m["max_abs_err"]), f"scale {_fmt(m['logits_scale'])}", ""),
+                 ("mean_abs_err", _fmt(m["mean_abs_err"]), "", ""),
+                 ("top1 ties", f"{m['top1_ties']}/{m['top1_positions']}", "", ""),
+                 ("routing_agreement", _fmt(ra["overall"]), f"{ra['ties']} ties, {ra['tie_flips']} tie flips", ""),
+                 ("ppl torch / backend", f"{_fmt(m['ppl_reference'])} / {_fmt(m['ppl_backend'])}", "", "")]
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        for r in rows:
+            click.echo("  ".join(s.ljust(w) for s, w in zip(r, widths)).rstrip())
+        for f in report.failures:
+            click.echo(f"FAIL {f}", err=True)
+        click.echo("PASSED" if report.passed else "FAILED")
+    if not report.passed:
+        sys.exit(1)
