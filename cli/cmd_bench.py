@@ -22,6 +22,8 @@ def _int_list(text: str, what: str) -> list[int]:
               help="Comma-separated: torch, torch-compile, ort, ort-portable, ort-cuda, ort-cuda-portable, tensorrt.")
 @click.option("--batch", "batch", default="1,8", show_default=True, help="Batch sizes, comma-separated.")
 @click.option("--seq", "seq", default="64,128", show_default=True, help="Sequence lengths, comma-separated.")
+@click.option("--dtype", "dtypes", default="fp32", show_default=True,
+              help="Compute dtype(s) of the ONNX graphs, comma-separated: fp32, fp16 (torch backends run fp32).")
 @click.option("--threads", type=int, default=None, help="Intra-op threads for every backend (default: usable cores).")
 @click.option("--warmup", type=int, default=3, show_default=True, help="Untimed runs per case.")
 @click.option("--min-runs", type=int, default=10, show_default=True, help="Timed runs per case, at least.")
@@ -35,7 +37,7 @@ def _int_list(text: str, what: str) -> list[int]:
               help="After timing, profile each ONNX Runtime backend (ORT profiler) at the largest batch/seq and print per-op time.")
 @click.option("--profile-runs", type=int, default=10, show_default=True, help="Runs in each profile.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def bench(source, backends, batch, seq, threads, warmup, min_runs, min_time, max_time, quick, json_path,
+def bench(source, backends, batch, seq, dtypes, threads, warmup, min_runs, min_time, max_time, quick, json_path,
           plot_path, profile, profile_runs, no_progress):
     """Time a checkpoint (or an export folder / .onnx file) on each backend.
 
@@ -55,6 +57,10 @@ def bench(source, backends, batch, seq, threads, warmup, min_runs, min_time, max
 
     specs = parse_backends(backends)
     batches, seqs = _int_list(batch, "--batch"), _int_list(seq, "--seq")
+    dtype_list = tuple(d.strip() for d in dtypes.split(",") if d.strip())
+    bad = [d for d in dtype_list if d not in ("fp32", "fp16")]
+    if bad or not dtype_list:
+        raise InputError(f"--dtype expects fp32 and/or fp16, got {dtypes!r}")
     if threads is not None and threads < 1:
         raise InputError(f"--threads must be >= 1, got {threads}")
     try:
@@ -69,14 +75,15 @@ def bench(source, backends, batch, seq, threads, warmup, min_runs, min_time, max
     machine = describe_machine()
     with tempfile.TemporaryDirectory(prefix="smlp-bench-") as work:
         rows = run_sweep(src, specs, batches, seqs, timing, threads, progress=not no_progress,
-                         workdir=Path(work))
+                         workdir=Path(work), dtypes=dtype_list)
         click.echo(f"machine: {short_description(machine)}")
         click.echo(format_table(rows))
         profiles = _profile(src, specs, rows, threads, profile_runs) if profile else []
     report = make_report(rows, machine, {"timing": timing.to_dict(), "threads": threads,
                                          "source": str(src.path) if src.path else "default",
                                          "source_kind": src.kind, "backends": [s.name for s in specs],
-                                         "batch": batches, "seq": seqs}, profiles=profiles)
+                                         "batch": batches, "seq": seqs, "dtype": list(dtype_list)},
+                             profiles=profiles)
     if json_path:
         write_json(report, json_path)
         click.echo(f"wrote {json_path}")
@@ -92,16 +99,18 @@ def _profile(src, specs, rows, threads, runs):
     from smlp_export.bench.profile import format_profile, profile_onnx
     from smlp_export.bench.sweep import _corpus_of, real_token_ids
 
+    jobs = [(spec, target, dtype, onnx) for spec in specs if spec.runtime == "ort"
+            for (target, dtype), onnx in src.onnx.items() if target in (spec.target, "file")]
     out = []
-    for spec in specs:
-        ok = [r for r in rows if r["backend"] == spec.name and r["status"] == "ok"]
-        if spec.runtime != "ort" or not ok:
+    for spec, target, dtype, onnx in jobs:
+        ok = [r for r in rows if r["backend"] == spec.name and r["status"] == "ok"
+              and (target == "file" or r["dtype"] == dtype)]
+        if not ok:
             continue
         b, t = max(r["batch"] for r in ok), max(r["seq"] for r in ok)
-        onnx = src.onnx_by_target.get(spec.target) or src.onnx_by_target["file"]
         summary = profile_onnx(onnx, real_token_ids(b, t, _corpus_of(src)), runs=runs,
                                provider=spec.provider, intra_op_threads=threads)
-        summary["backend"] = spec.name
+        summary.update(backend=spec.name, target=target, dtype=dtype)
         click.echo(format_profile(summary))
         out.append(summary)
     return out

@@ -199,8 +199,8 @@ def test_sweep_ort_matches_numpy_and_torch_eager(micro_ckpt, bigram_onnx):
     by = {(r["backend"], r["batch"]): r for r in rows}
     assert by[("ort", 1)]["status"] == "ok" and by[("ort", 2)]["status"] == "ok"
     assert by[("ort", 2)]["tokens_per_s"] == pytest.approx(16 / (by[("ort", 2)]["p50_ms"] / 1e3))
-    assert by[("ort", 1)]["runner"]["provider"] == "CPUExecutionProvider"
-    assert by[("torch", 1)]["status"] == "skipped" and "needs a checkpoint" in by[("torch", 1)]["reason"]
+    assert by[("ort", 1)]["runner"]["providers"][0] == "CPUExecutionProvider"
+    assert by[("torch", 1)]["status"] == "skipped" and "needs the checkpoint" in by[("torch", 1)]["reason"]
 
     rows = run_sweep(Source.resolve(str(micro_ckpt)), [BACKENDS["torch"], BACKENDS["ort-cuda"]], [1], [8, 64],
                      quick, threads=1, progress=False)

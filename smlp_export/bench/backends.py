@@ -6,10 +6,6 @@ the standard-ops-only export, ``ort-cuda*`` the same on the CUDA provider, ``ten
 """
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,10 +20,6 @@ class BackendSpec:
     target: str | None = None  # export target the runtime runs (ONNX runtimes only)
     provider: str | None = None  # ORT execution provider
     compile: bool = False  # torch.compile
-
-    @property
-    def dtype(self) -> str:
-        return "float32"
 
 
 BACKENDS: dict[str, BackendSpec] = {b.name: b for b in (
@@ -60,17 +52,19 @@ def parse_backends(text: str) -> list[BackendSpec]:
 
 @dataclass
 class Source:
-    """What is benchmarked: a checkpoint directory, an export output folder, or one .onnx file."""
+    """What is benchmarked: a checkpoint folder, an export folder (model.onnx + manifest.json), or
+    one .onnx file. ``onnx`` maps (target, dtype) -> ONNX path, filled lazily by exports."""
 
     path: Path | None  # None -> the embedded default checkpoint
     kind: str  # "checkpoint" | "export" | "onnx"
-    onnx_by_target: dict[str, Path]
+    onnx: dict[tuple[str, str], Path]
     max_seq_len: int | None = None
-    corpus: str | None = None
-    export_error: dict[str, str] | None = None
+    checkpoint: Path | None = None  # for the torch backends (an export's manifest names it)
 
     @classmethod
     def resolve(cls, path: str | None) -> "Source":
+        import json
+
         from smlp_export.errors import InputError
 
         if path is None or path == "default":
@@ -81,15 +75,19 @@ class Source:
         if p.is_file():
             if p.suffix != ".onnx":
                 raise InputError(f"{p} is not a .onnx file nor a folder")
-            return cls(p, "onnx", {"file": p})
+            return cls(p, "onnx", {("file", "file"): p})
         if (p / "config.json").is_file() and any(p.glob("*.safetensors")):
-            return cls(p, "checkpoint", {}, _ckpt_max_seq(p))
-        onnx_files = sorted(p.glob("*.onnx"))
-        if onnx_files:
-            target = _export_target(p) or "file"
-            max_seq = _ckpt_max_seq(p) if (p / "config.json").is_file() else None
-            return cls(p, "export", {target: onnx_files[0]}, max_seq)
-        raise InputError(f"{p}: neither a checkpoint (config.json + *.safetensors) nor an export (*.onnx)")
+            return cls(p, "checkpoint", {}, _ckpt_max_seq(p), checkpoint=p)
+        if (p / "model.onnx").is_file():
+            try:
+                man = json.loads((p / "manifest.json").read_text())
+            except (OSError, ValueError):
+                man = {}
+            target, dtype = man.get("target", "file"), man.get("dtype", "file")
+            ckpt = (man.get("checkpoint") or {}).get("path")
+            ckpt = Path(ckpt) if ckpt and (Path(ckpt) / "config.json").is_file() else None
+            return cls(p, "export", {(target, dtype): p / "model.onnx"}, man.get("max_seq_len"), checkpoint=ckpt)
+        raise InputError(f"{p}: neither a checkpoint (config.json + *.safetensors) nor an export (model.onnx)")
 
 
 def _ckpt_max_seq(path: Path | None) -> int | None:
@@ -98,62 +96,59 @@ def _ckpt_max_seq(path: Path | None) -> int | None:
     return read_config(path).max_seq_len
 
 
-def _export_target(folder: Path) -> str | None:
-    """The export target recorded in an export folder's JSON manifest(s), if any."""
-    import json
-
-    for f in sorted(folder.glob("*.json")):
-        try:
-            d = json.loads(f.read_text())
-        except (OSError, ValueError):
-            continue
-        if isinstance(d, dict) and isinstance(d.get("target"), str):
-            return d["target"]
-    return None
-
-
-def export_for_target(ckpt: Path | None, target: str, workdir: Path) -> Path:
-    """Export the checkpoint for ``target`` with the project's exporter (``smlp export``, the
-    documented command interface) into ``workdir``; returns the .onnx path.
+def export_for_target(ckpt: Path | None, target: str, dtype: str, workdir: Path) -> Path:
+    """Export the checkpoint for ``target``/``dtype`` with the project's exporter (no parity check:
+    the validator owns that) into ``workdir``; returns the model.onnx path.
 
     Raises RunnerUnavailable with the exporter's one-line error if it is missing or fails.
     """
-    out = workdir / f"export-{target}"
-    exe = shutil.which("smlp")
-    cmd = ([exe] if exe else [sys.executable, "-m", "smlp_cli.main"]) + [
-        "export", str(ckpt) if ckpt else "default", "-o", str(out), "--target", target, "--no-validate"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    if proc.returncode != 0:
-        msg = (proc.stderr.strip().splitlines() or ["(no message)"])[-1]
-        raise RunnerUnavailable(f"export --target {target} failed: {msg[:300]}")
-    files = sorted(out.glob("*.onnx")) if out.is_dir() else []
-    if not files:
-        raise RunnerUnavailable(f"export --target {target} wrote no .onnx file in {out}")
-    return files[0]
+    from smlp_export.errors import SMLPError
+
+    out = workdir / f"export-{target}-{dtype}"
+    try:
+        from smlp_export.export.pipeline import export_model
+    except ImportError as e:
+        raise RunnerUnavailable(f"the exporter is not available: {e}") from None
+    try:
+        res = export_model(str(ckpt) if ckpt else None, out, target=target, dtype=dtype, validate=False, force=True)
+    except SMLPError as e:
+        raise RunnerUnavailable(f"export --target {target} --dtype {dtype} failed: {e}") from None
+    return Path(res.out_dir) / "model.onnx"
 
 
-def make_runner(spec: BackendSpec, source: Source, workdir: Path, threads: int | None) -> Runner:
-    """Build (not load) the runner for ``spec`` on ``source``; RunnerUnavailable says why not."""
+def make_runner(spec: BackendSpec, source: Source, workdir: Path, threads: int | None,
+                dtype: str = "fp32") -> Runner:
+    """Build (not load) the runner for ``spec`` on ``source``; RunnerUnavailable says why not.
+
+    dtype: the ONNX graph's compute dtype (fp32 | fp16) for ONNX runtimes; torch runs float32.
+    """
+    from smlp_export.runners.registry import get_runner
+
     if spec.runtime == "torch":
-        if source.kind != "checkpoint":
-            raise RunnerUnavailable(f"{spec.name} needs a checkpoint; {source.path} is an ONNX export")
-        from smlp_export.runners.torch_compile_runner import TorchCompileRunner
+        if source.kind == "checkpoint":
+            ckpt = str(source.path) if source.path else None
+        elif source.checkpoint is not None:
+            ckpt = str(source.checkpoint)
+        else:
+            raise RunnerUnavailable(f"{spec.name} needs the checkpoint; {source.path} does not name one that exists here")
+        if spec.compile:
+            from smlp_export.runners.torch_compile_runner import TorchCompileRunner
 
-        TorchCompileRunner.check_available()
-        return TorchCompileRunner(str(source.path) if source.path else None, compile=spec.compile,
-                                  threads=threads)
+            TorchCompileRunner.check_available()
+            return TorchCompileRunner(ckpt, compile=True, threads=threads)
+        return get_runner("torch", ckpt, threads=threads)
     if spec.runtime == "ort":
-        from .ort_session import OrtFileRunner, check_provider
+        from .ort_session import check_provider
 
         check_provider(spec.provider)
-        onnx = source.onnx_by_target.get(spec.target) or source.onnx_by_target.get("file")
+        onnx = source.onnx.get((spec.target, dtype)) or source.onnx.get(("file", "file"))
         if onnx is None:
             if source.kind != "checkpoint":
-                have = ", ".join(source.onnx_by_target) or "none"
-                raise RunnerUnavailable(f"no {spec.target} export in {source.path} (has: {have})")
-            onnx = export_for_target(source.path, spec.target, workdir)
-            source.onnx_by_target[spec.target] = onnx
-        r = OrtFileRunner(onnx, provider=spec.provider, intra_op_threads=threads)
+                have = ", ".join(f"{t}/{d}" for t, d in source.onnx) or "none"
+                raise RunnerUnavailable(f"no {spec.target}/{dtype} export in {source.path} (has: {have})")
+            onnx = export_for_target(source.path, spec.target, dtype, workdir)
+            source.onnx[(spec.target, dtype)] = onnx
+        r = get_runner("ort", onnx, providers=[spec.provider], intra_op_threads=threads)
         r.name = spec.name
         return r
     if spec.runtime == "tensorrt":
@@ -165,5 +160,7 @@ def make_runner(spec: BackendSpec, source: Source, workdir: Path, threads: int |
     raise RunnerUnavailable(f"unknown runtime {spec.runtime}")  # pragma: no cover
 
 
-def describe_spec(spec: BackendSpec) -> dict[str, Any]:
-    return {"backend": spec.name, "target": spec.target, "dtype": spec.dtype, "provider": spec.provider}
+def describe_spec(spec: BackendSpec, dtype: str = "fp32") -> dict[str, Any]:
+    """The identifying columns of a row: backend, export target, compute dtype, ORT provider."""
+    return {"backend": spec.name, "target": spec.target,
+            "dtype": dtype if spec.runtime != "torch" else "fp32", "provider": spec.provider}

@@ -22,13 +22,13 @@ def real_token_ids(batch: int, seq: int, corpus: str | None = None) -> np.ndarra
 
 
 def _corpus_of(source: Source) -> str | None:
-    if source.kind != "checkpoint":
+    if source.kind == "onnx" or (source.kind == "export" and source.checkpoint is None):
         return None
     from smlp_export.checkpoint import read_metadata
     from smlp_export.data import corpus_source_of
 
     try:
-        return corpus_source_of(read_metadata(source.path))
+        return corpus_source_of(read_metadata(source.checkpoint))
     except Exception:  # noqa: BLE001 - metadata without a corpus entry: the default corpus
         return None
 
@@ -36,11 +36,12 @@ def _corpus_of(source: Source) -> str | None:
 def run_sweep(source: Source, specs: list[BackendSpec], batches: list[int], seqs: list[int],
               timing: TimingConfig = TimingConfig(), threads: int | None = None,
               progress: bool = True, log: Callable[[str], None] | None = None,
-              workdir: Path | None = None) -> list[dict[str, Any]]:
+              workdir: Path | None = None, dtypes: tuple[str, ...] = ("fp32",)) -> list[dict[str, Any]]:
     """Time each backend on each (batch, seq). Returns one row per (backend, batch, seq):
     {backend, target, dtype, provider, batch, seq, status ("ok" | "skipped" | "failed"), reason,
     p50_ms, p90_ms, p99_ms, mean_ms, std_ms, p10_ms, min_ms, max_ms, spread_pct, runs,
     tokens_per_s (batch * seq / p50), load_avg_1m, runner (the runner's metadata)}.
+    dtypes: compute dtypes of the ONNX graphs (each ONNX backend runs once per dtype; torch: fp32).
     workdir: where exports made on the fly are kept (default: a temporary folder removed at the end).
     """
     from tqdm import tqdm
@@ -48,14 +49,15 @@ def run_sweep(source: Source, specs: list[BackendSpec], batches: list[int], seqs
     corpus = _corpus_of(source)
     rows: list[dict[str, Any]] = []
     cases = [(b, t) for b in batches for t in seqs]
-    bar = tqdm(total=len(specs) * len(cases), desc="bench", unit="case", disable=not progress, leave=False)
+    units = [(spec, d) for spec in specs for d in (("fp32",) if spec.runtime == "torch" else dtypes)]
+    bar = tqdm(total=len(units) * len(cases), desc="bench", unit="case", disable=not progress, leave=False)
     with tempfile.TemporaryDirectory(prefix="smlp-bench-") as tmp:
         work = Path(workdir) if workdir else Path(tmp)
-        for spec in specs:
-            base = describe_spec(spec)
-            bar.set_postfix_str(spec.name)
+        for spec, dtype in units:
+            base = describe_spec(spec, dtype)
+            bar.set_postfix_str(f"{spec.name} {dtype}")
             try:
-                runner = make_runner(spec, source, work, threads)
+                runner = make_runner(spec, source, work, threads, dtype)
                 runner.load()
             except RunnerUnavailable as e:
                 rows += [{**base, "batch": b, "seq": t, "status": "skipped", "reason": str(e)} for b, t in cases]
@@ -86,9 +88,10 @@ def run_sweep(source: Source, specs: list[BackendSpec], batches: list[int], seqs
     return rows
 
 
-def ratio_table(rows: list[dict[str, Any]], numerator: str, denominator: str) -> list[dict[str, Any]]:
-    """p50(numerator) / p50(denominator) for every (batch, seq) both backends measured."""
-    ok = {(r["backend"], r["batch"], r["seq"]): r for r in rows if r.get("status") == "ok"}
+def ratio_table(rows: list[dict[str, Any]], numerator: str, denominator: str, dtype: str = "fp32") -> list[dict[str, Any]]:
+    """p50(numerator) / p50(denominator) for every (batch, seq) both backends measured (one dtype)."""
+    ok = {(r["backend"], r["batch"], r["seq"]): r for r in rows
+          if r.get("status") == "ok" and r.get("dtype") == dtype}
     out = []
     for (name, b, t), r in sorted(ok.items(), key=lambda kv: (kv[0][1], kv[0][2])):
         if name != numerator or (denominator, b, t) not in ok:
