@@ -25,10 +25,10 @@ MANIFEST_FILE = "manifest.json"
 MODEL_FILE = "model.onnx"
 BACKENDS = ("ort", "reference")
 # (batch, seq); seq None = max_seq_len; every seq is clipped to max_seq_len and duplicates dropped.
-CASES_FULL: tuple[tuple[int, int | None], ...] = ((1, 1), (2, 33), (3, 77), (2, None), (4, 16))
+CASES_FULL: tuple[tuple[int, int | None], ...] = ((1, 1), (2, 33), (3, 77), (2, None), (4, 16), (5, 13))
 CASES_QUICK: tuple[tuple[int, int | None], ...] = ((1, 1), (3, 77), (1, None))
 # onnx.reference is pure NumPy (slow): small cases only, still including T = 1 and an odd T.
-CASES_REFERENCE: tuple[tuple[int, int | None], ...] = ((1, 1), (2, 33), (1, 77))
+CASES_REFERENCE: tuple[tuple[int, int | None], ...] = ((1, 1), (3, 13), (2, 33), (1, 77))
 REQUIRED_MANIFEST_KEYS = ("target", "dtype", "checkpoint", "config")
 
 
