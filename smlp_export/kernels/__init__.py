@@ -37,31 +37,31 @@ def _require() -> None:
 
 def token_moe(*args: Any, **kwargs: Any):
     _require()
-    from .token_moe import token_moe as fn
+    from .grouped_moe import token_moe as fn
     return fn(*args, **kwargs)
 
 
 def grouped_ffn(*args: Any, **kwargs: Any):
     _require()
-    from .token_moe import grouped_ffn as fn
+    from .grouped_moe import grouped_ffn as fn
     return fn(*args, **kwargs)
 
 
 def spatial_moe(*args: Any, **kwargs: Any):
     _require()
-    from .spatial_moe import spatial_moe as fn
+    from .causal_spatial import spatial_moe as fn
     return fn(*args, **kwargs)
 
 
 def spatial_moe_partial(*args: Any, **kwargs: Any):
     _require()
-    from .spatial_moe import spatial_moe_partial as fn
+    from .causal_spatial import spatial_moe_partial as fn
     return fn(*args, **kwargs)
 
 
 def spatial_moe_decode(*args: Any, **kwargs: Any):
     _require()
-    from .spatial_moe import spatial_moe_decode as fn
+    from .causal_spatial import spatial_moe_decode as fn
     return fn(*args, **kwargs)
 
 

@@ -21,7 +21,7 @@ import triton.language as tl
 from ..ops.spatial_moe import route_channels
 from ._util import dot_needs_upcast
 from .configs import GemmConfig, dtype_name, spatial_config
-from .token_moe import align_by_expert
+from .grouped_moe import align_by_expert
 
 
 @triton.jit

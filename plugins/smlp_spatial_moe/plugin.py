@@ -1,0 +1,91 @@
+"""TensorRT plugin ``smlp::SMLPSpatialMoE``: deterministic causal spatial MoE in one node.
+
+Plain functions (tested without TensorRT): :func:`output_shape`, :func:`kernel_constexprs`,
+:func:`launch`. :func:`register` wraps them with ``tensorrt.plugin`` (``@register`` + ``@aot_impl``
+returning the AOT-compiled PTX of ``smlp_export.kernels.plugin_kernels.spatial_moe_plugin_kernel``).
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _common import check_signature, constant, contract, import_trtp, trt_dtype_name  # noqa: E402
+
+OP_TYPE = "SMLPSpatialMoE"
+BLOCK_M, BLOCK_N, BLOCK_K, NUM_WARPS = 64, 32, 32, 4
+
+
+def output_shape(z2: tuple, weight: tuple, bias: tuple, num_experts: int) -> tuple:
+    """z2 [B, T, c], weight [E, n, n], bias [E, n] -> [B, T, c]; ValueError on inconsistent inputs."""
+    if len(z2) != 3 or len(weight) != 3 or len(bias) != 2:
+        raise ValueError(f"{OP_TYPE}: need z2 [B, T, c], weight [E, n, n], bias [E, n]")
+    B, T, c = z2
+    E, n, n2 = weight
+    if E != num_experts:
+        raise ValueError(f"{OP_TYPE}: num_experts={num_experts} but weight has {E} experts")
+    if n != n2 or tuple(bias) != (E, n):
+        raise ValueError(f"{OP_TYPE}: weight {tuple(weight)} / bias {tuple(bias)} are not [E, n, n] / [E, n]")
+    if isinstance(c, int) and c % E:
+        raise ValueError(f"{OP_TYPE}: channels c={c} not divisible by num_experts={E}")
+    if isinstance(T, int) and T > n:
+        raise ValueError(f"{OP_TYPE}: sequence length T={T} exceeds the spatial weight size n={n}")
+    return (B, T, c)
+
+
+def kernel_constexprs(num_experts: int) -> dict[str, int]:
+    return {"E": num_experts, "BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N, "BLOCK_K": BLOCK_K}
+
+
+def cdiv(a, b):
+    return (a + b - 1) // b
+
+
+def launch(B, T, c, num_experts: int, num_warps: int, shared: int, div=cdiv) -> tuple:
+    """Grid (row blocks, column blocks of one chunk, B * E); ``div`` = trtp.cdiv for symbolic shapes."""
+    # cdiv(c / E, BLOCK_N) == cdiv(c, E * BLOCK_N) when E divides c; the latter stays symbolic-friendly
+    return (div(T, BLOCK_M), div(c, num_experts * BLOCK_N), B * num_experts, 32 * num_warps, 1, 1, shared)
+
+
+def register() -> None:
+    trtp = import_trtp()
+    from smlp_export.kernels.aot import compile_ptx
+
+    c = contract(OP_TYPE)
+
+    def desc(z2, weight, bias, num_experts):
+        return z2.like()
+
+    def aot(z2, weight, bias, num_experts, outputs, tactic):
+        E = constant(weight.shape_expr[0], "weight's expert dimension")
+        n = constant(weight.shape_expr[1], "weight's position dimension")
+        ck = compile_ptx("spatial_moe", trt_dtype_name(z2.dtype), arch=_arch(),
+                         constexprs=kernel_constexprs(E), num_warps=NUM_WARPS)
+        B, T, ch = z2.shape_expr[0], z2.shape_expr[1], z2.shape_expr[2]
+        params = trtp.KernelLaunchParams()
+        (params.grid_x, params.grid_y, params.grid_z, params.block_x, params.block_y, params.block_z,
+         params.shared_mem) = launch(B, T, ch, E, ck.num_warps, ck.shared, div=trtp.cdiv)
+        extra = trtp.SymIntExprs(3)  # int32 T, c, n
+        extra[0] = trtp.SymInt32(T)
+        extra[1] = trtp.SymInt32(ch)
+        extra[2] = trtp.SymInt32(n)
+        return ck.name, ck.ptx, params, extra
+
+    check_signature(desc, c)
+    check_signature(aot, c, ("outputs", "tactic"))
+    ann = {name: trtp.TensorDesc for name in c.inputs}
+    ann.update(dict(c.attributes))
+    desc.__annotations__ = {**ann, "return": trtp.TensorDesc}
+    aot.__annotations__ = {**ann, "outputs": tuple[trtp.TensorDesc], "tactic": int,
+                           "return": tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymIntExprs]}
+    trtp.register(c.qualified_name)(desc)
+    trtp.aot_impl(c.qualified_name)(aot)
+
+
+def _arch() -> int:
+    import torch
+
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        return major * 10 + minor
+    return 90

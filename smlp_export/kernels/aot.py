@@ -1,0 +1,108 @@
+"""Ahead-of-time compilation of the plugin kernels to PTX (no GPU needed).
+
+``compile_ptx("token_moe", dtype="float16", arch=90, constexprs={...})`` returns an
+:class:`AotKernel` with the PTX text, its entry name, the launch facts (warps, shared memory) and
+the number of ``.param`` entries (user arguments + the 2 ``.u64`` scratch pointers Triton 3.9
+appends). ``triton.compile`` needs an explicit ``GPUTarget`` on a machine without a driver.
+
+Under ``TRITON_INTERPRET=1`` (tests), ``@triton.jit`` returns interpreter objects that cannot be
+compiled, so the compilation then runs in a fresh Python process with the interpreter switched off.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+
+# Triton type strings per torch dtype name.
+TRITON_DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+
+# kernel key -> (module attribute, pointer args (in order), int32 scalar args, output pointer args)
+PLUGIN_KERNELS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {
+    "token_moe": ("token_moe_plugin_kernel", ("x_ptr", "logits_ptr", "w1_ptr", "b1_ptr", "w2_ptr", "b2_ptr"),
+                  ("d", "f"), ("out_ptr",)),
+    "spatial_moe": ("spatial_moe_plugin_kernel", ("z2_ptr", "w_ptr", "bias_ptr"), ("T", "c", "n"), ("out_ptr",)),
+}
+SCRATCH_PARAMS = 2  # Triton >= 3.x appends global + profile scratch pointers to every kernel
+
+
+@dataclass(frozen=True)
+class AotKernel:
+    name: str  # PTX entry name
+    ptx: str
+    num_warps: int
+    shared: int  # bytes of dynamic shared memory the launch needs
+    num_params: int  # .param count in the entry (user args + scratch)
+    arch: int
+
+    @property
+    def block_x(self) -> int:
+        return 32 * self.num_warps
+
+
+def signature(kernel: str, dtype: str, constexprs: dict[str, int]) -> dict[str, str]:
+    """Triton signature of a plugin kernel: all pointers in ``dtype``, scalars i32, then constexprs."""
+    _, ptrs, scalars, outs = PLUGIN_KERNELS[kernel]
+    ty = TRITON_DTYPES[dtype]
+    sig = {p: f"*{ty}" for p in ptrs}
+    sig.update({s: "i32" for s in scalars})
+    sig.update({o: f"*{ty}" for o in outs})
+    sig.update({k: "constexpr" for k in constexprs})
+    return sig
+
+
+def count_params(ptx: str, entry: str) -> int:
+    """Number of ``.param`` declarations of ``.entry entry(...)`` in a PTX text."""
+    m = re.search(r"\.entry\s+" + re.escape(entry) + r"\s*\((.*?)\)", ptx, re.S)
+    if not m:
+        raise ValueError(f"entry {entry!r} not found in PTX")
+    return len(re.findall(r"\.param\s", m.group(1)))
+
+
+def _compile_here(kernel: str, dtype: str, arch: int, constexprs: dict[str, int], num_warps: int,
+                  ptx_version: int | None) -> AotKernel:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from . import plugin_kernels
+
+    fn = getattr(plugin_kernels, PLUGIN_KERNELS[kernel][0])
+    src = ASTSource(fn=fn, signature=signature(kernel, dtype, constexprs), constexprs=dict(constexprs))
+    options: dict[str, int] = {"num_warps": num_warps}
+    if ptx_version is not None:
+        options["ptx_version"] = ptx_version
+    ck = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+    ptx = ck.asm["ptx"]
+    name = ck.metadata.name
+    return AotKernel(name=name, ptx=ptx, num_warps=ck.metadata.num_warps, shared=ck.metadata.shared,
+                     num_params=count_params(ptx, name), arch=arch)
+
+
+def compile_ptx(kernel: str, dtype: str, arch: int, constexprs: dict[str, int], num_warps: int = 4,
+                ptx_version: int | None = 80) -> AotKernel:
+    """Compile a plugin kernel for ``sm_<arch>``. ``ptx_version=80`` keeps the PTX loadable by
+    CUDA 12.0+ drivers (the bundled ptxas default, 9.x, needs a very new driver)."""
+    if kernel not in PLUGIN_KERNELS:
+        raise KeyError(f"unknown plugin kernel {kernel!r}; expected one of {sorted(PLUGIN_KERNELS)}")
+    if dtype not in TRITON_DTYPES:
+        raise ValueError(f"unsupported dtype {dtype!r}; expected one of {sorted(TRITON_DTYPES)}")
+    from ._util import interpreting
+    if not interpreting():
+        return _compile_here(kernel, dtype, arch, constexprs, num_warps, ptx_version)
+    args = json.dumps([kernel, dtype, arch, constexprs, num_warps, ptx_version])
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    code = ("import json,sys; from dataclasses import asdict; "
+            "from smlp_export.kernels.aot import _compile_here; "
+            "print(json.dumps(asdict(_compile_here(*json.loads(sys.argv[1])))))")
+    res = subprocess.run([sys.executable, "-c", code, args], env=env, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"AOT compile of {kernel} failed:\n{res.stderr[-2000:]}")
+    return AotKernel(**json.loads(res.stdout.strip().splitlines()[-1]))
+
+
+__all__ = ["AotKernel", "compile_ptx", "count_params", "signature", "PLUGIN_KERNELS", "SCRATCH_PARAMS",
+           "TRITON_DTYPES"]
