@@ -1,0 +1,148 @@
+"""Regenerate docs/benchmarks.md from benchmarks/results/*.json (figures are never typed by hand).
+
+Run after the benchmark scripts: ``python benchmarks/render_readme.py [--out docs/benchmarks.md]``.
+Each section names the machine, the command and the date of its figures, and says for every goal
+whether it is met and, if not, by how much.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def _machine(m: dict) -> str:
+    libs = m.get("libraries", {})
+    ort = libs.get("onnxruntime-gpu") or libs.get("onnxruntime") or "?"
+    load = m.get("load_avg_1_5_15m") or ["?"]
+    return (f"{m.get('cpu_model', '?')}, {m.get('usable_cores', '?')} usable cores, "
+            f"{m.get('mem_total_gib', '?')} GiB; load average {load[0]} at the end of the run; "
+            f"torch {libs.get('torch', '?')}, onnxruntime {ort}, onnx {libs.get('onnx', '?')}; "
+            f"{m.get('timestamp_utc', '?')}")
+
+
+def _header(rep: dict) -> list[str]:
+    out = [f"Machine: {_machine(rep['machine'])}.  ",
+           f"Command: `{rep.get('command', '?')}`" + (" (**--quick: smoke-run timings**)" if rep.get("quick") else "") + "  "]
+    cfg = rep.get("config", {})
+    if "threads" in cfg:
+        t = cfg.get("timing", {})
+        out.append(f"Threads: {cfg['threads']}; timing: {t.get('warmup')} warm-up runs, then at least "
+                   f"{t.get('min_runs')} runs and {t.get('min_time_s')} s per case (cap {t.get('max_time_s')} s).")
+    return out + [""]
+
+
+def _goals(rep: dict) -> list[str]:
+    lines = []
+    for g in rep.get("goals", []):
+        status = "met" if g["met"] else f"**not met**, off by {abs(g['value'] / g['limit'] - 1) * 100:.0f}%"
+        lines.append(f"- Goal {g['goal']} {g['op']} {g['limit']}: measured {g['value']:.2f} ({status}).")
+    return lines + [""] if lines else []
+
+
+def _img(rep_path: Path, out: Path) -> list[str]:
+    png = rep_path.with_suffix(".png")
+    return [f"![{png.stem}]({os.path.relpath(png, out.parent)})", ""] if png.exists() else []
+
+
+def exported_vs_eager(rep: dict, path: Path, out: Path) -> list[str]:
+    lines = ["## Exported vs eager (benchmark 1)", "", *_header(rep)]
+    lines += ["| backend | target | B | T | p50 ms | p90 ms | p99 ms | tokens/s | spread | runs |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rep["rows"]:
+        if r["status"] != "ok":
+            lines.append(f"| {r['backend']} | {r.get('target') or '-'} | {r['batch']} | {r['seq']} | "
+                         f"{r['status']}: {r.get('reason', '')} | | | | | |")
+            continue
+        lines.append(f"| {r['backend']} | {r.get('target') or '-'} | {r['batch']} | {r['seq']} | {r['p50_ms']:.2f} | "
+                     f"{r['p90_ms']:.2f} | {r['p99_ms']:.2f} | {r['tokens_per_s']:.0f} | {r['spread_pct']:.0f}% | {r['runs']} |")
+    lines += ["", "| B | T | ort / eager | ort / torch.compile | portable / eager |", "|---:|---:|---:|---:|---:|"]
+    rat = rep.get("ratios", {})
+    key = lambda x: (x["batch"], x["seq"])  # noqa: E731
+    comp = {key(x): x["ratio_p50"] for x in rat.get("ort_over_compile", [])}
+    port = {key(x): x["ratio_p50"] for x in rat.get("portable_over_eager", [])}
+    for x in rat.get("ort_over_eager", []):
+        c, q = comp.get(key(x)), port.get(key(x))
+        lines.append(f"| {x['batch']} | {x['seq']} | {x['ratio_p50']:.2f} | {'-' if c is None else f'{c:.2f}'} | "
+                     f"{'-' if q is None else f'{q:.2f}'} |")
+    lines += ["", *_goals(rep)]
+    prof = rep.get("profile")
+    if prof:
+        lines += [f"ONNX Runtime profile of the ort graph (B={prof['batch']}, T={prof['seq']}, "
+                  f"{prof['kernel_ms_per_run']:.2f} ms of kernels per run):", "",
+                  "| op type | calls/run | ms/run | % |", "|---|---:|---:|---:|"]
+        lines += [f"| {o['name']} | {o['calls']} | {o['total_ms']:.3f} | {o['pct']:.1f} |" for o in prof["by_op_type"][:10]]
+        lines.append("")
+    return lines + _img(path, out)
+
+
+def experts_scaling(rep: dict, path: Path, out: Path) -> list[str]:
+    cfg = rep["config"]
+    names = list(rep["ratios_last_over_first"])
+    lines = ["## Cost vs number of experts (benchmark 2)", "", *_header(rep),
+             f"Random-init `{cfg['preset']}` checkpoints, top-1 routing, fixed expert width; ONNX Runtime CPU, "
+             f"B={cfg['batch']}, T={cfg['seq']}; p50 latency in ms. The dense all-experts export is a **baseline** "
+             "(benchmarks/dense_baseline.py), not a product target. Each graph matched PyTorch eager "
+             f"(max |diff| of logits <= {cfg['parity_atol']}) before it was timed.", "",
+             "| E | active params | " + " | ".join(names) + " |", "|---:|---:|" + "---:|" * len(names)]
+    for r in rep["rows"]:
+        lines.append(f"| {r['experts']} | {r['active_params']:,} | " + " | ".join(f"{r[n]['p50_ms']:.2f}" for n in names) + " |")
+    lines.append(f"| p50(E={rep['rows'][-1]['experts']}) / p50(E={rep['rows'][0]['experts']}) | | "
+                 + " | ".join(f"{rep['ratios_last_over_first'][n]:.2f}x" for n in names) + " |")
+    return lines + ["", *_goals(rep), *_img(path, out)]
+
+
+def moe_layer(rep: dict, path: Path, out: Path) -> list[str]:
+    cfg = rep["config"]
+    lines = ["## Sparse MoE layer alone (benchmark 3)", "", *_header(rep),
+             f"Token MoE, E={cfg['experts']}, d={cfg['d_model']}, f={cfg['d_expert']}, routing {cfg['routing']} "
+             f"k={cfg['k']}, PyTorch CPU; p50 ms. reference = the custom op's CPU kernel (sorted, one GEMM per used "
+             "expert); naive loop = per-expert Python loop with masks; dense = all experts on all tokens.", "",
+             "| tokens | reference | naive loop | dense | dense / reference | naive / reference |",
+             "|---:|---:|---:|---:|---:|---:|"]
+    for r in rep["rows"]:
+        ref = r["reference"]["p50_ms"]
+        nv = r.get("naive_loop", {}).get("p50_ms")
+        dn = r["dense"]["p50_ms"]
+        lines.append(f"| {r['tokens']} | {ref:.3f} | {'-' if nv is None else f'{nv:.3f}'} | {dn:.3f} | "
+                     f"{dn / ref:.2f} | {'-' if nv is None else f'{nv / ref:.2f}'} |")
+    return lines + ["", *_img(path, out)]
+
+
+SECTIONS = {"exported_vs_eager": exported_vs_eager, "experts_scaling": experts_scaling, "moe_layer": moe_layer}
+
+
+def render(results: Path, out: Path) -> str:
+    lines = ["# Benchmarks", "",
+             "<!-- Generated by benchmarks/render_readme.py from benchmarks/results/*.json: do not edit by hand. -->", "",
+             "Latency figures depend on the machine and its load: each section names both. Re-run the scripts "
+             "(`python benchmarks/<name>.py`) and then `python benchmarks/render_readme.py` to refresh this page.", ""]
+    for name, fn in SECTIONS.items():
+        path = results / f"{name}.json"
+        if not path.exists():
+            lines += [f"## {name}", "", f"No results yet: run `python benchmarks/{name}.py`.", ""]
+            continue
+        lines += fn(json.loads(path.read_text()), path, out)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--results", type=Path, default=RESULTS)
+    p.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    args = p.parse_args()
+    sys.path.insert(0, str(ROOT))
+    from smlp_export.bench.report import atomic_write
+
+    text = render(args.results, args.out)
+    atomic_write(args.out, lambda tmp: Path(tmp).write_text(text))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
