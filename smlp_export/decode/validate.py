@@ -66,7 +66,7 @@ def validate_decode(export_dir: str | Path, model=None, *, n_prompts: int = 24, 
         n_prompts, max_new_tokens = min(n_prompts, 6), min(max_new_tokens, 12)
     lengths = _prompt_lengths(cfg.max_seq_len, cfg.prefix_len, n_lengths)
     per_len = max(1, -(-n_prompts // len(lengths)))
-    source = corpus_source_of(ref.model)
+    source = corpus_source_of(ref.model) if hasattr(ref.model, "checkpoint_info") else None  # None: stdlib
     rows: list[dict[str, Any]] = []
     max_err, scale_all = 0.0, 0.0
     for li, T in enumerate(lengths):
@@ -107,7 +107,7 @@ def validate_decode(export_dir: str | Path, model=None, *, n_prompts: int = 24, 
         "target": section.get("target"), "dtype": section.get("dtype", "fp32"),
         "reference": "torch full recompute (every token recomputes the whole prefix)",
         "prompts": len(rows), "prompt_lengths": lengths, "max_new_tokens": max_new_tokens,
-        "prompt_source": f"held-out text ({source})",
+        "prompt_source": f"held-out text ({source or 'stdlib'})",
         "greedy_agree": n_agree, "greedy_diverged_in_ties": len(ties), "greedy_diverged": len(real),
         "step_logits_max_abs_err": max_err, "step_logits_max_abs_err_rel": rel, "logits_scale": scale_all,
         "tolerances": tol.to_dict(), "checks": checks,
