@@ -37,6 +37,14 @@ TOL = {
 DTYPES = list(TOL)
 
 
+def test_kernels_run_in_the_interpreter_on_cpu():
+    """Fail loudly (never skip) when the kernels were decorated before TRITON_INTERPRET was set."""
+    if DEVICE == "cpu":
+        assert type(tk._up_kernel).__name__ == "InterpretedFunction", (
+            "smlp_export.kernels was imported before tests/test_kernels.py set TRITON_INTERPRET=1; "
+            "run with TRITON_INTERPRET=1 in the environment")
+
+
 def _close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
     assert got.dtype == want.dtype and got.shape == want.shape
     torch.testing.assert_close(got.float().cpu(), want.float().cpu(), **TOL[dtype])

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..errors import SMLPError
 
-class TritonUnavailable(ImportError):
-    """triton is not installed (``pip install 'smlp-export[triton]'``)."""
+
+class TritonUnavailable(SMLPError, ImportError):
+    """triton is not installed (``pip install 'smlp-export[triton]'``); one-line error in the CLI."""
 
 
 def available() -> bool:
