@@ -271,3 +271,50 @@ def test_cli_bench_bad_source_and_empty_plot(tmp_path, micro_ckpt, capsys):
               "--no-progress", "--plot", str(tmp_path / "p.png")])
     assert e.value.code == 1 and "no backend produced a measurement" in capsys.readouterr().err
     assert not (tmp_path / "p.png").exists()
+
+
+def test_sweep_on_export_folder_uses_its_manifest(micro_ckpt, tmp_path):
+    """An export folder: ORT runs its model.onnx; torch runs the checkpoint its manifest names."""
+    from smlp_export.bench.backends import BACKENDS, Source
+    from smlp_export.bench.sweep import run_sweep
+    from smlp_export.export.pipeline import export_model
+
+    out = tmp_path / "ort"
+    export_model(str(micro_ckpt), out, target="ort", validate=False)
+    src = Source.resolve(str(out))
+    assert src.kind == "export" and src.max_seq_len == 32 and ("ort", "fp32") in src.onnx
+    rows = run_sweep(src, [BACKENDS["ort"], BACKENDS["torch"], BACKENDS["ort-portable"]], [1], [8],
+                     TimingConfig(warmup=1, min_runs=3, min_time_s=0.0, max_time_s=5), threads=1, progress=False)
+    by = {r["backend"]: r for r in rows}
+    assert by["ort"]["status"] == "ok" and by["ort"]["target"] == "ort"
+    assert by["torch"]["status"] == "ok"
+    assert by["ort-portable"]["status"] == "skipped" and "no portable/fp32 export" in by["ort-portable"]["reason"]
+
+
+def test_render_readme_tables_come_from_json(tmp_path):
+    """docs/benchmarks.md is generated: every figure in it is read from the results JSON."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "render_readme", Path(__file__).resolve().parent.parent / "benchmarks" / "render_readme.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    machine = describe_machine()
+    stats = LatencyStats.from_samples([1.0, 1.25, 2.0]).to_dict()
+    rep = {"benchmark": "moe_layer", "command": "benchmarks/moe_layer.py", "quick": False, "machine": machine,
+           "config": {"experts": 8, "d_model": 16, "d_expert": 32, "routing": "base", "k": 1, "threads": 1,
+                      "timing": TimingConfig().to_dict()},
+           "rows": [{"tokens": 4, "reference": stats, "naive_loop": {**stats, "p50_ms": 3.75}, "dense": stats}]}
+    es = {"benchmark": "experts_scaling", "machine": machine, "quick": True,
+          "config": {"preset": "micro", "batch": 1, "seq": 8, "threads": 1, "timing": TimingConfig().to_dict(),
+                     "parity_atol": 1e-3},
+          "rows": [{"experts": e, "active_params": 10, "ort": {"p50_ms": p}} for e, p in ((4, 2.0), (64, 3.0))],
+          "ratios_last_over_first": {"ort": 1.5},
+          "goals": [{"goal": "ort ratio", "value": 1.5, "limit": 1.3, "op": "<=", "met": False}]}
+    write_json(rep, tmp_path / "moe_layer.json")
+    write_json(es, tmp_path / "experts_scaling.json")
+    text = mod.render(tmp_path, tmp_path / "benchmarks.md")
+    assert "| 4 | 1.250 | 3.750 | 1.250 | 1.00 | 3.00 |" in text
+    assert "measured 1.50 (**not met**, off by 15%)" in text and "(**--quick: smoke-run timings**)" in text
+    assert machine["cpu_model"] in text
+    assert "No results yet: run `python benchmarks/exported_vs_eager.py`" in text
