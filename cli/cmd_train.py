@@ -19,11 +19,13 @@ from .options import force_option, seed_option
 @click.option("--save-every", default=500, show_default=True, type=click.IntRange(1))
 @click.option("--threads", default=None, type=click.IntRange(1), help="torch intra-op threads (fixed for determinism).")
 @click.option("--resume", is_flag=True, help="Continue from OUT/trainer_state.pt.")
+@click.option("--init-from", default=None, metavar="CKPT",
+              help="Fine-tune this checkpoint (its config is used; --preset/--set are ignored).")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Checkpoint directory to write.")
 @seed_option
 @force_option
 def train(preset_name, sets, corpus, steps, batch_size, lr, warmup, eval_every, save_every, threads,
-          resume, output, seed, force) -> None:
+          resume, init_from, output, seed, force) -> None:
     """Train a model with AdamW + warm-up/cosine; evaluates on held-out text and saves a checkpoint."""
     import json
     from pathlib import Path
@@ -40,10 +42,10 @@ def train(preset_name, sets, corpus, steps, batch_size, lr, warmup, eval_every, 
         raise SMLPError(f"{out} already exists (use --force to overwrite or --resume to continue)")
     if threads:
         torch.set_num_threads(threads)
-    cfg = preset(preset_name, **parse_sets(sets))
+    cfg = None if init_from else preset(preset_name, **parse_sets(sets))
     args = TrainArgs(steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, eval_every=eval_every,
                      save_every=save_every, seed=seed, corpus=corpus)
-    meta = run_train(cfg, out, args, resume=resume, log=lambda m: click.echo(m, err=True))
+    meta = run_train(cfg, out, args, resume=resume, init_from=init_from, log=lambda m: click.echo(m, err=True))
     h = meta["heldout"]
     click.echo(json.dumps({"output": str(out), "steps": steps, "wall_time_s": meta["wall_time_s"],
                            "heldout_ppl": h["ppl"], "heldout_bits_per_byte": h["bits_per_byte"],

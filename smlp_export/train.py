@@ -40,6 +40,7 @@ class TrainArgs:
     router_loss_coef: float = 0.1  # router-consistency loss ("base" routing), see model.TokenMoE
     eval_every: int = 250
     eval_windows: int = 64
+    final_eval_windows: int = 256  # the figure recorded in the checkpoint metadata
     save_every: int = 500
     seed: int = 0
     corpus: str | None = None
@@ -97,16 +98,28 @@ def evaluate(model: SMLPForCausalLM, n_windows: int = 64, source: str | None = N
     }
 
 
-def train(cfg: SMLPConfig, out: str | os.PathLike, args: TrainArgs, *, resume: bool = False,
-          progress: bool = True, log=print) -> dict[str, Any]:
-    """Train ``cfg`` from scratch (or resume from ``out``) and save the checkpoint to ``out``."""
+def train(cfg: SMLPConfig | None, out: str | os.PathLike, args: TrainArgs, *, resume: bool = False,
+          init_from: str | os.PathLike | None = None, progress: bool = True, log=print) -> dict[str, Any]:
+    """Train ``cfg`` from scratch, or fine-tune the checkpoint ``init_from`` (its config is used),
+    or resume from ``out``; save the checkpoint to ``out``."""
     from tqdm import tqdm
 
     out = Path(out)
     torch.manual_seed(args.seed)
     corpus = data.load_corpus(args.corpus)
+    init_meta = None
+    if init_from is not None:
+        from .checkpoint import load_checkpoint
+
+        base = load_checkpoint(init_from)
+        cfg = base.config
+        init_meta = {"path": str(init_from), "weights_sha256": base.checkpoint_info["weights_sha256"],
+                     "metadata": {k: v for k, v in base.checkpoint_info["metadata"].items() if k != "history"}}
+    assert cfg is not None
     seq = args.seq_len or cfg.max_seq_len
     model = SMLPForCausalLM(cfg)
+    if init_from is not None:
+        model.load_state_dict(base.state_dict())
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "norm" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "norm" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
@@ -145,15 +158,15 @@ def train(cfg: SMLPConfig, out: str | os.PathLike, args: TrainArgs, *, resume: b
         opt.step()
         tokens_seen += batch.numel() - batch.shape[0]
         rate = tokens_seen / max(1e-9, time.time() - t0)
-        bar.set_postfix(loss=f"{float(loss):.3f}", tok_s=f"{rate:,.0f}", lr=f"{lr_at(step, args):.2e}")
+        bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{rate:,.0f}", lr=f"{lr_at(step, args):.2e}")
         done = step + 1
         if done % args.eval_every == 0 or done == args.steps:
             last_eval = evaluate(model, args.eval_windows, args.corpus)
-            history.append({"step": done, "train_loss": round(float(loss), 4),
+            history.append({"step": done, "train_loss": round(loss.item(), 4),
                             "heldout_loss": round(last_eval["loss"], 4),
                             "heldout_bpb": round(last_eval["bits_per_byte"], 4), "grad_norm": round(float(gnorm), 3)})
             loads = [x for v in last_eval["expert_load"].values() for x in v]
-            bar.write(f"step {done}: train {float(loss):.3f}  held-out loss {last_eval['loss']:.3f} "
+            bar.write(f"step {done}: train {loss.item():.3f}  held-out loss {last_eval['loss']:.3f} "
                       f"bpb {last_eval['bits_per_byte']:.3f}  expert load min {min(loads, default=0):.3f} "
                       f"max {max(loads, default=0):.3f}")
         if done % args.save_every == 0 or done == args.steps:
@@ -164,7 +177,7 @@ def train(cfg: SMLPConfig, out: str | os.PathLike, args: TrainArgs, *, resume: b
                         "elapsed": elapsed_before + time.time() - t0}, tmp)
             os.replace(tmp, state_path)
     wall = elapsed_before + time.time() - t0
-    final = evaluate(model, max(args.eval_windows, 256), args.corpus)
+    final = evaluate(model, args.final_eval_windows, args.corpus)
     unigram = data.unigram_bits_per_byte(corpus)
     meta = {
         "kind": "trained",
@@ -181,6 +194,10 @@ def train(cfg: SMLPConfig, out: str | os.PathLike, args: TrainArgs, *, resume: b
         "unigram_bits_per_byte": round(unigram, 4),
         "history": history,
     }
+    if init_meta is not None:
+        meta["init_from"] = init_meta
+        meta["total_steps_including_init"] = args.steps + int(init_meta["metadata"].get("steps", 0))
+        meta["total_wall_time_s_including_init"] = round(wall + float(init_meta["metadata"].get("wall_time_s", 0)), 1)
     model.eval()
     _save_into(model, out, meta)
     return meta
