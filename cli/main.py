@@ -47,6 +47,13 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    if not debug:
+        import warnings
+
+        # torch.export / torch.onnx emit deprecation chatter about their own internals that users
+        # cannot act on; --debug shows it.
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
     try:
         cli.main(args=argv, prog_name="smlp", standalone_mode=False)
     except click.exceptions.Abort:
