@@ -224,3 +224,59 @@ def test_package_entry_points_stay_functions_after_submodule_imports():
     for name in ("token_moe", "grouped_ffn", "spatial_moe", "spatial_moe_partial", "spatial_moe_decode"):
         assert callable(getattr(K, name)) and not hasattr(getattr(K, name), "__path__")
         assert getattr(K, name).__module__ == "smlp_export.kernels"
+
+
+# --- the torch-path kernels must also compile for real GPUs (the interpreter is more lenient) ------
+
+def _gpu_specs(arch: int, dtype: str) -> list[dict]:
+    from smlp_export.kernels.configs import TOKEN_MOE_TABLE
+
+    P = {"bfloat16": "*bf16", "float16": "*fp16", "float32": "*fp32"}[dtype]
+    i32 = lambda *names: {n: "i32" for n in names}  # noqa: E731
+    prec = "ieee" if dtype == "float32" else "tf32"
+    specs = []
+    configs = {cfg for by_bucket in TOKEN_MOE_TABLE.values() for cfg in by_bucket.values()}
+    for cfg in sorted(configs, key=repr)[:2]:
+        specs.append(dict(module="grouped_moe", kernel="_up_kernel", arch=arch, num_warps=cfg.up.num_warps,
+                          num_stages=cfg.up.num_stages,
+                          signature={"x_ptr": P, "w1_ptr": P, "b1_ptr": P, "sorted_ptr": "*i32",
+                                     "block_expert_ptr": "*i32", "h_ptr": P,
+                                     **i32("S", "d", "f", "K_SLOTS", "stride_xn", "stride_we", "stride_wf",
+                                           "stride_wd", "stride_be", "stride_hp")},
+                          constexprs=dict(ACT=1, BLOCK_M=cfg.up.BLOCK_M, BLOCK_N=cfg.up.BLOCK_N,
+                                          BLOCK_K=cfg.up.BLOCK_K, PRECISION=prec, UPCAST=False)))
+        specs.append(dict(module="grouped_moe", kernel="_down_kernel", arch=arch, num_warps=cfg.down.num_warps,
+                          num_stages=cfg.down.num_stages,
+                          signature={"h_ptr": P, "w2_ptr": P, "b2_ptr": P, "gate_ptr": P, "sorted_ptr": "*i32",
+                                     "block_expert_ptr": "*i32", "y_ptr": P,
+                                     **i32("S", "d", "f", "stride_hp", "stride_we", "stride_wd", "stride_wf",
+                                           "stride_be", "stride_ys")},
+                          constexprs=dict(BLOCK_M=cfg.down.BLOCK_M, BLOCK_N=cfg.down.BLOCK_N,
+                                          BLOCK_K=cfg.down.BLOCK_K, PRECISION=prec, UPCAST=False)))
+    for routed in (False, True):
+        specs.append(dict(module="causal_spatial", kernel="_spatial_kernel", arch=arch,
+                          signature={"z2_ptr": P, "w_ptr": P, "bias_ptr": P, "gate_ptr": P, "cols_ptr": "*i32",
+                                     "block_expert_ptr": "*i32", "out_ptr": P,
+                                     **i32("T", "c", "cs", "n_cols", "E", "stride_zb", "stride_zt", "stride_we",
+                                           "stride_wt", "stride_wu", "stride_be")},
+                          constexprs=dict(ROUTED=routed, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, PRECISION=prec,
+                                          UPCAST=False)))
+    specs.append(dict(module="causal_spatial", kernel="_spatial_decode_kernel", arch=arch,
+                      signature={"state_ptr": P, "w_ptr": P, "bias_ptr": P, "expert_ptr": "*i32", "gate_ptr": P,
+                                 "out_ptr": P, **i32("t", "c", "stride_sb", "stride_su", "stride_we", "stride_wt",
+                                                     "stride_wu", "stride_be", "stride_ob")},
+                      constexprs=dict(HAS_GATE=True, BLOCK_N=64, BLOCK_K=64)))
+    return specs
+
+
+def test_torch_path_kernels_compile_for_gpus():
+    """sm_90 bf16 and sm_80 fp16, every torch-path kernel, in one interpreter-off subprocess."""
+    from smlp_export.kernels.aot import compile_specs
+
+    specs = _gpu_specs(90, "bfloat16") + _gpu_specs(80, "float16")
+    compiled = compile_specs(specs)
+    for spec, ck in zip(specs, compiled):
+        assert ck.name == spec["kernel"] and f".target sm_{spec['arch']}" in ck.ptx
+    # Hopper tiles of the grouped GEMM and the spatial kernel use wgmma tensor cores, Ampere mma.sync
+    assert any("wgmma" in ck.ptx for ck in compiled if ck.arch == 90)
+    assert any("mma.sync" in ck.ptx for ck in compiled if ck.arch == 80)

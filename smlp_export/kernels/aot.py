@@ -62,24 +62,47 @@ def count_params(ptx: str, entry: str) -> int:
     return len(re.findall(r"\.param\s", m.group(1)))
 
 
-def _compile_here(kernel: str, dtype: str, arch: int, constexprs: dict[str, int], num_warps: int,
-                  ptx_version: int | None) -> AotKernel:
+def _compile_spec(spec: dict) -> AotKernel:
+    """spec: module (under smlp_export.kernels), kernel (attribute), signature, constexprs, arch,
+    num_warps, num_stages, ptx_version. Must run with the interpreter off."""
+    import importlib
+
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from . import plugin_kernels
-
-    fn = getattr(plugin_kernels, PLUGIN_KERNELS[kernel][0])
-    src = ASTSource(fn=fn, signature=signature(kernel, dtype, constexprs), constexprs=dict(constexprs))
-    options: dict[str, int] = {"num_warps": num_warps}
-    if ptx_version is not None:
-        options["ptx_version"] = ptx_version
-    ck = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+    mod = importlib.import_module(f"smlp_export.kernels.{spec['module']}")
+    fn = getattr(mod, spec["kernel"])
+    sig = dict(spec["signature"])
+    sig.update({k: "constexpr" for k in spec["constexprs"]})
+    src = ASTSource(fn=fn, signature=sig, constexprs=dict(spec["constexprs"]))
+    options: dict[str, int] = {"num_warps": spec.get("num_warps", 4), "num_stages": spec.get("num_stages", 3)}
+    if spec.get("ptx_version") is not None:
+        options["ptx_version"] = spec["ptx_version"]
+    ck = triton.compile(src, target=GPUTarget("cuda", spec["arch"], 32), options=options)
     ptx = ck.asm["ptx"]
     name = ck.metadata.name
     return AotKernel(name=name, ptx=ptx, num_warps=ck.metadata.num_warps, shared=ck.metadata.shared,
-                     num_params=count_params(ptx, name), arch=arch)
+                     num_params=count_params(ptx, name), arch=spec["arch"])
+
+
+def compile_specs(specs: list[dict]) -> list[AotKernel]:
+    """Compile several kernels (see :func:`_compile_spec`); under ``TRITON_INTERPRET=1`` all of them
+    in ONE fresh interpreter-off Python process."""
+    from ._util import interpreting
+
+    if not interpreting():
+        return [_compile_spec(s) for s in specs]
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, set to silence its warning
+    code = ("import json,sys; from dataclasses import asdict; "
+            "from smlp_export.kernels.aot import _compile_spec; "
+            "print(json.dumps([asdict(_compile_spec(s)) for s in json.loads(sys.stdin.read())]))")
+    res = subprocess.run([sys.executable, "-c", code], input=json.dumps(specs), env=env,
+                         capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"AOT compile failed:\n{res.stderr[-3000:]}")
+    return [AotKernel(**d) for d in json.loads(res.stdout.strip().splitlines()[-1])]
 
 
 def compile_ptx(kernel: str, dtype: str, arch: int, constexprs: dict[str, int], num_warps: int = 4,
@@ -90,19 +113,12 @@ def compile_ptx(kernel: str, dtype: str, arch: int, constexprs: dict[str, int], 
         raise KeyError(f"unknown plugin kernel {kernel!r}; expected one of {sorted(PLUGIN_KERNELS)}")
     if dtype not in TRITON_DTYPES:
         raise ValueError(f"unsupported dtype {dtype!r}; expected one of {sorted(TRITON_DTYPES)}")
-    from ._util import interpreting
-    if not interpreting():
-        return _compile_here(kernel, dtype, arch, constexprs, num_warps, ptx_version)
-    args = json.dumps([kernel, dtype, arch, constexprs, num_warps, ptx_version])
-    env = dict(os.environ, TRITON_INTERPRET="0")
-    code = ("import json,sys; from dataclasses import asdict; "
-            "from smlp_export.kernels.aot import _compile_here; "
-            "print(json.dumps(asdict(_compile_here(*json.loads(sys.argv[1])))))")
-    res = subprocess.run([sys.executable, "-c", code, args], env=env, capture_output=True, text=True)
-    if res.returncode != 0:
-        raise RuntimeError(f"AOT compile of {kernel} failed:\n{res.stderr[-2000:]}")
-    return AotKernel(**json.loads(res.stdout.strip().splitlines()[-1]))
+    sig = {k: v for k, v in signature(kernel, dtype, constexprs).items() if v != "constexpr"}
+    spec = dict(module="plugin_kernels", kernel=PLUGIN_KERNELS[kernel][0], signature=sig,
+                constexprs=dict(constexprs), arch=arch, num_warps=num_warps, num_stages=3,
+                ptx_version=ptx_version)
+    return compile_specs([spec])[0]
 
 
-__all__ = ["AotKernel", "compile_ptx", "count_params", "signature", "PLUGIN_KERNELS", "SCRATCH_PARAMS",
+__all__ = ["AotKernel", "compile_ptx", "compile_specs", "count_params", "signature", "PLUGIN_KERNELS", "SCRATCH_PARAMS",
            "TRITON_DTYPES"]
