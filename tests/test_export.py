@@ -367,3 +367,23 @@ def test_error_mid_export_leaves_nothing(ckpt: Path, ckpt_proto, tmp_path: Path,
     with pytest.raises(OSError, match="disk full"):
         export_model(ckpt, tmp_path / "out", target="ort", validate=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_external_data_when_large(ckpt: Path, ckpt_proto, tmp_path: Path, monkeypatch) -> None:
+    """Past the 2 GiB protobuf limit the weights go to model.onnx.data (threshold lowered here)."""
+    import onnxruntime as ort
+
+    from smlp_export.export import graph, pipeline
+
+    monkeypatch.setattr(graph, "build_onnx", lambda *a, **k: onnx.ModelProto.FromString(ckpt_proto.SerializeToString()))
+    monkeypatch.setattr(pipeline, "EXTERNAL_DATA_THRESHOLD", 0)
+    out = tmp_path / "out"
+    res = export_model(ckpt, out, target="ort", validate=False)
+    names = [f["name"] for f in res.manifest["files"]]
+    assert names == [MODEL_FILE, pipeline.DATA_FILE]
+    assert (out / MODEL_FILE).stat().st_size < (out / pipeline.DATA_FILE).stat().st_size
+    onnx.checker.check_model(str(out / MODEL_FILE), full_check=True)
+    sess = ort.InferenceSession(str(out / MODEL_FILE), providers=["CPUExecutionProvider"])
+    ref = ort.InferenceSession(ckpt_proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    ids = np.arange(10, dtype=np.int64).reshape(2, 5)
+    np.testing.assert_array_equal(sess.run(["logits"], {"input_ids": ids})[0], ref.run(["logits"], {"input_ids": ids})[0])
