@@ -6,6 +6,8 @@ Three formulations of the same layer (inference routing, top-1 "base" by default
 - naive loop: a per-expert Python loop with boolean masks (the usual hand-written MoE).
 - dense: every expert on every token, then the routed outputs picked out (what a trace-friendly
   export does when it cannot express sparsity): cost ~ N * E.
+- ort_moe: for reference, ONNX Runtime's fused com.microsoft.MoE kernel (what the ``ort`` export
+  runs), as a one-layer ONNX graph with the same weights (base routing: x sigmoid(top logit)).
 All three are checked to agree before anything is timed. Run: ``python benchmarks/moe_layer.py [--quick]``.
 """
 from __future__ import annotations
@@ -45,6 +47,42 @@ def dense_all_experts(hidden, logits, w1, b1, w2, b2, routing, k, act):
     return torch.einsum("end,ne->nd", y, dense_gates)
 
 
+def ort_moe_layer(w1, b1, w2, b2, routing: str, k: int, threads: int):
+    """A callable with the token_moe signature that runs ONNX Runtime's com.microsoft.MoE.
+
+    com.microsoft.MoE gates with softmax over the top k (normalize_routing_weights=1); the model's
+    "base" routing gates with sigmoid(top logit) instead, so the graph multiplies by it after the node.
+    """
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    E, f, d = w1.shape
+    inits = [numpy_helper.from_array(t.numpy().astype(np.float32), n)
+             for t, n in ((w1, "fc1_w"), (b1, "fc1_b"), (w2, "fc2_w"), (b2, "fc2_b"))]
+    nodes = [helper.make_node("MoE", ["x", "logits", "fc1_w", "fc1_b", "fc2_w", "fc2_b"],
+                              ["y" if routing == "base" else "out"], domain="com.microsoft", k=k,
+                              activation_type="gelu", normalize_routing_weights=1)]
+    if routing == "base":
+        nodes += [helper.make_node("ReduceMax", ["logits"], ["top"], axes=[-1], keepdims=1),
+                  helper.make_node("Sigmoid", ["top"], ["gate"]), helper.make_node("Mul", ["y", "gate"], ["out"])]
+    graph = helper.make_graph(nodes, "moe", [
+        helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", d]),
+        helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", E])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", d])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 10
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+    def run(hidden, logits, *_):
+        return torch.from_numpy(sess.run(None, {"x": hidden.numpy(), "logits": logits.numpy()})[0])
+
+    return run
+
+
 def main() -> None:
     p = _common.parser(__doc__.splitlines()[0])
     p.add_argument("--experts", type=int, default=8)
@@ -71,11 +109,14 @@ def main() -> None:
     b2 = torch.randn(E, d, generator=gen) * 0.01
     centroids = torch.randn(E, d, generator=gen)
     impls = {"reference": token_moe_reference, "naive_loop": naive_loop, "dense": dense_all_experts}
+    # Expert activation gelu_tanh == ORT MoE's "gelu" (runtime-facts.md), so all four agree.
+    impls["ort_moe"] = ort_moe_layer(w1, b1, w2, b2, args.routing, k, threads)
     cfg = _common.timing(args.quick)
     rows = []
     print(f"token MoE layer: E={E} d={d} f={f} routing={args.routing} k={k}, {threads} threads; "
           f"{short_description(describe_machine())}")
-    print(f"{'tokens':>7}{'reference ms':>14}{'naive ms':>11}{'dense ms':>11}{'dense/ref':>11}{'naive/ref':>11}")
+    print(f"{'tokens':>7}{'reference ms':>14}{'naive ms':>11}{'dense ms':>11}{'ort MoE ms':>12}"
+          f"{'dense/ref':>11}{'naive/ref':>11}{'ortMoE/ref':>12}")
     with torch.inference_mode():
         for n in tokens:
             hidden = torch.randn(n, d, generator=gen)
@@ -93,9 +134,10 @@ def main() -> None:
             rows.append(row)
             p50 = {name: row[name]["p50_ms"] for name in impls if name in row}
             naive = p50.get("naive_loop")
+            om = p50.get("ort_moe", float("nan"))
             print(f"{n:>7}{p50['reference']:>14.3f}{naive if naive is not None else float('nan'):>11.3f}"
-                  f"{p50['dense']:>11.3f}{p50['dense'] / p50['reference']:>11.2f}"
-                  f"{(naive or float('nan')) / p50['reference']:>11.2f}")
+                  f"{p50['dense']:>11.3f}{om:>12.3f}{p50['dense'] / p50['reference']:>11.2f}"
+                  f"{(naive or float('nan')) / p50['reference']:>11.2f}{om / p50['reference']:>12.2f}")
     machine = describe_machine()
     payload = {"config": {"experts": E, "d_model": d, "d_expert": f, "routing": args.routing, "k": k,
                           "activation": act, "threads": threads, "timing": cfg.to_dict()}, "rows": rows}
@@ -113,7 +155,7 @@ def plot(rows, path, title):
     from smlp_export.bench.report import atomic_write
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for name in ("reference", "naive_loop", "dense"):
+    for name in ("reference", "naive_loop", "dense", "ort_moe"):
         pts = [(r["tokens"], r[name]["p50_ms"]) for r in rows if name in r]
         ax.plot(*zip(*pts), marker="o", label=name)
     ax.set_xscale("log", base=2)

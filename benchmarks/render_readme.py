@@ -102,15 +102,19 @@ def moe_layer(rep: dict, path: Path, out: Path) -> list[str]:
     lines = ["## Sparse MoE layer alone (benchmark 3)", "", *_header(rep),
              f"Token MoE, E={cfg['experts']}, d={cfg['d_model']}, f={cfg['d_expert']}, routing {cfg['routing']} "
              f"k={cfg['k']}, PyTorch CPU; p50 ms. reference = the custom op's CPU kernel (sorted, one GEMM per used "
-             "expert); naive loop = per-expert Python loop with masks; dense = all experts on all tokens.", "",
-             "| tokens | reference | naive loop | dense | dense / reference | naive / reference |",
-             "|---:|---:|---:|---:|---:|---:|"]
+             "expert); naive loop = per-expert Python loop with masks; dense = all experts on all tokens; "
+             "ORT MoE = ONNX Runtime's com.microsoft.MoE kernel on the same weights (what the `ort` export runs).", "",
+             "| tokens | reference | naive loop | dense | ORT MoE | dense / ref | naive / ref | ORT MoE / ref |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def cell(v, spec):
+        return "-" if v is None else format(v, spec)
+
     for r in rep["rows"]:
         ref = r["reference"]["p50_ms"]
-        nv = r.get("naive_loop", {}).get("p50_ms")
-        dn = r["dense"]["p50_ms"]
-        lines.append(f"| {r['tokens']} | {ref:.3f} | {'-' if nv is None else f'{nv:.3f}'} | {dn:.3f} | "
-                     f"{dn / ref:.2f} | {'-' if nv is None else f'{nv / ref:.2f}'} |")
+        nv, dn, om = (r.get(k, {}).get("p50_ms") for k in ("naive_loop", "dense", "ort_moe"))
+        lines.append(f"| {r['tokens']} | {ref:.3f} | {cell(nv, '.3f')} | {cell(dn, '.3f')} | {cell(om, '.3f')} | "
+                     f"{cell(dn and dn / ref, '.2f')} | {cell(nv and nv / ref, '.2f')} | {cell(om and om / ref, '.2f')} |")
     return lines + ["", *_img(path, out)]
 
 

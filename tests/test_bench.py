@@ -314,7 +314,7 @@ def test_render_readme_tables_come_from_json(tmp_path):
     write_json(rep, tmp_path / "moe_layer.json")
     write_json(es, tmp_path / "experts_scaling.json")
     text = mod.render(tmp_path, tmp_path / "benchmarks.md")
-    assert "| 4 | 1.250 | 3.750 | 1.250 | 1.00 | 3.00 |" in text
+    assert "| 4 | 1.250 | 3.750 | 1.250 | - | 1.00 | 3.00 | - |" in text
     assert "measured 1.50 (**not met**, off by 15%)" in text and "(**--quick: smoke-run timings**)" in text
     assert machine["cpu_model"] in text
     assert "No results yet: run `python benchmarks/exported_vs_eager.py`" in text
