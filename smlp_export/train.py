@@ -168,7 +168,7 @@ def train(cfg: SMLPConfig | None, out: str | os.PathLike, args: TrainArgs, *, re
             loads = [x for v in last_eval["expert_load"].values() for x in v]
             bar.write(f"step {done}: train {loss.item():.3f}  held-out loss {last_eval['loss']:.3f} "
                       f"bpb {last_eval['bits_per_byte']:.3f}  expert load min {min(loads, default=0):.3f} "
-                      f"max {max(loads, default=0):.3f}")
+                      f"max {max(loads, default=0):.3f}", file=sys.stderr)
         if done % args.save_every == 0 or done == args.steps:
             out.mkdir(parents=True, exist_ok=True)
             tmp = state_path.with_suffix(".tmp")
