@@ -60,14 +60,22 @@ def main() -> None:
             model = SMLPForCausalLM(cfg).eval()
             ckpt = Path(tmp) / f"E{E}"
             save_checkpoint(model, ckpt, metadata={"kind": "random-init", "benchmark": "experts_scaling"})
+            routing: dict = {}
             with torch.inference_mode():
-                want = model(torch.from_numpy(ids)).numpy()
+                want = model(torch.from_numpy(ids), routing).numpy()
+            # Why latency can grow with E at fixed active parameters per *token*: a batch of B*T tokens
+            # spreads over up to min(E, B*T) experts, and every expert used is one more weight matrix
+            # read from memory. Record how many were used and how many bytes that is.
+            per_expert_bytes = (2 * cfg.d_model * cfg.d_expert + cfg.d_expert + cfg.d_model) * 4
+            used = {name: int(torch.unique(lg.argmax(-1)).numel()) for name, lg in routing.items() if name.endswith("tmoe")}
             graphs = {}
             for target in ("ort", "portable"):
                 res = export_model(str(ckpt), Path(tmp) / f"E{E}-{target}", target=target, validate=False)
                 graphs[target] = Path(res.out_dir) / "model.onnx"
             graphs["dense (baseline)"] = export_dense_onnx(ckpt, Path(tmp) / f"E{E}-dense.onnx")
-            row = {"experts": E, "active_params": model.num_active_parameters(), "params": model.num_parameters()}
+            row = {"experts": E, "active_params": model.num_active_parameters(), "params": model.num_parameters(),
+                   "experts_used_per_layer": used,
+                   "expert_weight_mb_read": round(sum(used.values()) * per_expert_bytes / 1e6, 2)}
             for name, path in graphs.items():
                 with get_runner("ort", path, intra_op_threads=threads) as r:
                     diff = float(np.abs(r.run(ids)["logits"] - want).max())
@@ -76,7 +84,8 @@ def main() -> None:
                     st = measure(lambda: r.run(ids), cfg_t)
                 row[name] = {**st.to_dict(), "max_abs_diff_vs_torch": diff}
             rows.append(row)
-            print(f"E={E:<3} active params {row['active_params']:>10,}  " + "  ".join(
+            print(f"E={E:<3} active params {row['active_params']:>10,}  experts used {sum(used.values()):>3} "
+                  f"({row['expert_weight_mb_read']:6.1f} MB of expert weights)  " + "  ".join(
                 f"{n} p50 {row[n]['p50_ms']:8.2f} ms" for n in graphs))
     names = ["ort", "portable", "dense (baseline)"]
     first, last = rows[0], rows[-1]
