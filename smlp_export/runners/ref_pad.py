@@ -36,4 +36,6 @@ class Pad(OpRun):
         if mode == "constant":
             value = 0 if constant_value is None else np.asarray(constant_value).item()
             return (np.pad(data, width, mode="constant", constant_values=value).astype(data.dtype),)
-        return (np.pad(data, width, mode={"reflect": "reflect", "edge": "edge", "wrap": "wrap"}[mode]).astype(data.dtype),)
+        if mode not in ("reflect", "edge", "wrap"):
+            raise RuntimeError(f"Pad: unknown mode {mode!r}")
+        return (np.pad(data, width, mode=mode).astype(data.dtype),)

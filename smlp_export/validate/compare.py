@@ -72,8 +72,9 @@ class LayerRouting:
         for r in np.nonzero(~same)[0]:
             if len(self.flip_list) >= MAX_FLIPS_LISTED:
                 break
+            where = "position" if self.kind == "tmoe_logits" else "channel"
             self.flip_list.append({
-                "case": case, "batch": int(r // rows), ("position" if self.kind == "tmoe_logits" else "channel"): int(r % rows),
+                "case": case, "batch": int(r // rows), where: int(r % rows),
                 "torch": d_ref.chosen[r].tolist(), "backend": d_got.chosen[r].tolist(),
                 "margin": float(d_ref.margin[r]), "noise": noise, "tie": bool(tie[r])})
 
