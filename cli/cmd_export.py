@@ -26,10 +26,13 @@ def _size(n: int) -> str:
 @click.option("--validate/--no-validate", default=True, show_default=True,
               help="Check parity against PyTorch before publishing (writes parity.json).")
 @click.option("--quick", is_flag=True, help="Quick validation (fewer held-out batches).")
+@click.option("--ort-moe", default="fused", show_default=True, metavar="fused|loop",
+              help="ort target: token MoE as com.microsoft.MoE (fused) or as the sort + Loop "
+                   "formulation (loop; faster on CPU for large batches, see docs/export.md).")
 @click.option("--decode", is_flag=True, help="Also export the incremental decode graph (decode.onnx).")
 @force_option
 @json_flag
-def export(checkpoint, allow_pickle, output, target, dtype, opset, validate, quick, decode, force, as_json) -> None:
+def export(checkpoint, allow_pickle, output, target, dtype, opset, validate, quick, ort_moe, decode, force, as_json) -> None:
     """Export CKPT (default: the embedded model) to ONNX in OUTPUT, validate it, print a summary."""
     import json
 
@@ -37,7 +40,7 @@ def export(checkpoint, allow_pickle, output, target, dtype, opset, validate, qui
 
     from smlp_export.export.pipeline import check_options, export_model
 
-    check_options(target, dtype, opset)  # fail before the progress bar appears
+    check_options(target, dtype, opset, ort_moe)  # fail before the progress bar appears
     stages = ["load", "trace + translate", "check", "save"] + (["decode graph"] if decode else []) \
         + (["validate"] if validate else []) + ["publish"]
     bar = tqdm(total=len(stages), desc="export", unit="stage", leave=False, disable=None)
@@ -49,7 +52,7 @@ def export(checkpoint, allow_pickle, output, target, dtype, opset, validate, qui
 
     try:
         res = export_model(checkpoint, output, target=target, dtype=dtype, opset=opset, force=force,
-                           validate=validate, quick=quick, decode=decode, allow_pickle=allow_pickle,
+                           validate=validate, quick=quick, decode=decode, ort_moe=ort_moe, allow_pickle=allow_pickle,
                            progress=progress)
         bar.update(bar.total - bar.n)
     finally:
@@ -67,8 +70,11 @@ def export(checkpoint, allow_pickle, output, target, dtype, opset, validate, qui
     top = ", ".join(f"{k} {v}" for k, v in list(res.node_counts.items())[:8])
     more = len(res.node_counts) - 8
     click.echo(f"exported {m['checkpoint']['name']} -> {res.out_dir}")
-    click.echo(f"  target   {m['target']} ({m['dtype']}, opset {m['opset']}, IR {m['ir_version']})")
+    moe = f", token MoE {m['ort_moe']}" if m.get("ort_moe") else ""
+    click.echo(f"  target   {m['target']} ({m['dtype']}, opset {m['opset']}, IR {m['ir_version']}{moe})")
     click.echo(f"  size     {_size(res.model_bytes)} ({', '.join(f['name'] for f in m['files'])})")
     click.echo(f"  nodes    {sum(res.node_counts.values())}: {top}" + (f", +{more} more types" if more > 0 else ""))
+    if m.get("decode"):
+        click.echo(f"  decode   {m['decode'].get('file', 'decode.onnx')}")
     click.echo(f"  parity   {res.parity}")
     click.echo(f"  time     {res.seconds:.1f} s")

@@ -230,6 +230,16 @@ def test_ort_uses_fused_moe_where_it_maps(name: str) -> None:
         assert init[n.input[2]] == (E, f, d) and init[n.input[4]] == (E, d, f)
 
 
+def test_ort_loop_token_moe() -> None:
+    """--ort-moe loop: the portable token-MoE formulation inside the ort target (no com.microsoft)."""
+    name = "topk2-partial-e3"
+    model = model_for(name)
+    proto = build_onnx(model, target="ort", dtype="fp32", opset=18, ort_moe="loop")
+    assert {n.domain for n in all_nodes(proto.graph)} <= {""}
+    assert sum(n.op_type == "Loop" for n in proto.graph.node) == 2 * _sparse_layers(model)  # tMoE + partial sMoE
+    check_parity(model, proto, "fp32", [(2, model.config.max_seq_len), (1, 3)])
+
+
 def test_io_contract_and_dynamic_axes() -> None:
     model, proto = model_for("topk2-partial-e3"), built("topk2-partial-e3", "ort", "fp16")
     cfg = model.config
@@ -317,6 +327,7 @@ def test_cli_export_writes_complete_out(ckpt: Path, tmp_path: Path, capsys) -> N
     (["--target", "tensorflow"], "unknown target 'tensorflow'"),
     (["--opset", "17"], "opset 17 is too old"),
     (["--dtype", "int8"], "unknown dtype 'int8'"),
+    (["--ort-moe", "dense"], "unknown --ort-moe 'dense'"),
 ])
 def test_cli_bad_options(ckpt: Path, tmp_path: Path, capsys, args, message) -> None:
     out = tmp_path / "out"

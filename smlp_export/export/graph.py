@@ -61,7 +61,7 @@ class _Wrapper:
         return Wrapped().eval()
 
 
-def _trace(model, target: str, dtype: str, opset: int, names: list[str]) -> onnx.ModelProto:
+def _trace(model, target: str, dtype: str, opset: int, names: list[str], ort_moe: str) -> onnx.ModelProto:
     """torch.export with dynamic batch/seq, then the dynamo ONNX exporter with our translations."""
     import torch
 
@@ -84,7 +84,7 @@ def _trace(model, target: str, dtype: str, opset: int, names: list[str]) -> onnx
             ep = torch.export.export(wrapped, (ids,), dynamic_shapes=(dyn,), strict=False)
             program = torch.onnx.export(
                 ep, (ids,), dynamo=True, opset_version=opset, optimize=True, verbose=False,
-                custom_translation_table=translation_table(target, dtype, opset),
+                custom_translation_table=translation_table(target, dtype, opset, ort_moe=ort_moe),
                 input_names=["input_ids"], output_names=["logits", *[f"router.{n}" for n in names]],
             )
     finally:
@@ -140,10 +140,13 @@ def _drop_unused_opsets(model: onnx.ModelProto) -> None:
     model.opset_import.extend(keep)
 
 
-def build_onnx(model, *, target: str, dtype: str, opset: int, ir_version: int = 10) -> onnx.ModelProto:
-    """The finished, checked-ready ONNX model of ``model`` (an SMLPForCausalLM in eval mode)."""
+def build_onnx(model, *, target: str, dtype: str, opset: int, ir_version: int = 10,
+               ort_moe: str = "fused") -> onnx.ModelProto:
+    """The finished, checked-ready ONNX model of ``model`` (an SMLPForCausalLM in eval mode).
+
+    ``ort_moe`` (ort target): "fused" com.microsoft.MoE or "loop" (the portable formulation)."""
     names = [n for n, _ in routing_layout(model)]
-    proto = _trace(model, target, dtype, opset, names)
+    proto = _trace(model, target, dtype, opset, names, ort_moe)
     ops = _smlp_op_types(proto)
     # Model-local standard-op bodies for the smlp nodes (the exporter cannot emit functions).
     proto.functions.extend(functions_for(model.config, elem=onnx_elem_type(dtype), opset=opset, op_types=ops))

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import SMLPError
-from .translations import DTYPES, MIN_OPSET, TARGETS
+from .translations import DTYPES, MIN_OPSET, ORT_MOE_IMPLS, TARGETS
 
 MANIFEST_FORMAT = 1
 MODEL_FILE = "model.onnx"
@@ -42,8 +42,10 @@ def max_opset() -> int:
     return onnx.defs.onnx_opset_version()
 
 
-def check_options(target: str, dtype: str, opset: int) -> None:
+def check_options(target: str, dtype: str, opset: int, ort_moe: str = "fused") -> None:
     """One clear error per bad option, before anything heavy runs."""
+    if ort_moe not in ORT_MOE_IMPLS:
+        raise ExportError(f"unknown --ort-moe {ort_moe!r}; choose one of {', '.join(ORT_MOE_IMPLS)}")
     if target not in TARGETS:
         raise ExportError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
     if dtype not in DTYPES:
@@ -102,7 +104,7 @@ def _checkpoint_entry(model, checkpoint: Any) -> dict[str, Any]:
 
 
 def build_manifest(model, proto, *, target: str, dtype: str, opset: int, checkpoint: Any,
-                   files: list[dict[str, Any]]) -> dict[str, Any]:
+                   files: list[dict[str, Any]], ort_moe: str = "fused") -> dict[str, Any]:
     """manifest.json: what the file is, what it expects and what made it (keys read by others)."""
     from .graph import io_spec, routing_layout
 
@@ -119,6 +121,8 @@ def build_manifest(model, proto, *, target: str, dtype: str, opset: int, checkpo
         "target": target,
         "opset": opset,
         "dtype": dtype,
+        # ort target: how token MoE is expressed ("fused" com.microsoft.MoE or "loop"); else null
+        "ort_moe": ort_moe if target == "ort" else None,
         # fp16 graphs compute in float16 and cast every output to float32 at the end.
         "output_dtype": "float32",
         "ir_version": int(proto.ir_version),
@@ -178,6 +182,7 @@ def export_model(
     validate: bool = True,
     quick: bool = False,
     decode: bool = False,
+    ort_moe: str = "fused",
     allow_pickle: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> ExportResult:
@@ -190,7 +195,7 @@ def export_model(
 
     from .graph import build_onnx, node_counts
 
-    check_options(target, dtype, opset)
+    check_options(target, dtype, opset, ort_moe)
     out = Path(out)
     if out.exists() and not force:
         raise ExportError(f"{out} already exists (use --force to replace it)")
@@ -218,7 +223,7 @@ def export_model(
     mark("load")
 
     step("trace + translate")
-    proto = build_onnx(model, target=target, dtype=dtype, opset=opset, ir_version=IR_VERSION)
+    proto = build_onnx(model, target=target, dtype=dtype, opset=opset, ir_version=IR_VERSION, ort_moe=ort_moe)
     mark("trace + translate")
 
     step("check")
@@ -235,13 +240,15 @@ def export_model(
         if big:  # a > 2 GiB model can only be checked from its file
             onnx.checker.check_model(str(tmp / MODEL_FILE), full_check=True)
         manifest = build_manifest(model, proto, target=target, dtype=dtype, opset=opset,
-                                  checkpoint=checkpoint, files=files)
+                                  checkpoint=checkpoint, files=files, ort_moe=ort_moe)
         mark("save")
         if decode:
             step("decode graph")
             from ..decode.export import export_decode_graph
 
             manifest["decode"] = export_decode_graph(model, tmp / DECODE_FILE, target=target, dtype=dtype, opset=opset)
+            d = tmp / DECODE_FILE
+            manifest["files"].append({"name": DECODE_FILE, "bytes": d.stat().st_size, "sha256": _sha256(d)})
             mark("decode graph")
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         parity, ok = "skipped (--no-validate)", True

@@ -88,12 +88,18 @@ def _num_experts(weight: Any) -> int:
     return int(weight.shape[0])
 
 
-def translation_table(target: str, dtype: str = "fp32", opset: int = MIN_OPSET) -> dict[Callable, Callable]:
+ORT_MOE_IMPLS = ("fused", "loop")
+
+
+def translation_table(target: str, dtype: str = "fp32", opset: int = MIN_OPSET, *,
+                      ort_moe: str = "fused") -> dict[Callable, Callable]:
     """``custom_translation_table`` for ``torch.onnx.export(dynamo=True)``.
 
     Maps ``torch.ops.smlp.{token_moe,spatial_moe,spatial_moe_partial}.default`` to functions that
     emit the target's nodes. ``dtype`` is accepted for symmetry with the pipeline (the emitted nodes
-    are type-polymorphic). Reused by the decode-graph exporter.
+    are type-polymorphic). ``ort_moe`` (ort target only): "fused" = com.microsoft.MoE where it
+    maps, "loop" = the portable sort + Loop formulation (measured faster on CPU for large token
+    counts, slower for a few tokens; docs/export.md). Reused by the decode-graph exporter.
     """
     import torch
 
@@ -103,6 +109,8 @@ def translation_table(target: str, dtype: str = "fp32", opset: int = MIN_OPSET) 
         raise ValueError(f"unknown target {target!r}")
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}")
+    if ort_moe not in ORT_MOE_IMPLS:
+        raise ValueError(f"unknown ort_moe {ort_moe!r}")
     op, smlp, msft = _opsets(opset)
     TM, SM, SP = contract.TOKEN_MOE, contract.SPATIAL_MOE, contract.SPATIAL_MOE_PARTIAL
 
@@ -129,7 +137,7 @@ def translation_table(target: str, dtype: str = "fp32", opset: int = MIN_OPSET) 
                                          prefix=int(router_weight.shape[0]), **_plugin_attrs(SP))
 
     return {
-        torch.ops.smlp.token_moe.default: token_moe_ort if target == "ort" else token_moe_node,
+        torch.ops.smlp.token_moe.default: token_moe_ort if (target, ort_moe) == ("ort", "fused") else token_moe_node,
         torch.ops.smlp.spatial_moe.default: spatial_moe,
         torch.ops.smlp.spatial_moe_partial.default: spatial_moe_partial,
     }
