@@ -17,6 +17,7 @@ triton = pytest.importorskip("triton", reason="triton extra not installed: pip i
 
 from smlp_export import ops  # noqa: E402
 from smlp_export.kernels import plugin_kernels as pk  # noqa: E402
+from smlp_export.kernels._util import interp_bf16  # noqa: E402
 from smlp_export.kernels import causal_spatial as sk  # noqa: E402
 from smlp_export.kernels import grouped_moe as tk  # noqa: E402
 from smlp_export.kernels.configs import GemmConfig, TokenMoEConfig, token_moe_config  # noqa: E402
@@ -203,7 +204,8 @@ def test_plugin_token_moe_kernel(routing, k, dtype):
     x, lg, w1, b1, w2, b2 = _moe_inputs(N, E, d, f, dtype, seed=11)
     out = torch.empty_like(x)
     pk.token_moe_plugin_kernel[(N,)](x, lg, w1, b1, w2, b2, d, f, out, E=E, ROUTING=pk.ROUTING_CODES[routing],
-                                     K=k, ACT=1, BLOCK_E=8, BLOCK_D=16, BLOCK_F=16)
+                                     K=k, ACT=1, BLOCK_E=8, BLOCK_D=16, BLOCK_F=16,
+                                     INTERP_BF16=interp_bf16(dtype))
     _close(out, ops.token_moe_reference(x, lg, w1, b1, w2, b2, routing, k, "gelu_tanh"), dtype)
 
 
@@ -213,7 +215,8 @@ def test_plugin_spatial_moe_kernel(dtype):
     z2, w, b = _spatial_inputs(B, T, c, E, n, dtype, seed=12)
     out = torch.empty_like(z2)
     grid = (triton.cdiv(T, 16), triton.cdiv(c, E * 16), B * E)
-    pk.spatial_moe_plugin_kernel[grid](z2, w, b, T, c, n, out, E=E, BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)
+    pk.spatial_moe_plugin_kernel[grid](z2, w, b, T, c, n, out, E=E, BLOCK_M=16, BLOCK_N=16, BLOCK_K=16,
+                                       INTERP_BF16=interp_bf16(dtype))
     _close(out, ops.spatial_moe_reference(z2, w, b), dtype)
 
 
@@ -224,6 +227,20 @@ def test_package_entry_points_stay_functions_after_submodule_imports():
     for name in ("token_moe", "grouped_ffn", "spatial_moe", "spatial_moe_partial", "spatial_moe_decode"):
         assert callable(getattr(K, name)) and not hasattr(getattr(K, name), "__path__")
         assert getattr(K, name).__module__ == "smlp_export.kernels"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("T", [1, 37, 64])
+def test_plugin_spatial_moe_partial_kernel(T, dtype):
+    B, c, E, n, p = 2, 12, 3, 64, 13
+    z2, w, b = _spatial_inputs(B, T, c, E, n, dtype, seed=20 + T)
+    router = (torch.randn(p, E, generator=torch.Generator().manual_seed(T)) * 0.5).to(dtype).to(DEVICE)
+    out = torch.empty_like(z2)
+    grid = (triton.cdiv(T, 16), triton.cdiv(c, 16), B)
+    pk.spatial_moe_partial_plugin_kernel[grid](z2, w, b, router, T, c, n, out, E=E, P=p, BLOCK_M=16, BLOCK_N=16,
+                                               BLOCK_K=16, BLOCK_P=8, BLOCK_E=4,
+                                               INTERP_BF16=interp_bf16(dtype))
+    _close(out, ops.spatial_moe_partial_reference(z2, w, b, router), dtype)
 
 
 # --- the torch-path kernels must also compile for real GPUs (the interpreter is more lenient) ------
@@ -244,7 +261,7 @@ def _gpu_specs(arch: int, dtype: str) -> list[dict]:
                                      **i32("S", "d", "f", "K_SLOTS", "stride_xn", "stride_we", "stride_wf",
                                            "stride_wd", "stride_be", "stride_hp")},
                           constexprs=dict(ACT=1, BLOCK_M=cfg.up.BLOCK_M, BLOCK_N=cfg.up.BLOCK_N,
-                                          BLOCK_K=cfg.up.BLOCK_K, PRECISION=prec, UPCAST=False)))
+                                          BLOCK_K=cfg.up.BLOCK_K, PRECISION=prec, INTERP_BF16=False)))
         specs.append(dict(module="grouped_moe", kernel="_down_kernel", arch=arch, num_warps=cfg.down.num_warps,
                           num_stages=cfg.down.num_stages,
                           signature={"h_ptr": P, "w2_ptr": P, "b2_ptr": P, "gate_ptr": P, "sorted_ptr": "*i32",
@@ -252,7 +269,7 @@ def _gpu_specs(arch: int, dtype: str) -> list[dict]:
                                      **i32("S", "d", "f", "stride_hp", "stride_we", "stride_wd", "stride_wf",
                                            "stride_be", "stride_ys")},
                           constexprs=dict(BLOCK_M=cfg.down.BLOCK_M, BLOCK_N=cfg.down.BLOCK_N,
-                                          BLOCK_K=cfg.down.BLOCK_K, PRECISION=prec, UPCAST=False)))
+                                          BLOCK_K=cfg.down.BLOCK_K, PRECISION=prec, INTERP_BF16=False)))
     for routed in (False, True):
         specs.append(dict(module="causal_spatial", kernel="_spatial_kernel", arch=arch,
                           signature={"z2_ptr": P, "w_ptr": P, "bias_ptr": P, "gate_ptr": P, "cols_ptr": "*i32",
@@ -260,12 +277,12 @@ def _gpu_specs(arch: int, dtype: str) -> list[dict]:
                                      **i32("T", "c", "cs", "n_cols", "E", "stride_zb", "stride_zt", "stride_we",
                                            "stride_wt", "stride_wu", "stride_be")},
                           constexprs=dict(ROUTED=routed, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, PRECISION=prec,
-                                          UPCAST=False)))
+                                          INTERP_BF16=False)))
     specs.append(dict(module="causal_spatial", kernel="_spatial_decode_kernel", arch=arch,
                       signature={"state_ptr": P, "w_ptr": P, "bias_ptr": P, "expert_ptr": "*i32", "gate_ptr": P,
                                  "out_ptr": P, **i32("t", "c", "stride_sb", "stride_su", "stride_we", "stride_wt",
                                                      "stride_wu", "stride_be", "stride_ob")},
-                      constexprs=dict(HAS_GATE=True, BLOCK_N=64, BLOCK_K=64)))
+                      constexprs=dict(HAS_GATE=True, BLOCK_N=64, BLOCK_K=64, INTERP_BF16=False)))
     return specs
 
 

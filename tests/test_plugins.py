@@ -28,13 +28,17 @@ def _load(folder: str):
 
 tok = _load("smlp_token_moe")
 spa = _load("smlp_spatial_moe")
+par = _load("smlp_spatial_moe_partial")
+FOLDERS = {"smlp_token_moe": tok, "smlp_spatial_moe": spa, "smlp_spatial_moe_partial": par}
 sys.path.insert(0, str(PLUGINS))
 import _common  # noqa: E402
 import build_engine  # noqa: E402
 
 
 def test_every_plugin_folder_names_a_contract_and_has_a_readme():
-    for mod, folder in ((tok, "smlp_token_moe"), (spa, "smlp_spatial_moe")):
+    assert {m.OP_TYPE for m in FOLDERS.values()} == set(CONTRACTS), "a contract without a plugin folder"
+    assert {p.name for p in PLUGINS.iterdir() if (p / "plugin.py").exists()} == set(FOLDERS)
+    for folder, mod in FOLDERS.items():
         c = CONTRACTS[mod.OP_TYPE]
         readme = (PLUGINS / folder / "README.md").read_text()
         assert c.op_type in readme and c.qualified_name in readme
@@ -48,7 +52,7 @@ def test_register_without_tensorrt_fails_with_one_clear_error():
         pytest.skip("TensorRT is installed here; the missing-TensorRT path cannot be exercised")
     except ImportError:
         pass
-    for mod in (tok, spa):
+    for mod in FOLDERS.values():
         with pytest.raises(_common.TensorRTUnavailable, match="TensorRT not installed"):
             mod.register()
     assert build_engine.main(["missing.onnx", "-o", "x.engine"]) == 1
@@ -72,6 +76,11 @@ def test_check_signature_compares_names_and_order_with_the_contract():
     assert "def desc(hidden, router_logits, w1, b1, w2, b2, routing, k, activation)" in src
     src = inspect.getsource(spa.register)
     assert "def desc(z2, weight, bias, num_experts)" in src
+    src = inspect.getsource(par.register)
+    assert "def desc(z2, weight, bias, router_weight, num_experts, prefix)" in src
+    for mod in FOLDERS.values():  # the signatures written in register() must match the contract
+        c = CONTRACTS[mod.OP_TYPE]
+        assert f"def desc({', '.join(c.inputs + tuple(c.attributes))})" in inspect.getsource(mod.register)
     assert tuple(CONTRACTS["SMLPSpatialMoE"].inputs) == ("z2", "weight", "bias")
     assert tuple(CONTRACTS["SMLPSpatialMoE"].attributes) == ("num_experts",)
 
@@ -108,9 +117,20 @@ def test_spatial_output_shape_and_launch_cover_every_tile():
         assert gy == math.ceil((c // E) / spa.BLOCK_N) and gz == B * E and bx == 128
 
 
+def test_spatial_partial_output_shape_and_launch():
+    assert par.output_shape((2, 77, 12), (3, 96, 96), (3, 96), (20, 3), 3, 20) == (2, 77, 12)
+    with pytest.raises(ValueError, match="router_weight"):
+        par.output_shape((2, 77, 12), (3, 96, 96), (3, 96), (19, 3), 3, 20)
+    with pytest.raises(ValueError, match="prefix"):
+        par.kernel_constexprs(3, 0)
+    gx, gy, gz, bx, _, _, _ = par.launch(2, 77, 12, 4, 0)
+    assert (gx, gy, gz, bx) == (2, 1, 2, 128)
+
+
 AOT_CASES = [
     ("token_moe", lambda: tok.kernel_constexprs(8, "topk", 2, "gelu_tanh"), 6 + 2 + 1),
     ("spatial_moe", lambda: spa.kernel_constexprs(4), 3 + 3 + 1),
+    ("spatial_moe_partial", lambda: par.kernel_constexprs(4, 205), 4 + 3 + 1),
 ]
 
 

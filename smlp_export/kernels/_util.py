@@ -11,9 +11,14 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def dot_needs_upcast(dtype: torch.dtype) -> bool:
-    """Triton 3.9's interpreter computes ``tl.dot`` on bf16 operands as raw 16-bit integers (numpy has
-    no bfloat16), giving garbage. Upcasting the operands to fp32 there is exact (a bf16 x bf16
-    product fits fp32, and the GPU accumulates in fp32 too), so results match the GPU's semantics.
+def interp_bf16(dtype: torch.dtype) -> bool:
+    """True for bf16 under the interpreter, where Triton 3.9 has two bf16 defects (numpy has no
+    bfloat16; bf16 is stored as uint16):
+    - ``tl.dot`` on bf16 operands multiplies the raw 16-bit integers (garbage). The kernels upcast the
+      operands to fp32 first, which is exact (a bf16 x bf16 product fits fp32; the GPU accumulates in
+      fp32 too);
+    - fp32 -> bf16 casts truncate (the GPU rounds to nearest even). The kernels round by hand on the
+      bits first (``grouped_moe._to_io``).
+    With both, the CPU tests see the GPU's bf16 semantics. On a GPU the flag is False.
     """
     return interpreting() and dtype == torch.bfloat16

@@ -25,6 +25,8 @@ PLUGIN_KERNELS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...], tuple[str
     "token_moe": ("token_moe_plugin_kernel", ("x_ptr", "logits_ptr", "w1_ptr", "b1_ptr", "w2_ptr", "b2_ptr"),
                   ("d", "f"), ("out_ptr",)),
     "spatial_moe": ("spatial_moe_plugin_kernel", ("z2_ptr", "w_ptr", "bias_ptr"), ("T", "c", "n"), ("out_ptr",)),
+    "spatial_moe_partial": ("spatial_moe_partial_plugin_kernel", ("z2_ptr", "w_ptr", "bias_ptr", "router_ptr"),
+                            ("T", "c", "n"), ("out_ptr",)),
 }
 SCRATCH_PARAMS = 2  # Triton >= 3.x appends global + profile scratch pointers to every kernel
 
@@ -51,6 +53,7 @@ def signature(kernel: str, dtype: str, constexprs: dict[str, int]) -> dict[str, 
     sig.update({s: "i32" for s in scalars})
     sig.update({o: f"*{ty}" for o in outs})
     sig.update({k: "constexpr" for k in constexprs})
+    sig["INTERP_BF16"] = "constexpr"  # interpreter-only bf16 fixes, always off in compiled code
     return sig
 
 
@@ -115,7 +118,7 @@ def compile_ptx(kernel: str, dtype: str, arch: int, constexprs: dict[str, int], 
         raise ValueError(f"unsupported dtype {dtype!r}; expected one of {sorted(TRITON_DTYPES)}")
     sig = {k: v for k, v in signature(kernel, dtype, constexprs).items() if v != "constexpr"}
     spec = dict(module="plugin_kernels", kernel=PLUGIN_KERNELS[kernel][0], signature=sig,
-                constexprs=dict(constexprs), arch=arch, num_warps=num_warps, num_stages=3,
+                constexprs={**constexprs, "INTERP_BF16": False}, arch=arch, num_warps=num_warps, num_stages=3,
                 ptx_version=ptx_version)
     return compile_specs([spec])[0]
 

@@ -19,9 +19,9 @@ import triton
 import triton.language as tl
 
 from ..ops.spatial_moe import route_channels
-from ._util import dot_needs_upcast
+from ._util import interp_bf16
 from .configs import GemmConfig, dtype_name, spatial_config
-from .grouped_moe import align_by_expert
+from .grouped_moe import _to_io, align_by_expert
 
 
 @triton.jit
@@ -30,7 +30,7 @@ def _spatial_kernel(
     T, c, cs, n_cols, E,
     stride_zb, stride_zt, stride_we, stride_wt, stride_wu, stride_be,
     ROUTED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -68,16 +68,16 @@ def _spatial_kernel(
                     mask=keep, other=0.0)
         zt = tl.load(z2_ptr + col_base[None, :] + offs_u[:, None].to(tl.int64) * stride_zt,
                      mask=u_ok[:, None] & col_ok[None, :], other=0.0)
-        if UPCAST:
+        if INTERP_BF16:
             a, zt = a.to(tl.float32), zt.to(tl.float32)
         acc = tl.dot(a, zt, acc, input_precision=PRECISION)
     bias = tl.load(bias_ptr + e64 * stride_be + offs_m, mask=m_ok, other=0.0).to(tl.float32)
     acc = acc + bias[:, None]
     if ROUTED:
         # The reference rounds the expert output to the input dtype before the gate multiply.
-        acc = acc.to(out_ptr.dtype.element_ty).to(tl.float32) * gate[None, :]
+        acc = _to_io(acc, out_ptr.dtype.element_ty, INTERP_BF16).to(tl.float32) * gate[None, :]
     tl.store(out_ptr + col_base[None, :] + offs_m[:, None].to(tl.int64) * stride_zt,
-             acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & col_ok[None, :])
+             _to_io(acc, out_ptr.dtype.element_ty, INTERP_BF16), mask=m_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit
@@ -85,7 +85,7 @@ def _spatial_decode_kernel(
     state_ptr, w_ptr, bias_ptr, expert_ptr, gate_ptr, out_ptr,
     t, c,
     stride_sb, stride_su, stride_we, stride_wt, stride_wu, stride_be, stride_ob,
-    HAS_GATE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_GATE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INTERP_BF16: tl.constexpr,
 ):
     pid_b = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -105,8 +105,8 @@ def _spatial_decode_kernel(
     acc += tl.load(bias_ptr + e * stride_be + t, mask=ch_ok, other=0.0).to(tl.float32)
     if HAS_GATE:
         g = tl.load(gate_ptr + pid_b * c + ch, mask=ch_ok, other=0.0).to(tl.float32)
-        acc = acc.to(out_ptr.dtype.element_ty).to(tl.float32) * g
-    tl.store(out_ptr + pid_b * stride_ob + ch, acc.to(out_ptr.dtype.element_ty), mask=ch_ok)
+        acc = _to_io(acc, out_ptr.dtype.element_ty, INTERP_BF16).to(tl.float32) * g
+    tl.store(out_ptr + pid_b * stride_ob + ch, _to_io(acc, out_ptr.dtype.element_ty, INTERP_BF16), mask=ch_ok)
 
 
 def _config(z2: torch.Tensor, n: int, config: GemmConfig | None) -> GemmConfig:
@@ -145,7 +145,7 @@ def spatial_moe(z2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
         T, c, cs, B * c, E,
         z2.stride(0), z2.stride(1), weight.stride(0), weight.stride(1), weight.stride(2), bias.stride(0),
         ROUTED=False, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
-        PRECISION="ieee" if z2.dtype == torch.float32 else "tf32", UPCAST=dot_needs_upcast(z2.dtype),
+        PRECISION="ieee" if z2.dtype == torch.float32 else "tf32", INTERP_BF16=interp_bf16(z2.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
@@ -170,7 +170,7 @@ def spatial_moe_routed(z2: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
         T, c, c, B * c, E,
         z2.stride(0), z2.stride(1), weight.stride(0), weight.stride(1), weight.stride(2), bias.stride(0),
         ROUTED=True, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
-        PRECISION="ieee" if z2.dtype == torch.float32 else "tf32", UPCAST=dot_needs_upcast(z2.dtype),
+        PRECISION="ieee" if z2.dtype == torch.float32 else "tf32", INTERP_BF16=interp_bf16(z2.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
@@ -209,7 +209,7 @@ def spatial_moe_decode(state: torch.Tensor, weight: torch.Tensor, bias: torch.Te
         position, c,
         state.stride(0), state.stride(1), weight.stride(0), weight.stride(1), weight.stride(2),
         bias.stride(0), out.stride(0),
-        HAS_GATE=gate is not None, BLOCK_N=block_n, BLOCK_K=block_k,
+        HAS_GATE=gate is not None, BLOCK_N=block_n, BLOCK_K=block_k, INTERP_BF16=interp_bf16(state.dtype),
     )
     return out
 

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from ..ops.token_moe import route_tokens
-from ._util import dot_needs_upcast
+from ._util import interp_bf16
 from .configs import TokenMoEConfig, dtype_name, token_moe_config
 
 ACTIVATIONS = {"gelu": 0, "gelu_tanh": 1, "relu": 2, "silu": 3}
@@ -46,12 +46,24 @@ def _activate(x, ACT: tl.constexpr):
 
 
 @triton.jit
+def _to_io(x, dtype: tl.constexpr, INTERP_BF16: tl.constexpr):
+    """fp32 -> I/O dtype with round-to-nearest-even. Triton 3.9's interpreter truncates fp32 -> bf16
+    (the GPU rounds to nearest even), so under the interpreter the rounding is done by hand on the
+    bits first; the cast is then exact. (NaN/inf payloads are not special-cased.)"""
+    if INTERP_BF16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        x = ((bits >> 16) << 16).to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
 def _up_kernel(
     x_ptr, w1_ptr, b1_ptr, sorted_ptr, block_expert_ptr, h_ptr,
     S, d, f, K_SLOTS,
     stride_xn, stride_we, stride_wf, stride_wd, stride_be, stride_hp,
     ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -74,13 +86,13 @@ def _up_kernel(
         # w1[e] is [f, d]; the tile is read transposed as [BLOCK_K, BLOCK_N]
         b = tl.load(w1_ptr + e64 * stride_we + offs_n[None, :] * stride_wf + offs_k[:, None] * stride_wd,
                     mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        if UPCAST:
+        if INTERP_BF16:
             a, b = a.to(tl.float32), b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
     bias = tl.load(b1_ptr + e64 * stride_be + offs_n, mask=n_ok, other=0.0).to(tl.float32)
     acc = _activate(acc + bias[None, :], ACT)
     tl.store(h_ptr + offs_m[:, None].to(tl.int64) * stride_hp + offs_n[None, :],
-             acc.to(h_ptr.dtype.element_ty), mask=n_ok[None, :])
+             _to_io(acc, h_ptr.dtype.element_ty, INTERP_BF16), mask=n_ok[None, :])
 
 
 @triton.jit
@@ -89,7 +101,7 @@ def _down_kernel(
     S, d, f,
     stride_hp, stride_we, stride_wd, stride_wf, stride_be, stride_ys,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
+    INTERP_BF16: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -110,18 +122,18 @@ def _down_kernel(
                     mask=valid[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(w2_ptr + e64 * stride_we + offs_n[None, :] * stride_wd + offs_k[:, None] * stride_wf,
                     mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        if UPCAST:
+        if INTERP_BF16:
             a, b = a.to(tl.float32), b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
     bias = tl.load(b2_ptr + e64 * stride_be + offs_n, mask=n_ok, other=0.0).to(tl.float32)
     acc = acc + bias[None, :]
     # The reference rounds the expert output to the input dtype before the gate multiply.
-    acc = acc.to(y_ptr.dtype.element_ty).to(tl.float32)
+    acc = _to_io(acc, y_ptr.dtype.element_ty, INTERP_BF16).to(tl.float32)
     g = tl.load(gate_ptr + slot, mask=valid, other=0.0).to(tl.float32)
     acc = acc * g[:, None]
     # Un-permute in the epilogue: sorted row -> its (token, slot) row of y.
     tl.store(y_ptr + slot[:, None].to(tl.int64) * stride_ys + offs_n[None, :],
-             acc.to(y_ptr.dtype.element_ty), mask=valid[:, None] & n_ok[None, :])
+             _to_io(acc, y_ptr.dtype.element_ty, INTERP_BF16), mask=valid[:, None] & n_ok[None, :])
 
 
 def align_by_expert(expert_ids: torch.Tensor, num_experts: int, block_m: int
@@ -187,14 +199,14 @@ def grouped_ffn(hidden: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Ten
     n_blocks = block_expert.numel()
     # fp32 runs in IEEE precision (no TF32) so it matches the reference; fp16/bf16 use tensor cores.
     prec = "ieee" if hidden.dtype == torch.float32 else "tf32"
-    upcast = dot_needs_upcast(hidden.dtype)
+    upcast = interp_bf16(hidden.dtype)
     h_buf = torch.empty(P, f, dtype=hidden.dtype, device=hidden.device)
     _up_kernel[(n_blocks, triton.cdiv(f, up.BLOCK_N))](
         hidden, w1, b1, sorted_slots, block_expert, h_buf,
         S, d, f, k,
         hidden.stride(0), w1.stride(0), w1.stride(1), w1.stride(2), b1.stride(0), h_buf.stride(0),
         ACT=ACTIVATIONS[activation], BLOCK_M=up.BLOCK_M, BLOCK_N=up.BLOCK_N, BLOCK_K=up.BLOCK_K,
-        PRECISION=prec, UPCAST=upcast, num_warps=up.num_warps, num_stages=up.num_stages,
+        PRECISION=prec, INTERP_BF16=upcast, num_warps=up.num_warps, num_stages=up.num_stages,
     )
     y = torch.empty(S, d, dtype=hidden.dtype, device=hidden.device)
     _down_kernel[(n_blocks, triton.cdiv(d, down.BLOCK_N))](
@@ -202,7 +214,7 @@ def grouped_ffn(hidden: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Ten
         S, d, f,
         h_buf.stride(0), w2.stride(0), w2.stride(1), w2.stride(2), b2.stride(0), y.stride(0),
         BLOCK_M=down.BLOCK_M, BLOCK_N=down.BLOCK_N, BLOCK_K=down.BLOCK_K,
-        PRECISION=prec, UPCAST=upcast, num_warps=down.num_warps, num_stages=down.num_stages,
+        PRECISION=prec, INTERP_BF16=upcast, num_warps=down.num_warps, num_stages=down.num_stages,
     )
     if k == 1:
         return y
