@@ -30,6 +30,12 @@ def validate(out, backend, checkpoint, quick, providers, as_json) -> None:
     """Compare OUT (an export folder) with PyTorch; write OUT/parity.json; exit 0 only if it passes."""
     from smlp_export.validate import run_validation
 
+    if providers:
+        import onnxruntime
+
+        # ORT's C++ logger prints multi-line errors when a provider cannot load; the runner turns
+        # that into one line ("fell back from ..."), so keep only fatal messages in this process.
+        onnxruntime.set_default_logger_severity(4)
     report = run_validation(out, backend, checkpoint=checkpoint, quick=quick,
                             providers=list(providers) or None, progress=not as_json and sys.stderr.isatty())
     if as_json:

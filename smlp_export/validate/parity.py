@@ -96,7 +96,8 @@ def _routing_layers(manifest: dict, cfg) -> list[LayerRouting]:
     if spec:
         for name, s in spec.items():
             kind = s.get("kind", "tmoe_logits" if name.endswith(".tmoe") else "smoe_probs")
-            k = int(s.get("k") or 1) if kind == "tmoe_logits" else 1
+            # base routing is greedy top-1 whatever top_k says; partial sMoE is top-1 per channel
+            k = int(s.get("k") or 1) if kind == "tmoe_logits" and s.get("routing") != "base" else 1
             layers.append(LayerRouting(name, kind, k))
     else:
         for i in cfg.sparse_layer_ids():
