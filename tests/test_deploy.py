@@ -68,3 +68,15 @@ def test_refuses_failed_parity_and_changed_files(export_dir, tmp_path):
     with pytest.raises(SMLPError, match="sha256 does not match"):
         write_triton_repository(bad, tmp_path / "r")
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.serving
+def test_served_logits_equal_the_export(export_dir, tmp_path):
+    """A real tritonserver (nvidia-pytriton's, python backend) returns the export's logits exactly."""
+    pytest.importorskip("pytriton", reason="needs the serve extra (nvidia-pytriton) for a local tritonserver")
+    from smlp_export.deploy.server import check_repository
+
+    write_triton_repository(export_dir, tmp_path / "repo", backend="python", name="m")
+    res = check_repository(tmp_path / "repo", export_dir, model="m", cases=((1, 1), (3, 17), (2, 32)))
+    assert res["passed"], res
+    assert [(c["batch"], c["seq"]) for c in res["cases"]] == [(1, 1), (3, 17), (2, 32)]
