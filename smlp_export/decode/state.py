@@ -70,9 +70,16 @@ def _masked_rows(weight: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 
 
 def _update(state: torch.Tensor, rows: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
-    """state [B, n, c] with rows ``rows`` replaced by z2 [B, S, c] (out of place; exports to
-    ScatterND, which ONNX Runtime can run in place when the output is bound to the input buffer)."""
-    return state.index_copy(1, rows, z2)
+    """state [B, n, c] with rows ``rows`` replaced by z2 [B, S, c] (out of place).
+
+    Written as ``index_put`` with explicit (batch, row) indices because that exports to ONE
+    ``ScatterND(state, indices[B, S, 2], z2)`` on the state's own layout; ``index_copy(1, ...)``
+    exported as Transpose -> ScatterND -> Transpose, i.e. two full copies of the state per step.
+    A bare ScatterND is what ONNX Runtime runs in place when its output is bound to the input buffer.
+    """
+    B, S = z2.shape[0], z2.shape[1]
+    b = torch.arange(B, device=z2.device)[:, None].expand(B, S)
+    return state.index_put((b, rows[None, :].expand(B, S)), z2)
 
 
 def dense_spatial_step(z2: torch.Tensor, state: torch.Tensor, rows: torch.Tensor,
