@@ -95,7 +95,7 @@ def main() -> None:
     args = p.parse_args()
 
     from smlp_export.bench.machine import describe_machine, short_description
-    from smlp_export.bench.timing import measure
+    from smlp_export.bench.timing import measure_interleaved
 
     threads = _common.setup_threads(args.threads)
     tokens = [int(t) for t in args.tokens.split(",")]
@@ -124,12 +124,17 @@ def main() -> None:
             argv = (hidden, logits, w1, b1, w2, b2, args.routing, k, act)
             ref = token_moe_reference(*argv)
             row = {"tokens": n}
+            fns = {}
             for name, fn in impls.items():
                 if name == "naive_loop" and n > args.naive_max_tokens:
                     continue
                 # Same numbers first (fp32: different summation orders only), then time.
                 torch.testing.assert_close(fn(*argv), ref, rtol=1e-4, atol=1e-5)
-                st = measure(lambda: fn(*argv), cfg)
+                fns[name] = lambda fn=fn: fn(*argv)
+            # Side by side (rounds): the ratios are taken under the same machine load.
+            for name, st in measure_interleaved(fns, cfg).items():
+                if isinstance(st, Exception):
+                    raise st
                 row[name] = st.to_dict()
             rows.append(row)
             p50 = {name: row[name]["p50_ms"] for name in impls if name in row}

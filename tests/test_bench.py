@@ -318,3 +318,28 @@ def test_render_readme_tables_come_from_json(tmp_path):
     assert "measured 1.50 (**not met**, off by 15%)" in text and "(**--quick: smoke-run timings**)" in text
     assert machine["cpu_model"] in text
     assert "No results yet: run `python benchmarks/exported_vs_eager.py`" in text
+
+
+def test_measure_interleaved_rounds_and_failures():
+    """Each callable stops at its own limit; calls alternate; a failing callable is reported, not fatal."""
+    from smlp_export.bench.timing import measure_interleaved
+
+    now = [0]
+    order: list[str] = []
+
+    def make(name, dt_ms):
+        def fn():
+            order.append(name)
+            now[0] += int(dt_ms * 1e6)
+        return fn
+
+    def broken():
+        raise RuntimeError("boom")
+
+    cfg = TimingConfig(warmup=1, min_runs=4, min_time_s=0.01, max_time_s=1.0)
+    res = measure_interleaved({"fast": make("fast", 1.0), "slow": make("slow", 5.0), "bad": broken}, cfg,
+                              clock=lambda: now[0])
+    assert isinstance(res["bad"], RuntimeError)
+    assert res["fast"].runs == 10 and res["slow"].runs == 4  # 10 x 1 ms >= 10 ms; 4 x 5 ms >= 4 runs
+    assert res["fast"].p50_ms == pytest.approx(1.0) and res["slow"].p50_ms == pytest.approx(5.0)
+    assert order[2:10] == ["fast", "slow"] * 4  # after warm-up, strictly alternating while both run

@@ -124,3 +124,52 @@ def measure(fn: Callable[[], Any], cfg: TimingConfig = TimingConfig(),
         if (len(samples) >= cfg.min_runs and elapsed_ns >= min_ns) or elapsed_ns >= max_ns:
             break
     return LatencyStats.from_samples(samples, _load_avg())
+
+
+def measure_interleaved(fns: dict[str, Callable[[], Any]], cfg: TimingConfig = TimingConfig(),
+                        clock: Callable[[], int] = time.perf_counter_ns) -> dict[str, LatencyStats | Exception]:
+    """Time several callables side by side: after each one's warm-up, rounds call every callable
+    once in turn, until each has ``cfg.min_runs`` runs and ``cfg.min_time_s`` of timed time (or
+    ``cfg.max_time_s``).
+
+    Why: on a shared machine the load changes over minutes; timing A then B puts A and B under
+    different loads and their *ratio* drifts. Interleaving exposes all of them to the same load, so
+    ratios stay meaningful even when absolute figures are noisy. A callable that raises is dropped
+    from the rotation and its exception returned in its place.
+    """
+    results: dict[str, LatencyStats | Exception] = {}
+    live: dict[str, Callable[[], Any]] = {}
+    for name, fn in fns.items():
+        try:
+            for _ in range(cfg.warmup):
+                fn()
+            live[name] = fn
+        except Exception as e:  # noqa: BLE001 - reported per callable
+            results[name] = e
+    samples: dict[str, list[float]] = {n: [] for n in live}
+    elapsed: dict[str, int] = {n: 0 for n in live}
+    min_ns, max_ns = cfg.min_time_s * 1e9, cfg.max_time_s * 1e9
+
+    def done(n: str) -> bool:
+        return (len(samples[n]) >= cfg.min_runs and elapsed[n] >= min_ns) or elapsed[n] >= max_ns
+
+    while live:
+        for name in list(live):
+            if done(name):
+                continue
+            try:
+                t0 = clock()
+                live[name]()
+                dt = clock() - t0
+            except Exception as e:  # noqa: BLE001
+                results[name] = e
+                del live[name]
+                continue
+            samples[name].append(dt / 1e6)
+            elapsed[name] += dt
+        if all(done(n) for n in live):
+            break
+    load = _load_avg()
+    for name in live:
+        results[name] = LatencyStats.from_samples(samples[name], load)
+    return {n: results[n] for n in fns}
