@@ -12,9 +12,6 @@ from typing import Any
 
 __all__ = ["export_model", "build_onnx", "translation_table", "ExportError", "ExportResult", "TARGETS", "DTYPES"]
 
-TARGETS = ("ort", "tensorrt", "portable")
-DTYPES = ("fp32", "fp16")
-
 
 def __getattr__(name: str) -> Any:
     # Lazy: ``import smlp_export.export.contract`` (the TensorRT plugins do) must not pull in torch.
@@ -26,8 +23,8 @@ def __getattr__(name: str) -> Any:
         from .graph import build_onnx
 
         return build_onnx
-    if name == "translation_table":
-        from .translations import translation_table
+    if name in ("translation_table", "TARGETS", "DTYPES"):
+        from . import translations
 
-        return translation_table
+        return getattr(translations, name)
     raise AttributeError(name)
