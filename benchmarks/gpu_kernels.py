@@ -13,6 +13,8 @@ Sections (bf16 unless --dtype):
    dense form). Goal: >= 1.6x faster at T >= 512.
 3. end-to-end forward of a ~1B-parameter sMLP: custom ops dispatching to the kernels vs the same
    model with the ops' plain-torch references.
+``--tune`` also searches the tile candidates per (E, d, f, token bucket) and reports the best ones
+(``tuned`` in the JSON) for the table in ``smlp_export/kernels/configs.py``.
 Writes ``<out>/gpu_kernels.json`` and ``<out>/gpu_kernels.png`` (roofline-style plot).
 """
 from __future__ import annotations
@@ -228,6 +230,47 @@ def kernels_on_cpu():
         tm.token_moe_reference, sm.spatial_moe_reference, sm.spatial_moe_partial_reference = saved
 
 
+TUNE_CANDIDATES = [  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), shared by up and down
+    (16, 64, 128, 4, 4), (16, 128, 128, 4, 3), (32, 64, 64, 4, 4), (32, 128, 64, 4, 3),
+    (64, 64, 64, 4, 3), (64, 128, 64, 4, 3), (64, 128, 64, 8, 4), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3),
+]
+
+
+def tune_token_moe(cfg: dict, device: torch.device, dtype: torch.dtype, timer: Timer) -> list[dict]:
+    """Try every candidate tile per (E, d, f, token bucket); print table entries for configs.py."""
+    from smlp_export.kernels.configs import GemmConfig, TokenMoEConfig, _bucket
+
+    out = []
+    gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    g = torch.Generator(device="cpu").manual_seed(2)
+    for E, d, f in cfg["experts"]:
+        w1 = (torch.randn(E, f, d, generator=g) * d ** -0.5).to(dtype).to(device)
+        w2 = (torch.randn(E, d, f, generator=g) * f ** -0.5).to(dtype).to(device)
+        b1, b2 = torch.zeros(E, f, dtype=dtype, device=device), torch.zeros(E, d, dtype=dtype, device=device)
+        toks = cfg["tokens"]
+        for N in sorted({toks[0], toks[len(toks) // 2], toks[-1]}):
+            x = torch.randn(N, d, generator=g).to(dtype).to(device)
+            ids, gates = ops.route_tokens(torch.randn(N, E, generator=g).to(device), "topk", 1)
+            best = None
+            for bm, bn, bk, nw, ns in TUNE_CANDIDATES:
+                gc = GemmConfig(bm, bn, bk, nw, ns)
+                tc = TokenMoEConfig(gc, gc)
+                try:
+                    ms = timer(lambda: kernels.grouped_ffn(x, ids, gates, w1, b1, w2, b2, "gelu_tanh", config=tc))
+                except Exception as exc:  # e.g. out of shared memory for this tile on this GPU
+                    print(f"  tile {gc} failed: {type(exc).__name__}", flush=True)
+                    continue
+                if best is None or ms < best[0]:
+                    best = (ms, gc)
+            if best is None:
+                continue
+            entry = dict(gpu=gpu, dtype=str(dtype).replace("torch.", ""), E=E, d=d, f=f, tokens=N,
+                         bucket=_bucket(N / E), ms=best[0], config=best[1].as_dict())
+            out.append(entry)
+            print(f"tune {entry}", flush=True)
+    return out
+
+
 def goals(tmoe: list[dict], smoe: list[dict]) -> dict:
     big = [r for r in tmoe if r["tokens"] >= 4096]
     small = [r for r in tmoe if r["tokens"] <= 16]
@@ -284,6 +327,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="tiny shapes on CPU with TRITON_INTERPRET=1 (checks the script, measures nothing useful)")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--skip", nargs="*", default=[], choices=["tmoe", "smoe", "e2e"])
+    ap.add_argument("--tune", action="store_true",
+                    help="also try the candidate tiles per (E, d, f, token bucket) and report the best "
+                         "(entries for smlp_export/kernels/configs.py; adds a few minutes)")
     args = ap.parse_args(argv)
     if not args.dry and not torch.cuda.is_available():
         print("error: no CUDA GPU; use --dry-run to check the script on CPU", file=sys.stderr)
@@ -304,10 +350,12 @@ def main(argv: list[str] | None = None) -> int:
     tmoe = [] if "tmoe" in args.skip else bench_token_moe(cfg, device, dtype, timer, bw)
     smoe = [] if "smoe" in args.skip else bench_spatial(cfg, device, dtype, timer)
     e2e = None if "e2e" in args.skip else bench_e2e(cfg, device, dtype, timer, args.dry)
+    tuned = tune_token_moe(cfg, device, dtype, timer) if args.tune else []
     import triton
 
     report = dict(gpu=gpu, dtype=str(dtype), dry_run=args.dry, torch=torch.__version__, triton=triton.__version__,
-                  copy_bandwidth_gbs=bw, token_moe=tmoe, spatial_moe=smoe, e2e=e2e, goals=goals(tmoe, smoe),
+                  copy_bandwidth_gbs=bw, token_moe=tmoe, spatial_moe=smoe, e2e=e2e, tuned=tuned,
+                  goals=goals(tmoe, smoe),
                   seconds=time.time() - t0, command=" ".join(sys.argv))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -297,3 +297,21 @@ def test_torch_path_kernels_compile_for_gpus():
     # Hopper tiles of the grouped GEMM and the spatial kernel use wgmma tensor cores, Ampere mma.sync
     assert any("wgmma" in ck.ptx for ck in compiled if ck.arch == 90)
     assert any("mma.sync" in ck.ptx for ck in compiled if ck.arch == 80)
+
+
+def test_gpu_benchmark_script_dry_run(tmp_path):
+    """benchmarks/gpu_kernels.py --dry-run: every section's code path on CPU, JSON + PNG written."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_kernels.py"
+    spec = importlib.util.spec_from_file_location("gpu_kernels_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--dry-run", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "gpu_kernels.json").read_text())
+    assert report["dry_run"] and report["token_moe"] and report["spatial_moe"]
+    # the end-to-end section compares the kernel path with the reference path on the same model
+    assert report["e2e"]["max_abs_logit_diff"] < 1e-4
+    assert (tmp_path / "gpu_kernels.png").stat().st_size > 0

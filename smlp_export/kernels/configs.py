@@ -42,8 +42,8 @@ _LARGE = TokenMoEConfig(GemmConfig(64, 128, 64, 4, 4), GemmConfig(64, 128, 64, 4
 _HOPPER_LARGE = TokenMoEConfig(GemmConfig(128, 128, 64, 8, 3), GemmConfig(128, 128, 64, 8, 3))
 
 # (gpu name substring, dtype, E, d, f) -> {token bucket: config}. Entries are starting points taken
-# from the usual Hopper tile shapes; benchmarks/gpu_kernels.py --tune prints a better table when a
-# GPU is available (no entry here has been measured on a GPU yet: see docs/kernels.md).
+# from the usual Hopper tile shapes, NOT yet measured on a GPU; `benchmarks/gpu_kernels.py --tune`
+# reports the best candidate tile per (E, d, f, bucket) to replace them (see docs/kernels.md).
 TOKEN_MOE_TABLE: dict[tuple[str, str, int, int, int], dict[str, TokenMoEConfig]] = {
     ("H200", "bfloat16", 8, 4096, 14336): {"decode": _DECODE, "small": _SMALL, "large": _HOPPER_LARGE},
     ("H100", "bfloat16", 8, 4096, 14336): {"decode": _DECODE, "small": _SMALL, "large": _HOPPER_LARGE},
