@@ -362,43 +362,68 @@ class OrtDecoder:
 
     # -- IO binding ---------------------------------------------------------------------------
     def bind(self, batch: int, *, in_place: bool = True) -> list[np.ndarray]:
-        """Preallocate zero states for ``batch`` rows and bind them. Returns the state buffers
-        (numpy views of the memory ONNX Runtime reads and, with ``in_place``, writes)."""
+        """Preallocate zero states for ``batch`` rows and bind everything that does not change
+        between steps (states, position, logits output, a [batch, 1] ids buffer), so a decode step
+        only writes two small numpy buffers and runs. Returns the state buffers (numpy arrays sharing
+        the memory ONNX Runtime reads and, with ``in_place``, writes)."""
         import onnxruntime as ort
 
-        self._binding = self.session.io_binding()
+        if batch < 1:
+            raise InputError(f"batch must be >= 1, got {batch}")
+        self._binding = b = self.session.io_binding()
         self._buffers = self.init_states(batch)
-        self._values = [ort.OrtValue.ortvalue_from_numpy(b) for b in self._buffers]  # shares memory (CPU)
+        self._values = [ort.OrtValue.ortvalue_from_numpy(x) for x in self._buffers]  # shares memory (CPU)
         self._in_place = in_place
+        self._pos = np.zeros((), dtype=np.int64)
+        self._ids1 = np.zeros((batch, 1), dtype=np.int64)
+        self._ids1_value = ort.OrtValue.ortvalue_from_numpy(self._ids1)
+        self._logits1 = np.zeros((batch, 1, self.limits.vocab_size), dtype=np.float32)
+        self._logits1_value = ort.OrtValue.ortvalue_from_numpy(self._logits1)
+        self._decode_bound = False
+        b.bind_ortvalue_input("position", ort.OrtValue.ortvalue_from_numpy(self._pos))
+        b.bind_output("logits", "cpu")  # first: get_outputs() follows the binding order
+        self._bind_states()
         return self._buffers
+
+    def _bind_states(self) -> None:
+        b = self._binding
+        for name, out_name, v in zip(self.state_names, self.state_out_names, self._values):
+            b.bind_ortvalue_input(name, v)
+            if self._in_place:
+                b.bind_ortvalue_output(out_name, v)  # the same memory: ScatterND writes the new rows only
+            else:
+                b.bind_output(out_name, "cpu")
 
     def step_bound(self, ids: np.ndarray, position: int) -> np.ndarray:
         """One step on the bound states; ids [B, S] int64 -> logits [B, S, V] float32 (checked)."""
         if self._binding is None:
             raise SMLPError("call bind(batch) before step_bound")
-        ids = np.ascontiguousarray(ids, dtype=np.int64)
-        if ids.ndim == 2 and ids.shape[0] != self._buffers[0].shape[0]:
-            raise InputError(f"input_ids batch {ids.shape[0]} does not match the bound states' batch {self._buffers[0].shape[0]}")
+        ids = np.asarray(ids)
+        if ids.ndim == 2 and ids.shape[0] != self._ids1.shape[0]:
+            raise InputError(f"input_ids batch {ids.shape[0]} does not match the bound states' batch {self._ids1.shape[0]}")
         self.check(ids, position, None)
         b = self._binding
-        b.clear_binding_inputs()
-        b.clear_binding_outputs()
-        b.bind_cpu_input("input_ids", ids)
-        b.bind_cpu_input("position", np.array(position, dtype=np.int64))
-        b.bind_output("logits", "cpu")  # first: get_outputs() follows the binding order
-        for name, out_name, v in zip(self.state_names, self.state_out_names, self._values):
-            b.bind_ortvalue_input(name, v)
-            if self._in_place:
-                b.bind_ortvalue_output(out_name, v)
-            else:
-                b.bind_output(out_name, "cpu")
+        self._pos[()] = position
+        if ids.shape[1] == 1:  # decode: write into bound buffers, no re-binding
+            self._ids1[:] = ids
+            if not self._decode_bound:
+                b.bind_ortvalue_input("input_ids", self._ids1_value)
+                # An output bound to "cpu" keeps the first run's shape; decode has its own buffer.
+                b.bind_ortvalue_output("logits", self._logits1_value)
+                self._decode_bound = True
+        else:  # prefill: bind (a copy of) this array and let ORT allocate the logits
+            b.bind_cpu_input("input_ids", np.ascontiguousarray(ids))
+            b.bind_output("logits", "cpu")
+            self._decode_bound = False
         self.session.run_with_iobinding(b)
+        if self._in_place and self._decode_bound:
+            return self._logits1.copy()
         outs = b.get_outputs()
         if not self._in_place:
             # ORT allocated new state outputs: they become the next step's inputs (no copy).
             self._values = list(outs[1:])
-            self._buffers = [v.numpy() for v in self._values]
-        return outs[0].numpy()
+            self._bind_states()
+        return self._logits1.copy() if self._decode_bound else outs[0].numpy()
 
     def states(self) -> list[np.ndarray]:
         """The current bound state contents."""
