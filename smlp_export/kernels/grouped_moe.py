@@ -90,7 +90,10 @@ def _up_kernel(
             a, b = a.to(tl.float32), b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
     bias = tl.load(b1_ptr + e64 * stride_be + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-    acc = _activate(acc + bias[None, :], ACT)
+    # Round the pre-activation to the I/O dtype first, as the reference does (F.linear returns the
+    # dtype, then the activation runs on it): keeps fp16/bf16 results within ~1 ulp of the reference.
+    acc = _to_io(acc + bias[None, :], h_ptr.dtype.element_ty, INTERP_BF16).to(tl.float32)
+    acc = _activate(acc, ACT)
     tl.store(h_ptr + offs_m[:, None].to(tl.int64) * stride_hp + offs_n[None, :],
              _to_io(acc, h_ptr.dtype.element_ty, INTERP_BF16), mask=n_ok[None, :])
 

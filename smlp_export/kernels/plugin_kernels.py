@@ -84,7 +84,8 @@ def token_moe_plugin_kernel(
                                 mask=f_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
                     h += tl.sum(w * xv[None, :], axis=1)
                 h += tl.load(b1_ptr + e * f + of, mask=f_ok, other=0.0).to(tl.float32)
-                h = _activate(h, ACT)
+                # pre-activation rounded to the I/O dtype, as in the reference (see grouped_moe)
+                h = _activate(_to_io(h, out_ptr.dtype.element_ty, INTERP_BF16).to(tl.float32), ACT)
                 h = tl.where(f_ok, _to_io(h, out_ptr.dtype.element_ty, INTERP_BF16).to(tl.float32), 0.0)
                 w2 = tl.load(w2_ptr + e * d * f + od[:, None] * f + of[None, :],
                              mask=d_ok[:, None] & f_ok[None, :], other=0.0).to(tl.float32)
