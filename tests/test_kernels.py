@@ -143,6 +143,13 @@ def test_spatial_moe_matches_reference(T, dtype):
     _close(sk.spatial_moe(z2, w, b), ops.spatial_moe_reference(z2, w, b), dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_spatial_moe_long_sequence_default_tiles(dtype):
+    """n >= 128 takes the 64-wide default tiles (the GPU default): several row blocks, partial last one."""
+    z2, w, b = _spatial_inputs(1, 150, 8, 2, 160, dtype, seed=9)
+    _close(sk.spatial_moe(z2, w, b), ops.spatial_moe_reference(z2, w, b), dtype)
+
+
 def test_spatial_moe_ignores_weights_above_the_diagonal():
     z2, w, b = _spatial_inputs(1, 50, 8, 4, 64, torch.float32, seed=2)
     noisy = w + torch.triu(torch.full_like(w, 1e3), diagonal=1)

@@ -93,7 +93,8 @@ def spatial_config(gpu: str, dtype: str, n: int) -> GemmConfig:
     for (g, dt, nn), cfg in SPATIAL_TABLE.items():
         if _match(gpu, g) and (dt, nn) == (dtype, n):
             return cfg
-    cfg = GemmConfig(32, 32, 32, 4, 2)
+    # Untuned default: 64-wide tiles (tensor-core friendly) once sequences are long enough to fill them.
+    cfg = GemmConfig(64, 64, 64, 4, 3) if n >= 128 else GemmConfig(32, 32, 32, 4, 2)
     _log_default("spatial_moe", (gpu, dtype, n), cfg)
     return cfg
 
