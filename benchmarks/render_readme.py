@@ -86,7 +86,8 @@ def experts_scaling(rep: dict, path: Path, out: Path) -> list[str]:
     names = list(rep["ratios_last_over_first"])
     lines = ["## Cost vs number of experts (benchmark 2)", "", *_header(rep),
              f"Random-init `{cfg['preset']}` checkpoints, top-1 routing, fixed expert width; ONNX Runtime CPU, "
-             f"B={cfg['batch']}, T={cfg['seq']}; p50 latency in ms. The dense all-experts export is a **baseline** "
+             f"B={cfg['batch']}, T={cfg['seq']}; p50 latency in ms (spread in brackets); all graphs timed side by "
+             "side in rounds. The dense all-experts export is a **baseline** "
              "(benchmarks/dense_baseline.py), not a product target. Each graph matched PyTorch eager "
              f"(max |diff| of logits <= {cfg['parity_atol']}) before it was timed.", "",
              "| E | active params | experts used (all MoE layers) | expert weights read (MB) | "
@@ -94,7 +95,8 @@ def experts_scaling(rep: dict, path: Path, out: Path) -> list[str]:
     for r in rep["rows"]:
         used = sum(r.get("experts_used_per_layer", {}).values()) or "-"
         lines.append(f"| {r['experts']} | {r['active_params']:,} | {used} | {r.get('expert_weight_mb_read', '-')} | "
-                     + " | ".join(f"{r[n]['p50_ms']:.2f}" for n in names) + " |")
+                     + " | ".join(f"{r[n]['p50_ms']:.2f}" + (f" ({r[n]['spread_pct']:.0f}%)" if "spread_pct" in r[n] else "")
+                                  for n in names) + " |")
     lines.append(f"| p50(E={rep['rows'][-1]['experts']}) / p50(E={rep['rows'][0]['experts']}) | | | | "
                  + " | ".join(f"{rep['ratios_last_over_first'][n]:.2f}x" for n in names) + " |")
     return lines + ["", *_goals(rep), *_img(path, out)]
