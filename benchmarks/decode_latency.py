@@ -35,12 +35,59 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
 
+def scatter_inplace_check(threads: int, rows: int = 2048, channels: int = 2048) -> dict:
+    """What ONNX Runtime does with a state output bound to its input buffer: a one-node ScatterND
+    graph writing one row of a [1, rows, channels] float32 state (16 MiB by default), timed with
+    the output bound to the input's OrtValue ("inplace") and bound to "cpu" ("copy")."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    g = helper.make_graph(
+        [helper.make_node("ScatterND", ["state", "idx", "upd"], ["new_state"])], "scatter",
+        [helper.make_tensor_value_info("state", TensorProto.FLOAT, [1, rows, channels]),
+         helper.make_tensor_value_info("idx", TensorProto.INT64, [1, 1, 2]),
+         helper.make_tensor_value_info("upd", TensorProto.FLOAT, [1, 1, channels])],
+        [helper.make_tensor_value_info("new_state", TensorProto.FLOAT, [1, rows, channels])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+    m.ir_version = 10
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    buf = np.zeros((1, rows, channels), np.float32)
+    ov = ort.OrtValue.ortvalue_from_numpy(buf)
+    out: dict = {"state_mib": buf.nbytes / 2**20}
+    for mode in ("inplace", "copy"):
+        b = sess.io_binding()
+        b.bind_ortvalue_input("state", ov)
+        b.bind_cpu_input("idx", np.array([[[0, 5]]], np.int64))
+        b.bind_cpu_input("upd", np.full((1, 1, channels), 1.0 if mode == "inplace" else 2.0, np.float32))
+        if mode == "inplace":
+            b.bind_ortvalue_output("new_state", ov)
+        else:
+            b.bind_output("new_state", "cpu")
+        ts = []
+        for _ in range(15):
+            t0 = time.perf_counter_ns()
+            sess.run_with_iobinding(b)
+            ts.append((time.perf_counter_ns() - t0) / 1e6)
+        res = b.get_outputs()[0]
+        out[mode] = {"median_ms": statistics.median(ts), "output_is_input_buffer": res.data_ptr() == buf.ctypes.data,
+                     "input_buffer_row_written": float(buf[0, 5, 0])}
+    print(f"ScatterND on a {out['state_mib']:.0f} MiB state: in place {out['inplace']['median_ms']:.3f} ms "
+          f"(output is the input buffer: {out['inplace']['output_is_input_buffer']}), "
+          f"copy {out['copy']['median_ms']:.3f} ms")
+    return out
+
+
 def main() -> None:
     p = _common.parser(__doc__.splitlines()[0])
     p.add_argument("--checkpoint", default=None, help="checkpoint dir (default: the embedded model)")
     p.add_argument("--positions", default=None, help="comma-separated positions (default: 8 .. max_seq_len-1)")
-    p.add_argument("--rounds", type=int, default=None, help="timed rounds per (method, position) (default 40, quick 8)")
+    p.add_argument("--rounds", type=int, default=None, help="timed rounds per (method, position) (default 20, quick 5)")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch methods")
+    p.add_argument("--block", type=int, default=8, help="consecutive calls per (method, position) per round; "
+                   "the first is reported as cold, the rest as warm (default 8)")
     args = p.parse_args()
     threads = _common.setup_threads(args.threads)
 
@@ -62,7 +109,7 @@ def main() -> None:
         sorted({8, n // 4, n // 2, 3 * n // 4, n - 1})
     if any(not max(8, cfg.prefix_len) <= t < n for t in positions):
         sys.exit(f"positions must be in [{max(8, cfg.prefix_len)}, {n - 1}]")
-    rounds = args.rounds or (8 if args.quick else 40)
+    rounds = args.rounds or (5 if args.quick else 20)
     ids = heldout_windows(1, n, source=corpus_source_of(model)).numpy()
 
     tmp = Path(tempfile.mkdtemp(prefix="decode-bench-"))
@@ -113,7 +160,12 @@ def main() -> None:
             if err > 1e-4 * max(1.0, float(np.abs(ref).max())):
                 sys.exit(f"{name} at position {t} disagrees with torch-full by {err:.3g}: not timing a wrong answer")
 
+    # Each round runs a block of `block` consecutive calls per (method, position): the first call
+    # of a block runs with caches cold (the previous method's weights were just used) and is kept
+    # apart as "cold"; the others are "warm", the state of a generation loop stepping one method.
     samples: dict[tuple[str, int], list[float]] = {(m, t): [] for m in methods for t in positions}
+    cold: dict[tuple[str, int], list[float]] = {(m, t): [] for m in methods for t in positions}
+    block = args.block
     for _ in range(2):  # warm-up round
         for t in positions:
             for fn in methods.values():
@@ -121,9 +173,10 @@ def main() -> None:
     for r in range(rounds):
         for t in positions:
             for name, fn in methods.items():
-                t0 = time.perf_counter_ns()
-                fn(t)
-                samples[(name, t)].append((time.perf_counter_ns() - t0) / 1e6)
+                for i in range(block):
+                    t0 = time.perf_counter_ns()
+                    fn(t)
+                    (cold if i == 0 else samples)[(name, t)].append((time.perf_counter_ns() - t0) / 1e6)
         if r % 10 == 9:
             print(f"  round {r + 1}/{rounds}", flush=True)
 
@@ -132,14 +185,17 @@ def main() -> None:
         v = sorted(v)
         med = statistics.median(v)
         rows.append({"method": name, "position": t, "median_ms": med, "p10_ms": v[len(v) // 10],
-                     "p90_ms": v[(9 * len(v)) // 10], "runs": len(v), "tokens_per_s": 1e3 / med})
+                     "p90_ms": v[(9 * len(v)) // 10], "runs": len(v), "tokens_per_s": 1e3 / med,
+                     "cold_median_ms": statistics.median(cold[(name, t)])})
     med = {(r["method"], r["position"]): r["median_ms"] for r in rows}
+    cold_med = {(r["method"], r["position"]): r["cold_median_ms"] for r in rows}
 
-    print(f"\nper-token latency (median ms, B=1, {threads} thread(s)); rows: position")
     names = list(methods)
-    print("position " + " ".join(f"{m:>16}" for m in names))
-    for t in positions:
-        print(f"{t:>8} " + " ".join(f"{med[(m, t)]:>16.3f}" for m in names))
+    for title, table in (("warm", med), ("cold: first call of each block", cold_med)):
+        print(f"\nper-token latency, {title} (median ms, B=1, {threads} thread(s)); rows: position")
+        print("position " + " ".join(f"{m:>16}" for m in names))
+        for t in positions:
+            print(f"{t:>8} " + " ".join(f"{table[(m, t)]:>16.3f}" for m in names))
 
     half = min(positions, key=lambda t: abs(t - n // 2))
     goals = [
@@ -148,7 +204,9 @@ def main() -> None:
         _common.goal_line(f"ort-decode tokens/s / ort-full tokens/s at position {half}",
                           med[("ort-full", half)] / med[("ort-decode", half)], 5.0, ">="),
     ]
-    extra = {"inplace_vs_copy_at_half": med[("ort-decode-copy", half)] / med[("ort-decode", half)]}
+    extra = {"inplace_vs_copy_at_half": med[("ort-decode-copy", half)] / med[("ort-decode", half)],
+             "cold_ort_full_over_ort_decode_at_half": cold_med[("ort-full", half)] / cold_med[("ort-decode", half)],
+             "cold_ort_decode_last_over_first": cold_med[("ort-decode", max(positions))] / cold_med[("ort-decode", min(positions))]}
     if not args.no_torch:
         extra["torch_decode_speedup_at_half"] = med[("torch-full", half)] / med[("torch-decode", half)]
         extra["torch_decode_latency_ratio_last_vs_first"] = med[("torch-decode", max(positions))] / med[("torch-decode", min(positions))]
@@ -171,8 +229,10 @@ def main() -> None:
         "checkpoint": model.checkpoint_info.get("path") if hasattr(model, "checkpoint_info") else None,
         "weights_sha256": model.checkpoint_info.get("weights_sha256") if hasattr(model, "checkpoint_info") else None,
         "config": {"max_seq_len": n, "d_model": cfg.d_model, "n_layers": cfg.n_layers, "d_ffn": cfg.d_ffn},
-        "settings": {"threads": threads, "rounds": rounds, "positions": positions, "batch": 1,
-                     "timing": "interleaved rounds, one call per (method, position) per round; median"},
+        "settings": {"threads": threads, "rounds": rounds, "block": block, "positions": positions, "batch": 1,
+                     "timing": "interleaved rounds; per round `block` consecutive calls per (method, position); "
+                               "median of the warm calls (all but the first of each block); cold = first calls"},
+        "state_update": scatter_inplace_check(threads),
         "rows": rows, "goals": goals, "ratios": extra, "generate": e2e,
     }
     machine = describe_machine()
