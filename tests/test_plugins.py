@@ -94,13 +94,15 @@ def test_token_moe_output_shape():
 
 
 def test_token_moe_constexprs_and_launch():
-    cx = tok.kernel_constexprs(5, "topk", 2, "gelu_tanh")
+    cx = tok.kernel_constexprs(5, 300, "topk", 2, "gelu_tanh")
     assert cx["BLOCK_E"] == 8 and cx["K"] == 2 and cx["ROUTING"] == 1 and cx["ACT"] == 1
+    assert cx["BLOCK_D"] == 512  # one d-chunk: the up-projection is computed once per token
+    assert tok.kernel_constexprs(8, 4096, "base", 1, "gelu")["BLOCK_D"] == tok.MAX_BLOCK_D
     with pytest.raises(ValueError, match="k=2"):
-        tok.kernel_constexprs(5, "base", 2, "gelu_tanh")
+        tok.kernel_constexprs(5, 64, "base", 2, "gelu_tanh")
     with pytest.raises(ValueError, match="activation"):
-        tok.kernel_constexprs(5, "topk", 1, "swish")
-    assert tok.launch(17, 4, 0) == (17, 1, 1, 128, 1, 1, 0)
+        tok.kernel_constexprs(5, 64, "topk", 1, "swish")
+    assert tok.launch(17, 8, 0) == (17, 1, 1, 256, 1, 1, 0)
 
 
 def test_spatial_output_shape_and_launch_cover_every_tile():
@@ -127,22 +129,22 @@ def test_spatial_partial_output_shape_and_launch():
     assert (gx, gy, gz, bx) == (2, 1, 2, 128)
 
 
-AOT_CASES = [
-    ("token_moe", lambda: tok.kernel_constexprs(8, "topk", 2, "gelu_tanh"), 6 + 2 + 1),
-    ("spatial_moe", lambda: spa.kernel_constexprs(4), 3 + 3 + 1),
-    ("spatial_moe_partial", lambda: par.kernel_constexprs(4, 205), 4 + 3 + 1),
+AOT_CASES = [  # (kernel, plugin module, constexprs, user params)
+    ("token_moe", tok, lambda: tok.kernel_constexprs(8, 4096, "topk", 2, "gelu_tanh"), 6 + 2 + 1),
+    ("spatial_moe", spa, lambda: spa.kernel_constexprs(4), 3 + 3 + 1),
+    ("spatial_moe_partial", par, lambda: par.kernel_constexprs(4, 205), 4 + 3 + 1),
 ]
 
 
 @pytest.mark.triton
 @pytest.mark.parametrize("arch", [90, 80])
-@pytest.mark.parametrize("kernel,constexprs,user_params", AOT_CASES, ids=[c[0] for c in AOT_CASES])
-def test_aot_ptx_has_named_entry_and_trt_param_layout(kernel, constexprs, user_params, arch):
+@pytest.mark.parametrize("kernel,mod,constexprs,user_params", AOT_CASES, ids=[c[0] for c in AOT_CASES])
+def test_aot_ptx_has_named_entry_and_trt_param_layout(kernel, mod, constexprs, user_params, arch):
     pytest.importorskip("triton", reason="triton extra not installed: pip install -e '.[triton]'")
     from smlp_export.kernels.aot import PLUGIN_KERNELS, SCRATCH_PARAMS, compile_ptx
 
     dtype = "float16" if arch == 80 else "bfloat16"
-    ck = compile_ptx(kernel, dtype, arch, constexprs())
+    ck = compile_ptx(kernel, dtype, arch, constexprs(), num_warps=mod.NUM_WARPS)
     assert ck.name == PLUGIN_KERNELS[kernel][0]
     assert f".entry {ck.name}(" in ck.ptx
     assert f".target sm_{arch}" in ck.ptx
@@ -153,4 +155,4 @@ def test_aot_ptx_has_named_entry_and_trt_param_layout(kernel, constexprs, user_p
     kinds = re.findall(r"\.param\s+(\.\w+)", entry[:entry.index(")")])
     _, ptrs, scalars, outs = PLUGIN_KERNELS[kernel]
     assert kinds == [".u64"] * len(ptrs) + [".u32"] * len(scalars) + [".u64"] * len(outs) + [".u64"] * SCRATCH_PARAMS
-    assert ck.num_warps == 4 and ck.block_x == 128
+    assert ck.num_warps == mod.NUM_WARPS and ck.block_x == 32 * mod.NUM_WARPS

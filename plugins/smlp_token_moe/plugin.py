@@ -16,7 +16,9 @@ from _common import check_signature, constant, contract, import_trtp, trt_dtype_
 OP_TYPE = "SMLPTokenMoE"
 ROUTINGS = {"base": 0, "topk": 1}
 ACTIVATIONS = {"gelu": 0, "gelu_tanh": 1, "relu": 2, "silu": 3}
-BLOCK_D, BLOCK_F, NUM_WARPS = 128, 16, 4
+# The kernel recomputes the up-projection once per d-chunk (no scratch memory in an AOT plugin), so
+# the d-chunk is as wide as registers allow: d <= 1024 -> no recompute; d = 4096 -> 4x w1 reads.
+MAX_BLOCK_D, BLOCK_F, NUM_WARPS = 1024, 8, 8
 
 
 def output_shape(hidden: tuple, router_logits: tuple, w1: tuple, b1: tuple, w2: tuple, b2: tuple
@@ -34,7 +36,7 @@ def output_shape(hidden: tuple, router_logits: tuple, w1: tuple, b1: tuple, w2: 
     return (N, d)
 
 
-def kernel_constexprs(E: int, routing: str, k: int, activation: str) -> dict[str, int]:
+def kernel_constexprs(E: int, d: int, routing: str, k: int, activation: str) -> dict[str, int]:
     if routing not in ROUTINGS:
         raise ValueError(f"{OP_TYPE}: routing {routing!r} not in {sorted(ROUTINGS)}")
     if activation not in ACTIVATIONS:
@@ -42,7 +44,11 @@ def kernel_constexprs(E: int, routing: str, k: int, activation: str) -> dict[str
     if not (1 <= k <= 2) or (routing == "base" and k != 1) or k > E:
         raise ValueError(f"{OP_TYPE}: k={k} unsupported for routing {routing!r} with E={E} (k in 1..2)")
     return {"E": E, "ROUTING": ROUTINGS[routing], "K": k, "ACT": ACTIVATIONS[activation],
-            "BLOCK_E": max(2, 1 << (E - 1).bit_length()), "BLOCK_D": BLOCK_D, "BLOCK_F": BLOCK_F}
+            "BLOCK_E": _pow2(E), "BLOCK_D": min(_pow2(d), MAX_BLOCK_D), "BLOCK_F": BLOCK_F}
+
+
+def _pow2(x: int) -> int:
+    return max(2, 1 << (x - 1).bit_length())
 
 
 def launch(N, num_warps: int, shared: int) -> tuple:
@@ -63,8 +69,9 @@ def register() -> None:
 
     def aot(hidden, router_logits, w1, b1, w2, b2, routing, k, activation, outputs, tactic):
         E = constant(w1.shape_expr[0], "w1's expert dimension")
+        d = constant(w1.shape_expr[2], "w1's model dimension")
         ck = compile_ptx("token_moe", trt_dtype_name(hidden.dtype), arch=_arch(),
-                         constexprs=kernel_constexprs(E, routing, k, activation), num_warps=NUM_WARPS)
+                         constexprs=kernel_constexprs(E, d, routing, k, activation), num_warps=NUM_WARPS)
         params = trtp.KernelLaunchParams()
         (params.grid_x, params.grid_y, params.grid_z, params.block_x, params.block_y, params.block_z,
          params.shared_mem) = launch(hidden.shape_expr[0], ck.num_warps, ck.shared)
