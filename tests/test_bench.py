@@ -343,3 +343,31 @@ def test_measure_interleaved_rounds_and_failures():
     assert res["fast"].runs == 10 and res["slow"].runs == 4  # 10 x 1 ms >= 10 ms; 4 x 5 ms >= 4 runs
     assert res["fast"].p50_ms == pytest.approx(1.0) and res["slow"].p50_ms == pytest.approx(5.0)
     assert order[2:10] == ["fast", "slow"] * 4  # after warm-up, strictly alternating while both run
+
+
+def test_profile_counts_loop_bodies_once():
+    """A Loop's span contains its body's kernels: the Loop is counted by self time only."""
+    from smlp_export.bench.profile import summarize_trace
+
+    def ev(name, op, ts, dur):
+        return {"cat": "Node", "name": f"{name}_kernel_time", "ts": ts, "dur": dur, "args": {"op_name": op}}
+
+    events = [ev("mm", "MatMul", 0, 100), ev("loop", "Loop", 100, 1000),
+              ev("g", "Gemm", 150, 300), ev("g", "Gemm", 500, 300), ev("t", "Tanh", 850, 100), ev("add", "Add", 1100, 200)]
+    s = summarize_trace(events, n_runs=1)
+    ops = {r["name"]: r for r in s["by_op_type"]}
+    assert ops["Loop (self)"]["total_ms"] == pytest.approx(0.3)  # 1000 - 300 - 300 - 100 us
+    assert ops["Gemm"]["calls"] == 2 and ops["Gemm"]["total_ms"] == pytest.approx(0.6)
+    assert s["kernel_ms_per_run"] == pytest.approx(1.3)  # the wall span of the run, not 2.3
+    assert sum(r["pct"] for r in s["by_op_type"]) == pytest.approx(100.0)
+
+
+def test_cli_bench_profile_on_onnx_file(bigram_onnx, tmp_path):
+    out = tmp_path / "b.json"
+    res = _cli(["bench", str(bigram_onnx), "--backends", "ort", "--batch", "2", "--seq", "16", "--quick",
+                "--threads", "1", "--no-progress", "--profile", "--profile-runs", "3", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "ORT profile" in res.output and "MatMul" in res.output
+    prof = json.loads(out.read_text())["profiles"]
+    assert len(prof) == 1 and prof[0]["batch"] == 2 and prof[0]["seq"] == 16
+    assert {r["name"] for r in prof[0]["by_op_type"]} == {"Gather", "MatMul"}
