@@ -1,7 +1,9 @@
 """Single-launch kernels for the TensorRT AOT plugins, in TensorRT's argument order.
 
 Every kernel takes a constexpr ``INTERP_BF16`` (True only for bf16 under ``TRITON_INTERPRET=1``, see
-``_util.interp_bf16``; the AOT compile sets it False). A ``tensorrt.plugin`` ``@aot_impl`` launches ONE kernel whose parameters are (input pointers,
+``_util.interp_bf16``; the AOT compile sets it False).
+
+A ``tensorrt.plugin`` ``@aot_impl`` launches ONE kernel whose parameters are (input pointers,
 int32 scalars, output pointers) (+ the 2 scratch pointers Triton 3.9 appends), with contiguous
 (LINEAR) tensors. So each plugin gets a kernel of that exact shape here; they are tested on CPU
 under ``TRITON_INTERPRET=1`` against the ops' references like the torch-path kernels.
