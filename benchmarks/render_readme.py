@@ -151,6 +151,26 @@ def moe_layer(rep: dict, path: Path, out: Path) -> list[str]:
     return lines + ["", *_img(path, out)]
 
 
+def profiles(results: Path) -> list[str]:
+    """Every saved ``smlp bench --profile --json`` report named profile_*.json: top op types per graph."""
+    lines = []
+    for path in sorted(results.glob("profile_*.json")):
+        rep = json.loads(path.read_text())
+        if not rep.get("profiles"):
+            continue
+        lines += [f"### {path.stem}", "", f"Machine: {_machine(rep['machine'])}.  ",
+                  f"Command: `{rep.get('command') or 'smlp bench ... --profile --json ' + path.name}`  ",
+                  f"Settings: backends {', '.join(rep['settings']['backends'])}, threads {rep['settings']['threads']}, "
+                  f"source {rep['settings']['source']}.", ""]
+        for prof in rep["profiles"]:
+            lines += [f"{prof['backend']} ({prof['target']}, {prof['dtype']}), B={prof['batch']}, T={prof['seq']}: "
+                      f"{prof['kernel_ms_per_run']:.2f} ms of kernels per run (profiler on).", "",
+                      "| op type | calls/run | ms/run | % |", "|---|---:|---:|---:|"]
+            lines += [f"| {o['name']} | {o['calls']} | {o['total_ms']:.3f} | {o['pct']:.1f} |" for o in prof["by_op_type"][:8]]
+            lines.append("")
+    return ["## ONNX Runtime profiles (`smlp bench --profile`)", "", *lines] if lines else []
+
+
 SECTIONS = {"exported_vs_eager": exported_vs_eager, "experts_scaling": experts_scaling, "moe_layer": moe_layer}
 
 
@@ -172,6 +192,7 @@ def render(results: Path, out: Path) -> str:
             lines += [f"## {name}", "", f"No results yet: run `python benchmarks/{name}.py`.", ""]
             continue
         lines += fn(json.loads(path.read_text()), path, out)
+    lines += profiles(results)
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -45,6 +45,7 @@ def bench(source, backends, batch, seq, dtypes, threads, warmup, min_runs, min_t
     --min-runs and --min-time are reached; the table shows p50/p90/p99, mean, tokens/s (at p50)
     and the spread (p90-p10)/p50. Backends that cannot run here are listed as skipped with the reason.
     """
+    import sys
     import tempfile
     from pathlib import Path
 
@@ -83,7 +84,7 @@ def bench(source, backends, batch, seq, dtypes, threads, warmup, min_runs, min_t
                                          "source": str(src.path) if src.path else "default",
                                          "source_kind": src.kind, "backends": [s.name for s in specs],
                                          "batch": batches, "seq": seqs, "dtype": list(dtype_list)},
-                             profiles=profiles)
+                             profiles=profiles, command=" ".join(["smlp", *sys.argv[1:]]))
     if json_path:
         write_json(report, json_path)
         click.echo(f"wrote {json_path}")
