@@ -19,7 +19,9 @@ from .options import allow_pickle_option, json_flag, seed_option
 @click.option("--top-k", default=None, type=click.IntRange(1), help="Sample only among the k most likely tokens.")
 @seed_option
 @click.option("--no-stop-on-eos", "no_eos", is_flag=True, help="Keep generating after the end-of-sequence token.")
-@click.option("--threads", default=None, type=click.IntRange(1), help="ONNX Runtime intra-op threads (ort backend).")
+@click.option("--threads", default=None, type=click.IntRange(1),
+              help="Intra-op threads. Default: ONNX Runtime's own choice for ort; 1 for torch (a decode step "
+                   "is many tiny ops, and torch's thread pool made it 14x slower on a busy 2-core machine).")
 @allow_pickle_option
 @json_flag
 def generate(source, backend, prompt, max_new_tokens, temperature, top_k, seed, no_eos, threads, allow_pickle,
@@ -46,8 +48,11 @@ def generate(source, backend, prompt, max_new_tokens, temperature, top_k, seed, 
         lim = gen.limits
         tok = ByteTokenizer(vocab_size=lim.vocab_size, eos_token_id=lim.eos_token_id if lim.eos_token_id is not None else 256)
     else:
+        import torch
+
         from smlp_export import load_checkpoint
 
+        torch.set_num_threads(threads or 1)
         model = load_checkpoint(source, allow_pickle=allow_pickle)
         gen = TorchGenerator(model) if backend == "torch" else TorchFullGenerator(model)
         tok = model.tokenizer
@@ -56,6 +61,7 @@ def generate(source, backend, prompt, max_new_tokens, temperature, top_k, seed, 
         raise InputError("--prompt is empty")
     gen.check_prompt(np.asarray([ids], dtype=np.int64))  # fail before anything is streamed
 
+    gen.warmup()  # keep one-time start-up cost out of the reported tokens/s
     stream = not as_json
     dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
@@ -73,7 +79,7 @@ def generate(source, backend, prompt, max_new_tokens, temperature, top_k, seed, 
     new = res.tokens[0]
     if as_json:
         d = res.to_dict()
-        d.update(backend=backend, source=str(source) if source else "default", prompt=prompt,
+        d.update(backend=backend, source=str(source) if source else "default", prompt=prompt, threads=threads,
                  text=tok.decode(new), temperature=temperature, top_k=top_k, seed=seed)
         d["tokens"] = new
         click.echo(json.dumps(d, indent=2))

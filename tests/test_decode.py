@@ -225,9 +225,13 @@ def test_ort_bad_inputs_are_clear_errors(exports):
 def _cli(argv, capsys):
     from smlp_cli.main import main
 
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-        raise SystemExit(0)
+    threads = torch.get_num_threads()  # `generate --backend torch` sets 1 thread for the process
+    try:
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+            raise SystemExit(0)
+    finally:
+        torch.set_num_threads(threads)
     cap = capsys.readouterr()
     return e.value.code, cap.out, cap.err
 

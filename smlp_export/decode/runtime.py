@@ -128,6 +128,12 @@ class Generator:
         """ids [B, S] int64 at positions [position, position + S) -> logits [B, S, V] float32."""
         raise NotImplementedError
 
+    def warmup(self) -> None:
+        """One untimed throwaway step (lazy initialisation: torch's first custom-op call, ORT's arena),
+        so the timings of the next ``generate`` measure generation, not start-up."""
+        self._reset(1)
+        self._step(np.zeros((1, self.limits.min_prompt_tokens), dtype=np.int64), 0)
+
     def check_prompt(self, prompt: np.ndarray) -> None:
         lim = self.limits
         if prompt.ndim != 2 or prompt.shape[1] < 1 or prompt.shape[0] < 1:
