@@ -190,8 +190,11 @@ def check_step_inputs(model: SMLPForCausalLM, input_ids: torch.Tensor, position:
 
 def check_position(cfg, position: int, S: int) -> None:
     """Range rules shared by every backend (see ``check_step_inputs``)."""
-    if isinstance(position, bool) or not isinstance(position, int):
+    import numbers
+
+    if isinstance(position, bool) or not isinstance(position, numbers.Integral):
         raise InputError(f"position must be an int, got {type(position).__name__}")
+    position = int(position)
     if position < 0:
         raise InputError(f"position must be >= 0, got {position}")
     if position + S > cfg.max_seq_len:
@@ -216,5 +219,5 @@ def step(model: SMLPForCausalLM, input_ids: torch.Tensor, position: int,
     p = next(model.parameters())
     check_step_inputs(model, input_ids, position, states, dtype=p.dtype)
     with torch.no_grad():
-        out = DecodeStep(model)(input_ids.long(), torch.tensor(position, dtype=torch.long, device=p.device), *states)
+        out = DecodeStep(model)(input_ids.long(), torch.tensor(int(position), dtype=torch.long, device=p.device), *states)
     return out[0], list(out[1:])
