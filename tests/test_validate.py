@@ -224,3 +224,34 @@ def test_cli_bad_input_is_one_line(tmp_path):
     assert r.returncode == 1
     assert r.stderr.strip().count("\n") == 0 and "does not exist" in r.stderr
     assert issubclass(InputError, SMLPError)
+
+
+def test_validate_covers_the_decode_graph(tmp_path):
+    """An export with decode.onnx gets its decode parity in parity.json, and a wrong decode graph fails."""
+    import json
+
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    from smlp_export import save_checkpoint
+    from smlp_export.export.pipeline import export_model
+    from smlp_export.validate import run_validation
+
+    from .conftest import micro_model
+
+    ckpt = save_checkpoint(micro_model(), tmp_path / "ck")
+    out = tmp_path / "out"
+    export_model(str(ckpt), out, target="ort", decode=True, quick=True)
+    par = json.loads((out / "parity.json").read_text())
+    assert par["passed"] and par["decode"]["passed"]
+    assert any(c["name"] == "decode" and c["ok"] for c in par["checks"])
+    assert par["decode"]["greedy_diverged"] == 0 and par["decode"]["prompts"] > 0
+    # Scale the largest weight of decode.onnx by 1 %: the full graph is untouched, decode must fail.
+    m = onnx.load(str(out / "decode.onnx"))
+    init = max(m.graph.initializer, key=lambda t: int(np.prod(t.dims)) if t.data_type == 1 else 0)
+    init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * 1.01, init.name))
+    onnx.save(m, str(out / "decode.onnx"))
+    rep = run_validation(out, quick=True)
+    assert not rep.passed and rep.decode["passed"] is False
+    assert any(f.startswith("decode graph:") for f in rep.failures)

@@ -203,17 +203,39 @@ def run_validation(export_dir: str | Path, backend: str = "ort", *, checkpoint: 
     metrics = _metrics(rows, layers, nll_t, nll_b, n_tok)
     checks = _checks(metrics, rows, tol, p)
     failures += [f"{c['name']} = {c['value']} (limit {c['limit']})" for c in checks if not c["ok"]]
+    decode = None
+    if manifest.get("decode"):
+        decode = _validate_decode(export_dir, model, backend, quick, providers)
+        if decode.get("passed") is not None:
+            checks.append({"name": "decode", "value": decode["passed"], "limit": "true", "ok": bool(decode["passed"])})
+            if not decode["passed"]:
+                failures += [f"decode graph: {c['name']} = {c['value']} (limit {c['bound']})"
+                             for c in decode.get("checks", []) if not c["ok"]]
     report = ParityReport(
         passed=not failures, backend=backend, target=target, dtype=dtype, tolerances=tol.to_dict(),
         metrics=metrics, checks=checks, failures=failures, cases=rows, checkpoint=ckpt,
-        model={"path": str(onnx_path), "sha256": _sha256(onnx_path)}, backend_metadata=backend_meta,
+        # The file name, not the path: validation runs inside export's temp dir before it is renamed.
+        model={"path": MODEL_FILE, "sha256": _sha256(onnx_path)}, backend_metadata=backend_meta,
         reference={**ref_meta, "onnx": _md.version("onnx"), "numpy": np.__version__},
         corpus={"source": source, "split": "held-out", "ppl_from_position": p,
                 "windows": "consecutive held-out windows of seq + 1 tokens (input + next-token targets)"},
-        time_s=round(time.perf_counter() - t0, 3), quick=quick)
+        time_s=round(time.perf_counter() - t0, 3), quick=quick, decode=decode)
     if write:
         report.write(export_dir)
     return report
+
+
+def _validate_decode(export_dir: Path, model: Any, backend: str, quick: bool,
+                     providers: list[str] | None) -> dict[str, Any]:
+    """decode.onnx parity (greedy token-for-token + per-step logits vs PyTorch full recompute).
+
+    It runs on ONNX Runtime only: stepping token by token through onnx.reference would take minutes.
+    """
+    if backend != "ort":
+        return {"passed": None, "skipped": f"the decode graph is checked with --backend ort, not {backend}"}
+    from smlp_export.decode.validate import validate_decode
+
+    return validate_decode(export_dir, model, quick=quick, providers=providers)
 
 
 def _metrics(rows: list[dict], layers: list[LayerRouting], nll_t: float, nll_b: float, n_tok: int) -> dict[str, Any]:

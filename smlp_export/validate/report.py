@@ -33,6 +33,7 @@ class ParityReport:
     corpus: dict[str, Any]
     time_s: float
     quick: bool = False
+    decode: dict[str, Any] | None = None  # decode.onnx parity when the export has one (see decode/validate.py)
     format_version: int = REPORT_FORMAT
     extra: dict[str, Any] = field(default_factory=dict)
 
