@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "export": ("smlp_cli.cmd_export", "export", "Export a checkpoint to ONNX (ort, tensorrt, portable), validate it."),
     "bench": ("smlp_cli.cmd_bench", "bench", "Time a checkpoint or export across backends (table, JSON, PNG, ORT profile)."),
     "generate": ("smlp_cli.cmd_generate", "generate", "Generate text from a checkpoint."),
+    "build-engine": ("smlp_cli.cmd_build_engine", "build_engine", "Build a TensorRT engine from a --target tensorrt export."),
     "deploy": ("smlp_cli.cmd_deploy", "deploy", "Write a Triton Inference Server model repository for an export."),
     "validate": ("smlp_cli.cmd_validate", "validate", "Check an export's numbers against PyTorch on held-out text (parity.json)."),
 }

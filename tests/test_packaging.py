@@ -21,6 +21,6 @@ def test_cli_help_lists_commands_fast_and_without_heavy_imports():
             "try: main(['--help'])\nexcept SystemExit: pass\n"
             "print('HEAVY', sorted(m for m in ('torch', 'onnx', 'onnxruntime', 'triton', 'tensorrt') if m in sys.modules))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
-    for cmd in ("init", "train", "inspect", "generate", "export", "validate", "bench"):
+    for cmd in ("init", "train", "inspect", "generate", "export", "validate", "bench", "deploy", "build-engine"):
         assert f"  {cmd} " in r.stdout, cmd
     assert "HEAVY []" in r.stdout, r.stdout
