@@ -31,7 +31,7 @@ def exports(tmp_path_factory):
 
 def test_refuses_non_tensorrt_export(exports, capsys):
     code, err = _run(capsys, "build-engine", str(exports / "ort"))
-    assert code == 1 and "needs --target tensorrt" in err and len(err.strip().splitlines()) == 1
+    assert code == 1 and "need --target tensorrt" in err and len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")
