@@ -221,8 +221,24 @@ def readme_summary(results: Path, readme: Path) -> list[str]:
             lines.append("")
         lines += _goals(rep) or ["(no goals recorded)", ""]
         if name == "exported_vs_eager":
+            lines += _loop_formulation(rep)
             lines += _img(path, readme)
     return lines + ["Full tables, profiles and plots: [docs/benchmarks.md](docs/benchmarks.md).", "", README_END]
+
+
+def _loop_formulation(rep: dict) -> list[str]:
+    """The same two goals for the sort + Loop token-MoE formulation (`portable`, which is also what
+    `smlp export --target ort --ort-moe loop` emits), computed from the same rows."""
+    p50 = {(r["backend"], r["batch"], r["seq"]): r["p50_ms"] for r in rep["rows"] if r.get("status") == "ok"}
+    cases = sorted({(b, t) for (_, b, t) in p50})
+    eager = [p50[("ort-portable", b, t)] / p50[("torch", b, t)] for b, t in cases
+             if b == 1 and ("ort-portable", b, t) in p50 and ("torch", b, t) in p50]
+    comp = [p50[("ort-portable", b, t)] / p50[("torch-compile", b, t)] for b, t in cases
+            if ("ort-portable", b, t) in p50 and ("torch-compile", b, t) in p50]
+    if not eager or not comp:
+        return []
+    return [f"- Same goals for the sort + Loop token-MoE formulation (`portable`, = `--target ort --ort-moe loop`): "
+            f"p50 / eager at B=1 (worst T) {max(eager):.2f}, p50 / torch.compile (worst case) {max(comp):.2f}.", ""]
 
 
 def splice_readme(readme: Path, section: list[str]) -> str | None:
