@@ -240,6 +240,34 @@ def test_ort_loop_token_moe() -> None:
     check_parity(model, proto, "fp32", [(2, model.config.max_seq_len), (1, 3)])
 
 
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_ort_auto_token_moe(name: str) -> None:
+    """--ort-moe auto (the export default): If(N <= AUTO_FUSED_MAX_TOKENS, fused MoE, Loop) per layer."""
+    from smlp_export.export.translations import AUTO_FUSED_MAX_TOKENS
+
+    model = model_for(name)
+    cfg = model.config
+    proto = build_onnx(model, target="ort", dtype="fp32", opset=18, ort_moe="auto")
+    ifs = [n for n in proto.graph.node if n.op_type == "If"]
+    if cfg.expert_activation == "gelu":  # no fused form: plain loop, no If
+        assert ifs == [] and {n.domain for n in all_nodes(proto.graph)} <= {""}
+    else:
+        assert len(ifs) == _sparse_layers(model)
+        for n in ifs:
+            branches = {a.name: a.g for a in n.attribute}
+            fused = [m for m in branches["then_branch"].node if (m.domain, m.op_type) == ("com.microsoft", "MoE")]
+            assert len(fused) == 1
+            assert {a.name: onnx.helper.get_attribute_value(a) for a in fused[0].attribute}["k"] == cfg.top_k
+            assert "Loop" in {m.op_type for m in branches["else_branch"].node}  # inlined smlp body
+            assert not any(m.domain == contract.DOMAIN for m in all_nodes(branches["else_branch"]))
+    # both branches run: 1 x 3 tokens (fused) and 2 x max_seq_len tokens (loop)
+    assert 3 <= AUTO_FUSED_MAX_TOKENS < 2 * cfg.max_seq_len
+    check_parity(model, proto, "fp32", [(1, 3), (2, cfg.max_seq_len), (1, 1)])
+    # byte-deterministic
+    again = build_onnx(model, target="ort", dtype="fp32", opset=18, ort_moe="auto")
+    assert again.SerializeToString() == proto.SerializeToString()
+
+
 def test_io_contract_and_dynamic_axes() -> None:
     model, proto = model_for("topk2-partial-e3"), built("topk2-partial-e3", "ort", "fp16")
     cfg = model.config

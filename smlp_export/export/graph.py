@@ -26,7 +26,7 @@ import onnx.inliner
 
 from . import contract
 from .functions import functions_for, onnx_elem_type
-from .translations import translation_table
+from .translations import AUTO_FUSED_MAX_TOKENS, MSFT_DOMAIN, ORT_ACTIVATIONS, translation_table
 
 DIM_NAMES = ("batch", "seq")
 
@@ -140,13 +140,60 @@ def _drop_unused_opsets(model: onnx.ModelProto) -> None:
     model.opset_import.extend(keep)
 
 
+def _auto_token_moe(model: onnx.ModelProto, elem: int, max_tokens: int = AUTO_FUSED_MAX_TOKENS) -> None:
+    """ort ``auto``: each mappable smlp token-MoE node -> If(N <= max_tokens, fused MoE, smlp node).
+
+    The fused com.microsoft.MoE kernel wins for a few tokens (decode), the sort + Loop
+    formulation for prompts and batches (docs/export.md has the figures); the If picks per call
+    from the runtime token count N = hidden.shape[0]. The else branch keeps the smlp node, which
+    the inliner then replaces by its Loop body. Both branches read the same outer-scope values.
+    """
+    h = onnx.helper
+    nodes: list[onnx.NodeProto] = []
+    for i, n in enumerate(model.graph.node):
+        attrs = {a.name: h.get_attribute_value(a) for a in n.attribute}
+        act = attrs.get("activation", b"").decode()
+        if (n.domain, n.op_type) != (contract.DOMAIN, contract.TOKEN_MOE.op_type) or act not in ORT_ACTIVATIONS:
+            nodes.append(n)
+            continue
+        hidden, logits = n.input[0], n.input[1]
+        p = f"auto_moe_{i}_"
+        out_info = [h.make_tensor_value_info(p + "y", elem, None)]
+        fused = [h.make_node("MoE", list(n.input), [p + "moe" if attrs["routing"] == b"base" else p + "y"],
+                             domain=MSFT_DOMAIN, k=int(attrs["k"]), activation_type=ORT_ACTIVATIONS[act],
+                             normalize_routing_weights=1)]
+        if attrs["routing"] == b"base":  # k = 1 renormalised is 1; Base Layers' gate is sigmoid(max logit)
+            fused += [h.make_node("Constant", [], [p + "axes"], value_ints=[-1]),
+                      h.make_node("ReduceMax", [logits, p + "axes"], [p + "top"], keepdims=1),
+                      h.make_node("Sigmoid", [p + "top"], [p + "gate"]),
+                      h.make_node("Mul", [p + "moe", p + "gate"], [p + "y"])]
+        loop = onnx.NodeProto()
+        loop.CopyFrom(n)
+        del loop.output[:]
+        loop.output.append(p + "y")
+        nodes += [h.make_node("Shape", [hidden], [p + "n"], start=0, end=1),
+                  h.make_node("Constant", [], [p + "max"], value_ints=[max_tokens]),
+                  h.make_node("LessOrEqual", [p + "n", p + "max"], [p + "le"]),
+                  h.make_node("Squeeze", [p + "le"], [p + "cond"]),
+                  h.make_node("If", [p + "cond"], list(n.output),
+                              then_branch=h.make_graph(fused, p + "fused", [], out_info),
+                              else_branch=h.make_graph([loop], p + "loop", [], out_info))]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    if any(n.op_type == "If" and n.output for n in nodes) and not any(o.domain == MSFT_DOMAIN for o in model.opset_import):
+        model.opset_import.append(h.make_opsetid(MSFT_DOMAIN, 1))
+
+
 def build_onnx(model, *, target: str, dtype: str, opset: int, ir_version: int = 10,
                ort_moe: str = "fused") -> onnx.ModelProto:
     """The finished, checked-ready ONNX model of ``model`` (an SMLPForCausalLM in eval mode).
 
-    ``ort_moe`` (ort target): "fused" com.microsoft.MoE or "loop" (the portable formulation)."""
+    ``ort_moe`` (ort target): "fused" com.microsoft.MoE, "loop" (the portable formulation) or
+    "auto" (an If per layer: fused for at most ``AUTO_FUSED_MAX_TOKENS`` tokens, else loop)."""
     names = [n for n, _ in routing_layout(model)]
     proto = _trace(model, target, dtype, opset, names, ort_moe)
+    if target == "ort" and ort_moe == "auto":
+        _auto_token_moe(proto, onnx_elem_type(dtype))
     ops = _smlp_op_types(proto)
     # Model-local standard-op bodies for the smlp nodes (the exporter cannot emit functions).
     proto.functions.extend(functions_for(model.config, elem=onnx_elem_type(dtype), opset=opset, op_types=ops))

@@ -42,7 +42,7 @@ def max_opset() -> int:
     return onnx.defs.onnx_opset_version()
 
 
-def check_options(target: str, dtype: str, opset: int, ort_moe: str = "fused") -> None:
+def check_options(target: str, dtype: str, opset: int, ort_moe: str = "auto") -> None:
     """One clear error per bad option, before anything heavy runs."""
     if ort_moe not in ORT_MOE_IMPLS:
         raise ExportError(f"unknown --ort-moe {ort_moe!r}; choose one of {', '.join(ORT_MOE_IMPLS)}")
@@ -121,7 +121,8 @@ def build_manifest(model, proto, *, target: str, dtype: str, opset: int, checkpo
         "target": target,
         "opset": opset,
         "dtype": dtype,
-        # ort target: how token MoE is expressed ("fused" com.microsoft.MoE or "loop"); else null
+        # ort target: how token MoE is expressed ("auto" = If(few tokens: fused com.microsoft.MoE,
+        # else loop), "fused" or "loop"); else null
         "ort_moe": ort_moe if target == "ort" else None,
         # fp16 graphs compute in float16 and cast every output to float32 at the end.
         "output_dtype": "float32",
@@ -182,7 +183,7 @@ def export_model(
     validate: bool = True,
     quick: bool = False,
     decode: bool = False,
-    ort_moe: str = "fused",
+    ort_moe: str = "auto",
     allow_pickle: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> ExportResult:
