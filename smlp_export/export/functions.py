@@ -138,9 +138,29 @@ def _function(c: contract.PluginContract, b: _Builder, outputs: list[str], opset
     )
 
 
-def token_moe_function(*, routing: str, k: int, activation_name: str, elem: int, opset: int) -> FunctionProto:
+def _expert_unrolled(b: _Builder, rows: str, starts: str, ends: str, n_experts: int, body_fn) -> str:
+    """The ``_expert_loop`` computation written out for a static expert count: expert e's slice
+    ``rows[starts[e]:ends[e]]`` through ``body_fn(b, slice, e_scalar)``, one Concat at the end.
+
+    Why: ONNX Runtime's Loop pays per iteration (subgraph state, a Gather copying the expert's
+    weights, a Concat re-copying the growing result); unrolled, ``Gather(w, constant e)`` is
+    constant-folded at session load and the result is concatenated once. Still sparse: each
+    expert multiplies only its own rows."""
+    ys = []
+    for e in range(n_experts):
+        lo = b.op("Slice", starts, b.ints(e), b.ints(e + 1))
+        hi = b.op("Slice", ends, b.ints(e), b.ints(e + 1))
+        ys.append(body_fn(b, b.op("Slice", rows, lo, hi, b.ints(0)), b.scalar(e)))
+    return b.op("Concat", *ys, axis=0)
+
+
+def token_moe_function(*, routing: str, k: int, activation_name: str, elem: int, opset: int,
+                       unroll_experts: int | None = None) -> FunctionProto:
     """SMLPTokenMoE body. hidden [N, d], router_logits [N, E], w1 [E, f, d], b1 [E, f],
-    w2 [E, d, f], b2 [E, d] -> output [N, d] = sum over the k chosen experts of gate * FFN_e(hidden)."""
+    w2 [E, d, f], b2 [E, d] -> output [N, d] = sum over the k chosen experts of gate * FFN_e(hidden).
+
+    ``unroll_experts=E`` (the ort target, where E is the model's static count) writes the expert
+    Loop out (``_expert_unrolled``); None keeps the Loop (one body for any E)."""
     b = _Builder(prefix="tm_")
     hidden, logits, w1, b1, w2, b2 = contract.TOKEN_MOE.inputs
     vals, ids = b.op("TopK", logits, b.ints(k), axis=-1, largest=1, sorted=1, n_out=2)  # [N, k]
@@ -161,7 +181,10 @@ def token_moe_function(*, routing: str, k: int, activation_name: str, elem: int,
         h = activation(sub, activation_name, h)
         return sub.op("Gemm", h, sub.op("Gather", w2, i), sub.op("Gather", b2, i), transB=1)  # [n_e, d]
 
-    y_sorted = _expert_loop(b, x_sorted, starts, ends, n_exp, elem, ffn)
+    if unroll_experts:
+        y_sorted = _expert_unrolled(b, x_sorted, starts, ends, unroll_experts, ffn)
+    else:
+        y_sorted = _expert_loop(b, x_sorted, starts, ends, n_exp, elem, ffn)
     g_sorted = b.op("Gather", b.op("Reshape", gates, b.ints(-1)), order)
     y_sorted = b.op("Mul", y_sorted, b.op("Unsqueeze", g_sorted, b.ints(1)))
     y = b.op("Gather", y_sorted, inverse)  # back to (token, slot) order
@@ -230,12 +253,15 @@ def spatial_moe_partial_function(*, elem: int, opset: int) -> FunctionProto:
     return _function(contract.SPATIAL_MOE_PARTIAL, b, [out], opset)
 
 
-def functions_for(cfg, *, elem: int, opset: int, op_types: set[str]) -> list[FunctionProto]:
-    """The bodies a model with config ``cfg`` needs, for the smlp op types present, in a fixed order."""
+def functions_for(cfg, *, elem: int, opset: int, op_types: set[str], unroll: bool = False) -> list[FunctionProto]:
+    """The bodies a model with config ``cfg`` needs, for the smlp op types present, in a fixed order.
+
+    ``unroll``: token MoE with the expert loop written out for ``cfg.n_token_experts`` (ort target)."""
     out = []
     if contract.TOKEN_MOE.op_type in op_types:
         out.append(token_moe_function(routing=cfg.token_routing, k=cfg.top_k,
-                                      activation_name=cfg.expert_activation, elem=elem, opset=opset))
+                                      activation_name=cfg.expert_activation, elem=elem, opset=opset,
+                                      unroll_experts=cfg.n_token_experts if unroll else None))
     if contract.SPATIAL_MOE.op_type in op_types:
         out.append(spatial_moe_function(opset=opset))
     if contract.SPATIAL_MOE_PARTIAL.op_type in op_types:

@@ -196,10 +196,15 @@ def build_onnx(model, *, target: str, dtype: str, opset: int, ir_version: int = 
         _auto_token_moe(proto, onnx_elem_type(dtype))
     ops = _smlp_op_types(proto)
     # Model-local standard-op bodies for the smlp nodes (the exporter cannot emit functions).
-    proto.functions.extend(functions_for(model.config, elem=onnx_elem_type(dtype), opset=opset, op_types=ops))
+    proto.functions.extend(functions_for(model.config, elem=onnx_elem_type(dtype), opset=opset, op_types=ops,
+                                         unroll=target == "ort"))
     if target in ("ort", "portable"):
         proto = onnx.inliner.inline_local_functions(proto)
         del proto.functions[:]
+    if target == "ort":
+        from .optimize import optimize_ort
+
+        optimize_ort(proto)  # exact rewrites: pre-masked weights, fused GELU, split weights
     _drop_unused_opsets(proto)
     _clean(proto)
     _rename_dims(proto)
