@@ -131,9 +131,10 @@ def _expert_loop(b: _Builder, rows: str, starts: str, ends: str, n_experts: str,
 def _function(c: contract.PluginContract, b: _Builder, outputs: list[str], opset: int) -> FunctionProto:
     # The body's result must carry the contract's output name.
     b.nodes.append(helper.make_node("Identity", [outputs[0]], [c.outputs[0]]))
+    extra = sorted({n.domain for n in b.nodes if n.domain not in ("", "ai.onnx")})
     return helper.make_function(
         c.domain, c.op_type, list(c.inputs), list(c.outputs), b.nodes,
-        opset_imports=[helper.make_opsetid("", opset)],
+        opset_imports=[helper.make_opsetid("", opset), *[helper.make_opsetid(d, 1) for d in extra]],
         attributes=[*c.attributes, *PLUGIN_ATTRS],
     )
 
@@ -160,7 +161,8 @@ def token_moe_function(*, routing: str, k: int, activation_name: str, elem: int,
     w2 [E, d, f], b2 [E, d] -> output [N, d] = sum over the k chosen experts of gate * FFN_e(hidden).
 
     ``unroll_experts=E`` (the ort target, where E is the model's static count) writes the expert
-    Loop out (``_expert_unrolled``); None keeps the Loop (one body for any E)."""
+    Loop out (``_expert_unrolled``) and uses com.microsoft.FastGelu for tanh-GELU experts; None
+    keeps the Loop and default-domain ops only (one body for any E, any runtime)."""
     b = _Builder(prefix="tm_")
     hidden, logits, w1, b1, w2, b2 = contract.TOKEN_MOE.inputs
     vals, ids = b.op("TopK", logits, b.ints(k), axis=-1, largest=1, sorted=1, n_out=2)  # [N, k]
@@ -178,7 +180,12 @@ def token_moe_function(*, routing: str, k: int, activation_name: str, elem: int,
 
     def ffn(sub: _Builder, rows: str, i: str) -> str:
         h = sub.op("Gemm", rows, sub.op("Gather", w1, i), sub.op("Gather", b1, i), transB=1)  # [n_e, f]
-        h = activation(sub, activation_name, h)
+        if unroll_experts and activation_name == "gelu_tanh":
+            # ort target only: ONNX Runtime's FastGelu is this exact tanh formula, one kernel
+            # instead of nine elementwise nodes per expert.
+            h = sub.op("FastGelu", h, domain="com.microsoft")
+        else:
+            h = activation(sub, activation_name, h)
         return sub.op("Gemm", h, sub.op("Gather", w2, i), sub.op("Gather", b2, i), transB=1)  # [n_e, d]
 
     if unroll_experts:
