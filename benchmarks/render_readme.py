@@ -227,8 +227,8 @@ def readme_summary(results: Path, readme: Path) -> list[str]:
 
 
 def _loop_formulation(rep: dict) -> list[str]:
-    """The same two goals for the sort + Loop token-MoE formulation (`portable`, which is also what
-    `smlp export --target ort --ort-moe loop` emits), computed from the same rows."""
+    """The same two goals for the `portable` target (default-domain ops, sort + Loop token MoE),
+    computed from the same rows."""
     p50 = {(r["backend"], r["batch"], r["seq"]): r["p50_ms"] for r in rep["rows"] if r.get("status") == "ok"}
     cases = sorted({(b, t) for (_, b, t) in p50})
     eager = [p50[("ort-portable", b, t)] / p50[("torch", b, t)] for b, t in cases
@@ -237,7 +237,7 @@ def _loop_formulation(rep: dict) -> list[str]:
             if ("ort-portable", b, t) in p50 and ("torch-compile", b, t) in p50]
     if not eager or not comp:
         return []
-    return [f"- Same goals for the sort + Loop token-MoE formulation (`portable`, = `--target ort --ort-moe loop`): "
+    return [f"- Same goals for the `portable` target (default-domain ops, sort + Loop token MoE): "
             f"p50 / eager at B=1 (worst T) {max(eager):.2f}, p50 / torch.compile (worst case) {max(comp):.2f}.", ""]
 
 

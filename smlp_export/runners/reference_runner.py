@@ -3,7 +3,8 @@
 Parity against ONNX Runtime alone could hide a bug the exporter and ORT share; the reference
 evaluator is a second, unrelated implementation of the ONNX spec. It runs model-local functions
 (the ``tensorrt`` target's smlp-domain nodes use their bodies) and, through ``ms_moe.MoE``, the
-``ort`` target's ``com.microsoft.MoE`` nodes (``ref_pad.Pad`` fixes onnx 1.23's Pad for negative
+``ort`` target's ``com.microsoft.MoE`` nodes, and through ``ms_gelu`` its ``Gelu`` / ``FastGelu``
+(``ref_pad.Pad`` fixes onnx 1.23's Pad for negative
 pads). It is slow: the validator feeds it small cases only.
 """
 from __future__ import annotations
@@ -38,12 +39,13 @@ class ReferenceRunner(Runner):
         import onnx
         from onnx.reference import ReferenceEvaluator
 
+        from .ms_gelu import FastGelu, Gelu
         from .ms_moe import MoE
         from .ref_pad import Pad
 
         model = onnx.load(str(self.path))
         try:
-            self.evaluator = ReferenceEvaluator(model, new_ops=[MoE, Pad])
+            self.evaluator = ReferenceEvaluator(model, new_ops=[MoE, Gelu, FastGelu, Pad])
         except Exception as e:  # noqa: BLE001 - unsupported op / bad graph: name it in one line
             from smlp_export.errors import SMLPError
 
