@@ -89,9 +89,15 @@ def _is(n: onnx.NodeProto | None, op_type: str) -> bool:
     return n is not None and n.op_type == op_type and n.domain in ("", "ai.onnx")
 
 
-def _scalar(g: _Graph, name: str, value: float, rel: float = 1e-6) -> bool:
+def _scalar(g: _Graph, name: str, value: float) -> bool:
+    """``name`` is a one-element constant equal to ``value`` up to its dtype's rounding."""
     c = g.const(name)
-    return c is not None and c.size == 1 and math.isclose(float(c.reshape(-1)[0]), value, rel_tol=rel)
+    if c is None or c.size != 1 or c.dtype.kind not in "fiu":
+        return False
+    if c.dtype.kind in "iu":
+        return float(c.reshape(-1)[0]) == value
+    rel = float(np.finfo(c.dtype).eps)  # fp16 sqrt(2) is 1.414 (half an ulp off), fp32 1.4142135
+    return math.isclose(float(c.reshape(-1)[0]), value, rel_tol=rel)
 
 
 def _other(n: onnx.NodeProto, name: str) -> str:
