@@ -26,10 +26,10 @@ def _size(n: int) -> str:
 @click.option("--validate/--no-validate", default=True, show_default=True,
               help="Check parity against PyTorch before publishing (writes parity.json).")
 @click.option("--quick", is_flag=True, help="Quick validation (fewer held-out batches).")
-@click.option("--ort-moe", default="loop", show_default=True, metavar="loop|fused|auto",
+@click.option("--ort-moe", default="auto", show_default=True, metavar="loop|fused|auto",
               help="ort target: token MoE as the sorted per-expert formulation (loop; fastest "
                    "on ORT CPU from 8 tokens on), as com.microsoft.MoE (fused), or auto: an If "
-                   "picks fused for <= 4 tokens, loop above (docs/export.md has the figures).")
+                   "picks fused for <= 4 tokens, loop above (default; docs/export.md has the figures).")
 @click.option("--decode", is_flag=True, help="Also export the incremental decode graph (decode.onnx).")
 @force_option
 @json_flag

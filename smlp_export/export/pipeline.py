@@ -42,7 +42,7 @@ def max_opset() -> int:
     return onnx.defs.onnx_opset_version()
 
 
-def check_options(target: str, dtype: str, opset: int, ort_moe: str = "loop") -> None:
+def check_options(target: str, dtype: str, opset: int, ort_moe: str = "auto") -> None:
     """One clear error per bad option, before anything heavy runs."""
     if ort_moe not in ORT_MOE_IMPLS:
         raise ExportError(f"unknown --ort-moe {ort_moe!r}; choose one of {', '.join(ORT_MOE_IMPLS)}")
@@ -183,7 +183,7 @@ def export_model(
     validate: bool = True,
     quick: bool = False,
     decode: bool = False,
-    ort_moe: str = "loop",
+    ort_moe: str = "auto",
     allow_pickle: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> ExportResult:
