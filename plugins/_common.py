@@ -57,3 +57,34 @@ def constant(expr: object, what: str) -> int:
     if getattr(expr, "is_constant", False):
         return int(expr.constant_value)
     raise ValueError(f"{what} must be a build-time constant dimension")
+
+
+def _annotate(fn: Callable, trtp, c: PluginContract, aot: bool = False) -> Callable:
+    """tensorrt.plugin reads the parameter annotations; set them from the contract's field types."""
+    ann: dict = {name: trtp.TensorDesc for name in c.inputs}
+    ann.update(dict(c.attributes))
+    if aot:
+        ann.update({"outputs": tuple[trtp.TensorDesc], "tactic": int})
+        ann["return"] = tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymIntExprs]
+    else:
+        ann["return"] = trtp.TensorDesc
+    fn.__annotations__ = ann
+    return fn
+
+
+def register_aot(trtp, c: PluginContract, desc: Callable, aot: Callable) -> None:
+    """Check both functions against the contract, annotate them, register descriptor + AOT impl."""
+    check_signature(desc, c)
+    check_signature(aot, c, ("outputs", "tactic"))
+    trtp.register(c.qualified_name)(_annotate(desc, trtp, c))
+    trtp.aot_impl(c.qualified_name)(_annotate(aot, trtp, c, aot=True))
+
+
+def gpu_arch() -> int:
+    """Compute capability of the build GPU (the engine is built on the GPU it will run on); 90 without one."""
+    import torch
+
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        return major * 10 + minor
+    return 90

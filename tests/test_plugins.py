@@ -156,3 +156,39 @@ def test_aot_ptx_has_named_entry_and_trt_param_layout(kernel, mod, constexprs, u
     _, ptrs, scalars, outs = PLUGIN_KERNELS[kernel]
     assert kinds == [".u64"] * len(ptrs) + [".u32"] * len(scalars) + [".u64"] * len(outs) + [".u64"] * SCRATCH_PARAMS
     assert ck.num_warps == mod.NUM_WARPS and ck.block_x == 32 * mod.NUM_WARPS
+
+
+@pytest.mark.parametrize("folder", sorted(FOLDERS))
+def test_register_declares_contract_signature_to_tensorrt(folder, monkeypatch):
+    """register() against a recording stand-in for tensorrt.plugin: the descriptor and the AOT impl
+    are registered under the contract's qualified name, with annotations TensorRT reads."""
+    import types
+
+    mod = FOLDERS[folder]
+    c = CONTRACTS[mod.OP_TYPE]
+    seen: dict[str, object] = {}
+
+    def recorder(kind):
+        def deco_factory(name):
+            def deco(fn):
+                seen[kind] = (name, fn)
+                return fn
+            return deco
+        return deco_factory
+
+    fake = types.SimpleNamespace(TensorDesc=type("TensorDesc", (), {}), KernelLaunchParams=type("KLP", (), {}),
+                                 SymIntExprs=type("SIE", (), {}), register=recorder("register"),
+                                 aot_impl=recorder("aot_impl"))
+    monkeypatch.setattr(mod, "import_trtp", lambda: fake)
+    mod.register()
+    for kind in ("register", "aot_impl"):
+        name, fn = seen[kind]
+        assert name == c.qualified_name
+        params = list(inspect.signature(fn).parameters)
+        assert params[: len(c.inputs) + len(c.attributes)] == list(c.inputs) + list(c.attributes)
+        for inp in c.inputs:
+            assert fn.__annotations__[inp] is fake.TensorDesc
+        for attr, typ in c.attributes.items():
+            assert fn.__annotations__[attr] is typ
+    assert seen["register"][1].__annotations__["return"] is fake.TensorDesc
+    assert list(inspect.signature(seen["aot_impl"][1]).parameters)[-2:] == ["outputs", "tactic"]

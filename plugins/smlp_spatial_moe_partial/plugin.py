@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _common import check_signature, constant, contract, import_trtp, trt_dtype_name  # noqa: E402
+from _common import constant, contract, gpu_arch, import_trtp, register_aot, trt_dtype_name  # noqa: E402
 
 OP_TYPE = "SMLPSpatialMoEPartial"
 BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_P, NUM_WARPS = 64, 32, 32, 16, 4
@@ -62,7 +62,7 @@ def register() -> None:
     def aot(z2, weight, bias, router_weight, num_experts, prefix, outputs, tactic):
         E = constant(weight.shape_expr[0], "weight's expert dimension")
         n = constant(weight.shape_expr[1], "weight's position dimension")
-        ck = compile_ptx("spatial_moe_partial", trt_dtype_name(z2.dtype), arch=_arch(),
+        ck = compile_ptx("spatial_moe_partial", trt_dtype_name(z2.dtype), arch=gpu_arch(),
                          constexprs=kernel_constexprs(E, prefix), num_warps=NUM_WARPS)
         B, T, ch = z2.shape_expr[0], z2.shape_expr[1], z2.shape_expr[2]
         params = trtp.KernelLaunchParams()
@@ -74,21 +74,4 @@ def register() -> None:
         extra[2] = trtp.SymInt32(n)
         return ck.name, ck.ptx, params, extra
 
-    check_signature(desc, c)
-    check_signature(aot, c, ("outputs", "tactic"))
-    ann = {name: trtp.TensorDesc for name in c.inputs}
-    ann.update(dict(c.attributes))
-    desc.__annotations__ = {**ann, "return": trtp.TensorDesc}
-    aot.__annotations__ = {**ann, "outputs": tuple[trtp.TensorDesc], "tactic": int,
-                           "return": tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymIntExprs]}
-    trtp.register(c.qualified_name)(desc)
-    trtp.aot_impl(c.qualified_name)(aot)
-
-
-def _arch() -> int:
-    import torch
-
-    if torch.cuda.is_available():
-        major, minor = torch.cuda.get_device_capability()
-        return major * 10 + minor
-    return 90
+    register_aot(trtp, c, desc, aot)

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _common import check_signature, constant, contract, import_trtp, trt_dtype_name  # noqa: E402
+from _common import constant, contract, gpu_arch, import_trtp, register_aot, trt_dtype_name  # noqa: E402
 
 OP_TYPE = "SMLPTokenMoE"
 ROUTINGS = {"base": 0, "topk": 1}
@@ -70,7 +70,7 @@ def register() -> None:
     def aot(hidden, router_logits, w1, b1, w2, b2, routing, k, activation, outputs, tactic):
         E = constant(w1.shape_expr[0], "w1's expert dimension")
         d = constant(w1.shape_expr[2], "w1's model dimension")
-        ck = compile_ptx("token_moe", trt_dtype_name(hidden.dtype), arch=_arch(),
+        ck = compile_ptx("token_moe", trt_dtype_name(hidden.dtype), arch=gpu_arch(),
                          constexprs=kernel_constexprs(E, d, routing, k, activation), num_warps=NUM_WARPS)
         params = trtp.KernelLaunchParams()
         (params.grid_x, params.grid_y, params.grid_z, params.block_x, params.block_y, params.block_z,
@@ -80,30 +80,4 @@ def register() -> None:
         extra[1] = trtp.SymInt32(w1.shape_expr[1])
         return ck.name, ck.ptx, params, extra
 
-    check_signature(desc, c)
-    check_signature(aot, c, ("outputs", "tactic"))
-    trtp.register(c.qualified_name)(_annotate(desc, trtp, c))
-    trtp.aot_impl(c.qualified_name)(_annotate(aot, trtp, c, aot=True))
-
-
-def _annotate(fn, trtp, c, aot: bool = False):
-    """tensorrt.plugin reads the parameter annotations; set them from the contract's field types."""
-    ann = {name: trtp.TensorDesc for name in c.inputs}
-    ann.update(dict(c.attributes))
-    if aot:
-        ann.update({"outputs": tuple[trtp.TensorDesc], "tactic": int})
-        ann["return"] = tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymIntExprs]
-    else:
-        ann["return"] = trtp.TensorDesc
-    fn.__annotations__ = ann
-    return fn
-
-
-def _arch() -> int:
-    """Compute capability of the build GPU (the engine is built on the GPU it will run on)."""
-    import torch
-
-    if torch.cuda.is_available():
-        major, minor = torch.cuda.get_device_capability()
-        return major * 10 + minor
-    return 90
+    register_aot(trtp, c, desc, aot)
