@@ -6,7 +6,6 @@ preferred for export outputs once present; both follow ``runners.base.Runner``.
 """
 from __future__ import annotations
 
-import importlib.metadata as _md
 import os
 from pathlib import Path
 from typing import Any
@@ -14,15 +13,7 @@ from typing import Any
 import numpy as np
 
 from smlp_export.runners.base import Runner, RunnerUnavailable
-
-
-def ort_version() -> str:
-    for dist in ("onnxruntime-gpu", "onnxruntime"):
-        try:
-            return _md.version(dist)
-        except _md.PackageNotFoundError:
-            continue
-    return "unknown"
+from smlp_export.runners.ort_runner import ort_version
 
 
 def check_provider(provider: str) -> None:

@@ -16,10 +16,7 @@ every target. No range check lives in the graph: the runtime checks position / s
 """
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
-import logging
 import os
 import tempfile
 from pathlib import Path
@@ -66,22 +63,12 @@ def _trace(model, target: str, dtype: str, opset: int) -> onnx.ModelProto:
     states = tuple(torch.zeros(B, cfg.max_seq_len, cfg.spatial_channels, dtype=tdt) for _ in names)
     batch, new = torch.export.Dim("batch", min=1), torch.export.Dim.DYNAMIC
     dyn = ({0: batch, 1: new}, None, tuple({0: batch} for _ in names))  # *states is one varargs entry
-    quiet = io.StringIO()
-    logger = logging.getLogger("torch.onnx")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        with torch.no_grad(), contextlib.redirect_stdout(quiet):
-            ep = torch.export.export(wrapped, (ids, pos, *states), dynamic_shapes=dyn, strict=False)
-            program = torch.onnx.export(
-                ep, (ids, pos, *states), dynamo=True, opset_version=opset, optimize=True, verbose=False,
-                custom_translation_table=translation_table(target, dtype, opset),
-                input_names=[INPUT_IDS, POSITION, *names],
-                output_names=[LOGITS, *[OUT_PREFIX + n for n in names]],
-            )
-    finally:
-        logger.setLevel(level)
-    return program.model_proto
+    from ..export.graph import dynamo_export
+
+    return dynamo_export(wrapped, (ids, pos, *states), dyn, opset=opset,
+                         table=translation_table(target, dtype, opset),
+                         input_names=[INPUT_IDS, POSITION, *names],
+                         output_names=[LOGITS, *[OUT_PREFIX + n for n in names]])
 
 
 def _finish(proto: onnx.ModelProto, model, target: str, dtype: str, opset: int, ir_version: int) -> onnx.ModelProto:

@@ -75,17 +75,27 @@ def _trace(model, target: str, dtype: str, opset: int, names: list[str], ort_moe
     # Dim.DYNAMIC, not Dim("seq", max=n): slicing W[:T, :T] makes torch guard T != n, which a
     # bounded Dim rejects; the ONNX Slice it becomes is correct for every 1 <= T <= n.
     dyn = {0: torch.export.Dim.DYNAMIC, 1: torch.export.Dim.DYNAMIC}
+    return dynamo_export(wrapped, (ids,), (dyn,), opset=opset,
+                         table=translation_table(target, dtype, opset, ort_moe=ort_moe),
+                         input_names=["input_ids"], output_names=["logits", *[f"router.{n}" for n in names]])
+
+
+def dynamo_export(module, args: tuple, dynamic_shapes: Any, *, opset: int, table: dict,
+                  input_names: list[str], output_names: list[str]) -> onnx.ModelProto:
+    """torch.export + torch.onnx.export(dynamo=True) with the smlp translation table, with the
+    exporter's progress chatter silenced (shared by model.onnx and decode.onnx)."""
+    import torch
+
     quiet = io.StringIO()
     logger = logging.getLogger("torch.onnx")
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
         with torch.no_grad(), contextlib.redirect_stdout(quiet):
-            ep = torch.export.export(wrapped, (ids,), dynamic_shapes=(dyn,), strict=False)
+            ep = torch.export.export(module, args, dynamic_shapes=dynamic_shapes, strict=False)
             program = torch.onnx.export(
-                ep, (ids,), dynamo=True, opset_version=opset, optimize=True, verbose=False,
-                custom_translation_table=translation_table(target, dtype, opset, ort_moe=ort_moe),
-                input_names=["input_ids"], output_names=["logits", *[f"router.{n}" for n in names]],
+                ep, args, dynamo=True, opset_version=opset, optimize=True, verbose=False,
+                custom_translation_table=table, input_names=input_names, output_names=output_names,
             )
     finally:
         logger.setLevel(level)
