@@ -59,6 +59,19 @@ SPATIAL_MOE_PARTIAL = PluginContract(
     attributes={"num_experts": int, "prefix": int},
 )
 
+# The grouped-GEMM plugin (issue 9): the tensorrt target's token MoE is routing + permutation in
+# standard ONNX ops around two of these nodes (up-projection with the activation fused, then the
+# down-projection), so the plugin only ever sees rows already grouped by expert.
+GROUPED_EXPERT_GEMM = PluginContract(
+    op_type="SMLPGroupedExpertGemm",
+    torch_op="smlp::grouped_expert_gemm",
+    # x [M, K] rows grouped by expert; offsets [E + 1] int32 (rows of expert e are
+    # offsets[e]:offsets[e+1], offsets[0] = 0, offsets[E] = M); weight [E, N, K]; bias [E, N]
+    inputs=("x", "offsets", "weight", "bias"),
+    outputs=("output",),  # [M, N] = act(x @ weight[e]^T + bias[e]) row by row
+    attributes={"activation": str},  # identity | gelu | gelu_tanh | relu | silu
+)
+
 CONTRACTS: dict[str, PluginContract] = {}
 
 
@@ -75,7 +88,7 @@ def register(c: PluginContract) -> PluginContract:
     return c
 
 
-for _c in (TOKEN_MOE, SPATIAL_MOE, SPATIAL_MOE_PARTIAL):
+for _c in (TOKEN_MOE, SPATIAL_MOE, SPATIAL_MOE_PARTIAL, GROUPED_EXPERT_GEMM):
     register(_c)
 
 

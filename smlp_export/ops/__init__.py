@@ -7,6 +7,11 @@ and a naive loop (``*_naive``) used only by tests.
 """
 from __future__ import annotations
 
+from .grouped_gemm import (  # noqa: F401
+    GEMM_ACTIVATIONS,
+    grouped_expert_gemm,
+    grouped_expert_gemm_reference,
+)
 from .spatial_moe import (  # noqa: F401
     causal_weight,
     route_channels,
