@@ -5,34 +5,30 @@ AOT compile tests carry the ``triton`` marker (they need the triton extra, not a
 """
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import inspect
 import math
 import re
-import sys
 from pathlib import Path
 
 import pytest
 
 from smlp_export.export.contract import CONTRACTS
 
-PLUGINS = Path(__file__).resolve().parents[1] / "plugins"
+import smlp_export.plugins
+
+PLUGINS = Path(smlp_export.plugins.__file__).resolve().parent
 
 
 def _load(folder: str):
-    spec = importlib.util.spec_from_file_location(f"test_plugin_{folder}", PLUGINS / folder / "plugin.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return importlib.import_module(f"smlp_export.plugins.{folder}.plugin")
 
 
 tok = _load("smlp_token_moe")
 spa = _load("smlp_spatial_moe")
 par = _load("smlp_spatial_moe_partial")
 FOLDERS = {"smlp_token_moe": tok, "smlp_spatial_moe": spa, "smlp_spatial_moe_partial": par}
-sys.path.insert(0, str(PLUGINS))
-import _common  # noqa: E402
-import build_engine  # noqa: E402
+from smlp_export.plugins import _common, build_engine  # noqa: E402
 
 
 def test_every_plugin_folder_names_a_contract_and_has_a_readme():

@@ -1,6 +1,6 @@
 """Build a TensorRT engine from a ``--target tensorrt`` ONNX export that holds smlp plugin nodes.
 
-    python plugins/build_engine.py model.onnx -o model.engine [--fp16|--bf16] [--max-tokens 4096]
+    python -m smlp_export.plugins.build_engine model.onnx -o model.engine [--fp16|--bf16] [--max-tokens 4096]
 
 Registers the smlp plugins (``tensorrt.plugin`` AOT implementations, so the engine runs without
 Python), parses the ONNX file, sets an optimization profile for the dynamic batch / sequence
@@ -10,15 +10,13 @@ Without TensorRT it fails with one line: "TensorRT not installed ...".
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib
 import os
 import sys
 import tempfile
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from _common import TensorRTUnavailable, import_trtp  # noqa: E402
+from smlp_export.plugins._common import TensorRTUnavailable, import_trtp
 
 PLUGIN_DIRS = ("smlp_token_moe", "smlp_spatial_moe", "smlp_spatial_moe_partial")
 
@@ -27,9 +25,7 @@ def register_plugins() -> list[str]:
     """Import every plugin folder's plugin.py and call its register(); returns the op types."""
     done = []
     for name in PLUGIN_DIRS:
-        spec = importlib.util.spec_from_file_location(f"smlp_plugin_{name}", HERE / name / "plugin.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
+        mod = importlib.import_module(f"smlp_export.plugins.{name}.plugin")
         mod.register()
         done.append(mod.OP_TYPE)
     return done

@@ -6,11 +6,7 @@ returning the AOT-compiled PTX of ``spatial_moe_partial_plugin_kernel``: routing
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _common import constant, contract, gpu_arch, import_trtp, register_aot, trt_dtype_name  # noqa: E402
+from smlp_export.plugins._common import constant, contract, gpu_arch, import_trtp, register_aot, trt_dtype_name
 
 OP_TYPE = "SMLPSpatialMoEPartial"
 BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_P, NUM_WARPS = 64, 32, 32, 16, 4

@@ -7,11 +7,7 @@ descriptors, ``@aot_impl`` returning the AOT-compiled PTX of
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _common import constant, contract, gpu_arch, import_trtp, register_aot, trt_dtype_name  # noqa: E402
+from smlp_export.plugins._common import constant, contract, gpu_arch, import_trtp, register_aot, trt_dtype_name
 
 OP_TYPE = "SMLPTokenMoE"
 ROUTINGS = {"base": 0, "topk": 1}
