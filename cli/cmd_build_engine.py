@@ -13,7 +13,7 @@ def build_engine(export_dir, output, precision, max_batch) -> None:
     """Build a TensorRT engine with the smlp plugins (smlp_export/plugins/) from OUT/model.onnx.
 
     The sequence bound of the optimization profile is the model's max_seq_len from OUT/manifest.json.
-    Needs TensorRT >= 10.9 (the `tensorrt` extra).
+    Needs TensorRT >= 10.10 (the `tensorrt` extra).
     """
     import json
     from pathlib import Path
