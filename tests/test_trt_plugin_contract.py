@@ -400,3 +400,45 @@ def test_build_engine_tensorrt_api_error_is_one_line(monkeypatch, trt_export, ca
     err = capsys.readouterr().err
     assert code == 1 and err.startswith("error: TensorRT ") and "FP16" in err and len(err.strip().splitlines()) == 1
     assert not (trt_export / "y.engine").exists()
+
+
+EXPECTED_EXTRA = {  # int32 scalar args each kernel takes, from the node's input shapes (kernel signatures)
+    "SMLPTokenMoE": lambda s: (s[0][1], s[2][1]),  # d = hidden[1], f = w1[1]
+    "SMLPSpatialMoE": lambda s: (s[0][1], s[0][2], s[1][1]),  # T, c, n
+    "SMLPSpatialMoEPartial": lambda s: (s[0][1], s[0][2], s[1][1]),  # T, c, n
+    "SMLPGroupedExpertGemm": lambda s: (s[0][0],),  # M
+}
+
+
+@pytest.mark.triton
+def test_exported_plugin_nodes_build_through_the_double(monkeypatch, trt_export):
+    """Every plugin node of a real export, with the input dtypes / shapes the graph gives it, through
+    the builder path down to the kernel: the exporter and the plugins agree on inputs and fields."""
+    pytest.importorskip("triton", reason="triton extra not installed: pip install -e '.[triton]'")
+    from onnx import shape_inference
+
+    from smlp_export.kernels import aot
+
+    trt = trt_double.install(monkeypatch)
+    build_engine.register_plugins()
+    monkeypatch.setattr(aot, "compile_ptx", _cached_compile(aot.compile_ptx))
+    model = shape_inference.infer_shapes(onnx.load(trt_export / "model.onnx"))
+    elem = {onnx.TensorProto.FLOAT: DT.FLOAT, onnx.TensorProto.FLOAT16: DT.HALF, onnx.TensorProto.BFLOAT16: DT.BF16,
+            onnx.TensorProto.INT32: DT.INT32, onnx.TensorProto.INT64: DT.INT64}
+    known = {t.name: (elem[t.data_type], tuple(t.dims)) for t in model.graph.initializer}
+    for v in list(model.graph.value_info) + list(model.graph.input):
+        tt = v.type.tensor_type
+        known[v.name] = (elem[tt.elem_type], tuple(d.dim_param or d.dim_value for d in tt.shape.dim))
+    nodes = [n for n in model.graph.node if n.op_type in CONTRACTS]
+    assert nodes
+    for node in nodes:
+        ins = [known[i] for i in node.input]
+        env = {s: 5 + i for i, s in enumerate(sorted({d for _, sh in ins for d in sh if isinstance(d, str)}))}
+        res = build_plugin(trt, node, ins)
+        out_type, out_shape = known[node.output[0]]
+        assert res.output_types == [out_type], node.name
+        got = tuple(bindings.evaluate(e, env) for e in res.output_shapes[0])
+        assert got == tuple(env.get(d, d) for d in out_shape), node.name
+        shapes = [tuple(env.get(d, d) for d in sh) for _, sh in ins]
+        assert tuple(bindings.evaluate(e, env) for e in res.extra_args) == EXPECTED_EXTRA[node.op_type](shapes)
+        assert res.kernel_name == aot.PLUGIN_KERNELS[COMPILED[-1][0]][0]
