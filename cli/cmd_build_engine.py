@@ -10,12 +10,11 @@ import click
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
 @click.option("--max-batch", default=8, show_default=True, type=click.IntRange(1), help="Profile upper bound for batch.")
 def build_engine(export_dir, output, precision, max_batch) -> None:
-    """Build a TensorRT engine with the smlp plugins (plugins/build_engine.py) from OUT/model.onnx.
+    """Build a TensorRT engine with the smlp plugins (smlp_export/plugins/) from OUT/model.onnx.
 
     The sequence bound of the optimization profile is the model's max_seq_len from OUT/manifest.json.
-    Needs TensorRT >= 10.9 (the `tensorrt` extra) and a source checkout (plugins/ is not in the wheel).
+    Needs TensorRT >= 10.10 (the `tensorrt` extra).
     """
-    import importlib.util
     import json
     from pathlib import Path
 
@@ -29,12 +28,7 @@ def build_engine(export_dir, output, precision, max_batch) -> None:
     if manifest.get("target") != "tensorrt":
         raise SMLPError(f"{out} was exported with --target {manifest.get('target')}; "
                         "TensorRT engines need --target tensorrt (plugin nodes)")
-    script = Path(__file__).resolve().parent.parent / "plugins" / "build_engine.py"
-    if not script.is_file():
-        raise SMLPError(f"plugins/ not found next to the CLI ({script.parent}): build engines from a source checkout")
-    spec = importlib.util.spec_from_file_location("smlp_plugins_build_engine", script)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    from smlp_export.plugins import build_engine as mod
     try:
         path = mod.build_engine(out / "model.onnx", Path(output) if output else out / "model.engine",
                                 precision=precision, max_batch=max_batch,

@@ -1,38 +1,35 @@
 """TensorRT plugin glue, checked without TensorRT: node contract vs plugin functions, shape logic,
-launch parameters, AOT PTX (sm_90 / sm_80) with the parameter layout TensorRT's AOT launch expects.
-
-AOT compile tests carry the ``triton`` marker (they need the triton extra, not a GPU).
+launch parameters, build_engine's profile / error paths, and the grouped-GEMM plugin kernel in the
+interpreter. The plugins through TensorRT's plugin contract (registration, parser-encoded fields,
+AOT PTX for sm_90 / sm_80, launch parameters): tests/test_trt_plugin_contract.py.
 """
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import inspect
+import json
 import math
-import re
-import sys
 from pathlib import Path
 
 import pytest
 
 from smlp_export.export.contract import CONTRACTS
 
-PLUGINS = Path(__file__).resolve().parents[1] / "plugins"
+import smlp_export.plugins
+
+PLUGINS = Path(smlp_export.plugins.__file__).resolve().parent
 
 
 def _load(folder: str):
-    spec = importlib.util.spec_from_file_location(f"test_plugin_{folder}", PLUGINS / folder / "plugin.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return importlib.import_module(f"smlp_export.plugins.{folder}.plugin")
 
 
 tok = _load("smlp_token_moe")
 spa = _load("smlp_spatial_moe")
 par = _load("smlp_spatial_moe_partial")
-FOLDERS = {"smlp_token_moe": tok, "smlp_spatial_moe": spa, "smlp_spatial_moe_partial": par}
-sys.path.insert(0, str(PLUGINS))
-import _common  # noqa: E402
-import build_engine  # noqa: E402
+gg = _load("smlp_grouped_gemm")
+FOLDERS = {"smlp_token_moe": tok, "smlp_spatial_moe": spa, "smlp_spatial_moe_partial": par, "smlp_grouped_gemm": gg}
+from smlp_export.plugins import _common, build_engine  # noqa: E402
 
 
 def test_every_plugin_folder_names_a_contract_and_has_a_readme():
@@ -129,35 +126,6 @@ def test_spatial_partial_output_shape_and_launch():
     assert (gx, gy, gz, bx) == (2, 1, 2, 128)
 
 
-AOT_CASES = [  # (kernel, plugin module, constexprs, user params)
-    ("token_moe", tok, lambda: tok.kernel_constexprs(8, 4096, "topk", 2, "gelu_tanh"), 6 + 2 + 1),
-    ("spatial_moe", spa, lambda: spa.kernel_constexprs(4), 3 + 3 + 1),
-    ("spatial_moe_partial", par, lambda: par.kernel_constexprs(4, 205), 4 + 3 + 1),
-]
-
-
-@pytest.mark.triton
-@pytest.mark.parametrize("arch", [90, 80])
-@pytest.mark.parametrize("kernel,mod,constexprs,user_params", AOT_CASES, ids=[c[0] for c in AOT_CASES])
-def test_aot_ptx_has_named_entry_and_trt_param_layout(kernel, mod, constexprs, user_params, arch):
-    pytest.importorskip("triton", reason="triton extra not installed: pip install -e '.[triton]'")
-    from smlp_export.kernels.aot import PLUGIN_KERNELS, SCRATCH_PARAMS, compile_ptx
-
-    dtype = "float16" if arch == 80 else "bfloat16"
-    ck = compile_ptx(kernel, dtype, arch, constexprs(), num_warps=mod.NUM_WARPS)
-    assert ck.name == PLUGIN_KERNELS[kernel][0]
-    assert f".entry {ck.name}(" in ck.ptx
-    assert f".target sm_{arch}" in ck.ptx
-    assert ".version 8.0" in ck.ptx  # loadable by CUDA 12.0+ drivers
-    # TensorRT passes inputs, the int32 extra args, then outputs; Triton appends 2 scratch pointers.
-    assert ck.num_params == user_params + SCRATCH_PARAMS
-    entry = ck.ptx[ck.ptx.index(f".entry {ck.name}(") + len(f".entry {ck.name}("):]
-    kinds = re.findall(r"\.param\s+(\.\w+)", entry[:entry.index(")")])
-    _, ptrs, scalars, outs = PLUGIN_KERNELS[kernel]
-    assert kinds == [".u64"] * len(ptrs) + [".u32"] * len(scalars) + [".u64"] * len(outs) + [".u64"] * SCRATCH_PARAMS
-    assert ck.num_warps == mod.NUM_WARPS and ck.block_x == 32 * mod.NUM_WARPS
-
-
 @pytest.mark.parametrize("folder", sorted(FOLDERS))
 def test_register_declares_contract_signature_to_tensorrt(folder, monkeypatch):
     """register() against a recording stand-in for tensorrt.plugin: the descriptor and the AOT impl
@@ -178,7 +146,7 @@ def test_register_declares_contract_signature_to_tensorrt(folder, monkeypatch):
 
     fake = types.SimpleNamespace(TensorDesc=type("TensorDesc", (), {}), KernelLaunchParams=type("KLP", (), {}),
                                  SymIntExprs=type("SIE", (), {}), register=recorder("register"),
-                                 aot_impl=recorder("aot_impl"))
+                                 aot_impl=recorder("aot_impl"), op=types.SimpleNamespace())
     monkeypatch.setattr(mod, "import_trtp", lambda: fake)
     mod.register()
     for kind in ("register", "aot_impl"):
@@ -189,6 +157,6 @@ def test_register_declares_contract_signature_to_tensorrt(folder, monkeypatch):
         for inp in c.inputs:
             assert fn.__annotations__[inp] is fake.TensorDesc
         for attr, typ in c.attributes.items():
-            assert fn.__annotations__[attr] is typ
+            assert fn.__annotations__[attr] == _common.FIELD_ANNOTATIONS[typ]
     assert seen["register"][1].__annotations__["return"] is fake.TensorDesc
     assert list(inspect.signature(seen["aot_impl"][1]).parameters)[-2:] == ["outputs", "tactic"]

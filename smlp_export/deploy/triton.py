@@ -11,7 +11,7 @@ The config is derived from the ONNX graph's inputs and outputs (names, element t
 ``-1`` for symbolic axes), never typed by hand. ``max_batch_size: 0`` because the graphs carry the
 batch axis themselves. For the ``tensorrt`` target the same file runs on the onnxruntime backend
 through its model-local fallback functions; an engine with the plugins is built on the GPU machine
-(plugins/build_engine.py) and served by the TensorRT backend with the plugin library preloaded.
+(smlp build-engine) and served by the TensorRT backend with the plugin library preloaded.
 The decode graph is served with explicit state inputs/outputs (the client keeps the state); Triton's
 implicit-state sequence batching would need a per-sequence ``position`` input, see docs/deploy.md.
 """

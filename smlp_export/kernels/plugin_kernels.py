@@ -202,3 +202,52 @@ def spatial_moe_partial_plugin_kernel(
 ROUTING_CODES = {"base": 0, "topk": 1}
 
 __all__ = ["token_moe_plugin_kernel", "spatial_moe_plugin_kernel", "spatial_moe_partial_plugin_kernel", "ROUTING_CODES"]
+
+
+@triton.jit
+def grouped_expert_gemm_plugin_kernel(
+    x_ptr, offsets_ptr, w_ptr, b_ptr,
+    M,
+    out_ptr,
+    E: tl.constexpr, N: tl.constexpr, K: tl.constexpr, ACT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INTERP_BF16: tl.constexpr,
+):
+    """SMLPGroupedExpertGemm: out[r] = act(x[r] @ w[e]^T + b[e]) for the rows r of expert e.
+
+    x [M, K], offsets [E + 1] int32 (rows of expert e: offsets[e]:offsets[e+1]), w [E, N, K],
+    b [E, N], out [M, N], all contiguous. Grid (cdiv(N, BLOCK_N), E, 1): each program owns one
+    (output tile, expert) and walks that expert's rows in BLOCK_M chunks, K in BLOCK_K chunks, so
+    every weight tile is read by one program. ACT: 0 gelu, 1 gelu_tanh, 2 relu, 3 silu, 4 identity.
+    A simple correct version (tl.dot tiles, fp32 accumulation); empty experts cost one offsets load.
+    """
+    pid_n = tl.program_id(0)
+    e = tl.program_id(1)
+    start = tl.load(offsets_ptr + e)
+    end = tl.minimum(tl.load(offsets_ptr + e + 1), M)  # never past the M rows TensorRT allocated
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    e64 = e.to(tl.int64)
+    bias = tl.load(b_ptr + e64 * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+    for m0 in range(start, end, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < end
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < K
+            a = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * K + offs_k[None, :],
+                        mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_ptr + e64 * N * K + offs_n[None, :].to(tl.int64) * K + offs_k[:, None],
+                        mask=k_ok[:, None] & n_ok[None, :], other=0.0)  # [BLOCK_K, BLOCK_N] = w[e]^T tile
+            if INTERP_BF16:  # the interpreter's bf16 dot multiplies raw bits: fp32 operands (exact)
+                acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+            elif x_ptr.dtype.element_ty == tl.float32:  # fp32 I/O: no tf32 rounding
+                acc = tl.dot(a, w, acc, input_precision="ieee")
+            else:  # fp16 / bf16 tensor-core products, fp32 accumulation
+                acc = tl.dot(a, w, acc)
+        # pre-activation rounded to the I/O dtype, as the reference's F.linear output is
+        acc = _to_io(acc + bias[None, :], out_ptr.dtype.element_ty, INTERP_BF16).to(tl.float32)
+        if ACT != 4:
+            acc = _activate(acc, ACT)
+        tl.store(out_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :],
+                 _to_io(acc, out_ptr.dtype.element_ty, INTERP_BF16), mask=m_ok[:, None] & n_ok[None, :])

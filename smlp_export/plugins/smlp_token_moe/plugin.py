@@ -7,11 +7,7 @@ descriptors, ``@aot_impl`` returning the AOT-compiled PTX of
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _common import constant, contract, gpu_arch, import_trtp, register_aot, trt_dtype_name  # noqa: E402
+from smlp_export.plugins._common import aot_compile, constant, contract, import_trtp, register_aot
 
 OP_TYPE = "SMLPTokenMoE"
 ROUTINGS = {"base": 0, "topk": 1}
@@ -57,10 +53,8 @@ def launch(N, num_warps: int, shared: int) -> tuple:
 
 
 def register() -> None:
-    """Register the plugin with ``tensorrt.plugin`` (TensorRT >= 10.9)."""
+    """Register the plugin with ``tensorrt.plugin`` (TensorRT >= 10.10)."""
     trtp = import_trtp()
-    from smlp_export.kernels.aot import compile_ptx
-
     c = contract(OP_TYPE)
 
     def desc(hidden, router_logits, w1, b1, w2, b2, routing, k, activation):
@@ -70,7 +64,7 @@ def register() -> None:
     def aot(hidden, router_logits, w1, b1, w2, b2, routing, k, activation, outputs, tactic):
         E = constant(w1.shape_expr[0], "w1's expert dimension")
         d = constant(w1.shape_expr[2], "w1's model dimension")
-        ck = compile_ptx("token_moe", trt_dtype_name(hidden.dtype), arch=gpu_arch(),
+        ck = aot_compile(OP_TYPE, "token_moe", hidden.dtype,
                          constexprs=kernel_constexprs(E, d, routing, k, activation), num_warps=NUM_WARPS)
         params = trtp.KernelLaunchParams()
         (params.grid_x, params.grid_y, params.grid_z, params.block_x, params.block_y, params.block_z,

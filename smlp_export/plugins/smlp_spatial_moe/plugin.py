@@ -6,11 +6,7 @@ returning the AOT-compiled PTX of ``smlp_export.kernels.plugin_kernels.spatial_m
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _common import constant, contract, gpu_arch, import_trtp, register_aot, trt_dtype_name  # noqa: E402
+from smlp_export.plugins._common import aot_compile, constant, contract, import_trtp, register_aot
 
 OP_TYPE = "SMLPSpatialMoE"
 BLOCK_M, BLOCK_N, BLOCK_K, NUM_WARPS = 64, 32, 32, 4
@@ -49,8 +45,6 @@ def launch(B, T, c, num_experts: int, num_warps: int, shared: int, div=cdiv) -> 
 
 def register() -> None:
     trtp = import_trtp()
-    from smlp_export.kernels.aot import compile_ptx
-
     c = contract(OP_TYPE)
 
     def desc(z2, weight, bias, num_experts):
@@ -59,7 +53,7 @@ def register() -> None:
     def aot(z2, weight, bias, num_experts, outputs, tactic):
         E = constant(weight.shape_expr[0], "weight's expert dimension")
         n = constant(weight.shape_expr[1], "weight's position dimension")
-        ck = compile_ptx("spatial_moe", trt_dtype_name(z2.dtype), arch=gpu_arch(),
+        ck = aot_compile(OP_TYPE, "spatial_moe", z2.dtype,
                          constexprs=kernel_constexprs(E), num_warps=NUM_WARPS)
         B, T, ch = z2.shape_expr[0], z2.shape_expr[1], z2.shape_expr[2]
         params = trtp.KernelLaunchParams()

@@ -6,11 +6,7 @@ returning the AOT-compiled PTX of ``spatial_moe_partial_plugin_kernel``: routing
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _common import constant, contract, gpu_arch, import_trtp, register_aot, trt_dtype_name  # noqa: E402
+from smlp_export.plugins._common import aot_compile, constant, contract, import_trtp, register_aot
 
 OP_TYPE = "SMLPSpatialMoEPartial"
 BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_P, NUM_WARPS = 64, 32, 32, 16, 4
@@ -52,8 +48,6 @@ def launch(B, T, c, num_warps: int, shared: int, div=cdiv) -> tuple:
 
 def register() -> None:
     trtp = import_trtp()
-    from smlp_export.kernels.aot import compile_ptx
-
     c = contract(OP_TYPE)
 
     def desc(z2, weight, bias, router_weight, num_experts, prefix):
@@ -62,7 +56,7 @@ def register() -> None:
     def aot(z2, weight, bias, router_weight, num_experts, prefix, outputs, tactic):
         E = constant(weight.shape_expr[0], "weight's expert dimension")
         n = constant(weight.shape_expr[1], "weight's position dimension")
-        ck = compile_ptx("spatial_moe_partial", trt_dtype_name(z2.dtype), arch=gpu_arch(),
+        ck = aot_compile(OP_TYPE, "spatial_moe_partial", z2.dtype,
                          constexprs=kernel_constexprs(E, prefix), num_warps=NUM_WARPS)
         B, T, ch = z2.shape_expr[0], z2.shape_expr[1], z2.shape_expr[2]
         params = trtp.KernelLaunchParams()

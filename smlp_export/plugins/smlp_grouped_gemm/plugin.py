@@ -1,0 +1,80 @@
+"""TensorRT plugin ``smlp::SMLPGroupedExpertGemm``: one GEMM per expert over rows grouped by expert.
+
+Plain functions (tested without TensorRT): :func:`output_shape`, :func:`kernel_constexprs`,
+:func:`launch`. :func:`register` wraps them with ``tensorrt.plugin`` (``@register`` for the output
+descriptor, ``@aot_impl`` returning the AOT-compiled PTX of
+``smlp_export.kernels.plugin_kernels.grouped_expert_gemm_plugin_kernel``), so engines run without Python.
+"""
+from __future__ import annotations
+
+from smlp_export.plugins._common import aot_compile, constant, contract, import_trtp, register_aot
+
+OP_TYPE = "SMLPGroupedExpertGemm"
+# The kernel's ACT codes: smlp_export.kernels.grouped_moe.ACTIVATIONS (0-3) + 4 for identity.
+ACTIVATIONS = {"gelu": 0, "gelu_tanh": 1, "relu": 2, "silu": 3, "identity": 4}
+BLOCK_M, BLOCK_K, NUM_WARPS = 32, 32, 4
+MAX_BLOCK_N = 64
+
+
+def output_shape(x: tuple, offsets: tuple, weight: tuple, bias: tuple) -> tuple:
+    """x [M, K], offsets [E + 1], weight [E, N, K], bias [E, N] -> [M, N]; ValueError when inconsistent."""
+    if len(x) != 2 or len(offsets) != 1 or len(weight) != 3 or len(bias) != 2:
+        raise ValueError(f"{OP_TYPE}: need x [M, K], offsets [E + 1], weight [E, N, K], bias [E, N]")
+    M, K = x
+    E, N, K2 = weight
+    checks = [((K,), (K2,), "x's last dim (K)"), (tuple(offsets), (E + 1,), "offsets"), (tuple(bias), (E, N), "bias")]
+    for got, want, name in checks:
+        if all(isinstance(v, int) for v in got + want) and got != want:
+            raise ValueError(f"{OP_TYPE}: {name} has shape {got}, expected {want}")
+    return (M, N)
+
+
+def _pow2(v: int) -> int:
+    return max(16, 1 << (v - 1).bit_length())  # tl.dot tiles are >= 16 wide
+
+
+def kernel_constexprs(E: int, N: int, K: int, activation: str) -> dict[str, int]:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"{OP_TYPE}: activation {activation!r} not in {sorted(ACTIVATIONS)}")
+    if min(E, N, K) < 1:
+        raise ValueError(f"{OP_TYPE}: E, N, K must be >= 1, got {(E, N, K)}")
+    return {"E": E, "N": N, "K": K, "ACT": ACTIVATIONS[activation], "BLOCK_M": BLOCK_M,
+            "BLOCK_N": min(_pow2(N), MAX_BLOCK_N), "BLOCK_K": min(_pow2(K), BLOCK_K)}
+
+
+def cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+def launch(N: int, E: int, block_n: int, num_warps: int, shared: int) -> tuple:
+    """(grid_x, grid_y, grid_z, block_x, block_y, block_z, shared_mem): one program per (N tile, expert)."""
+    return (cdiv(N, block_n), E, 1, 32 * num_warps, 1, 1, shared)
+
+
+def register() -> None:
+    """Register the plugin with ``tensorrt.plugin`` (TensorRT >= 10.10)."""
+    trtp = import_trtp()
+    c = contract(OP_TYPE)
+
+    def desc(x, offsets, weight, bias, activation):
+        # [M, N]: rows of x, output features of the experts' weights; the dtype of x
+        return trtp.from_shape_expr((x.shape_expr[0], weight.shape_expr[1]), dtype=x.dtype)
+
+    def aot(x, offsets, weight, bias, activation, outputs, tactic):
+        if str(offsets.dtype).split(".")[-1] != "INT32":
+            raise ValueError(f"{OP_TYPE}: offsets must be int32, got {offsets.dtype}")
+        if weight.dtype != x.dtype or bias.dtype != x.dtype:
+            raise ValueError(f"{OP_TYPE}: weight {weight.dtype} / bias {bias.dtype} must have x's dtype {x.dtype}")
+        E = constant(weight.shape_expr[0], "weight's expert dimension")
+        N = constant(weight.shape_expr[1], "weight's output dimension")
+        K = constant(weight.shape_expr[2], "weight's input dimension")
+        cx = kernel_constexprs(E, N, K, activation)
+        ck = aot_compile(OP_TYPE, "grouped_expert_gemm", x.dtype, constexprs=cx, num_warps=NUM_WARPS)
+        params = trtp.KernelLaunchParams()
+        (params.grid_x, params.grid_y, params.grid_z, params.block_x, params.block_y, params.block_z,
+         params.shared_mem) = launch(N, E, cx["BLOCK_N"], ck.num_warps, ck.shared)
+        extra = trtp.SymIntExprs(1)  # int32 M (rows of x), after the inputs, before the output
+        extra[0] = trtp.SymInt32(x.shape_expr[0])
+        return ck.name, ck.ptx, params, extra
+
+    register_aot(trtp, c, desc, aot)

@@ -1,0 +1,444 @@
+"""The smlp plugins through TensorRT's plugin contract, without TensorRT or a GPU.
+
+``tests/trt_double`` stands in for TensorRT's compiled bindings, re-implements the pure-Python
+``tensorrt.plugin`` layer's semantics, and plays the ONNX parser + builder (fields encoded as
+onnx-tensorrt encodes them: INT -> int32[1], STRING -> bytes + NUL, numpy >= 2.4 scalar rules).
+Every plugin folder x fp32/fp16/bf16 x every mode is registered, created from parser-encoded
+fields, asked for its output types / shapes / formats, and (``triton`` marker) run through
+``aot_impl`` down to the kernel name, the real Triton PTX (sm_90, and sm_80), the launch parameters
+and the int32 scalar args, evaluated at concrete shapes.
+
+Set ``SMLP_TRT_PLUGIN_SRC`` to a directory with NVIDIA's ``tensorrt/plugin/*.py`` to run the same
+tests on the real Python layer over the bindings double (see tests/trt_double/__init__.py).
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+
+from smlp_export.export.contract import CONTRACTS
+from smlp_export.plugins import _common, build_engine
+
+from . import trt_double
+from .trt_double import bindings
+from .trt_double.builder import ParserError, build_plugin, import_plugin
+
+FOLDERS = {"SMLPTokenMoE": "smlp_token_moe", "SMLPSpatialMoE": "smlp_spatial_moe",
+           "SMLPSpatialMoEPartial": "smlp_spatial_moe_partial", "SMLPGroupedExpertGemm": "smlp_grouped_gemm"}
+DT = bindings.DataType
+DTYPES = {"fp32": DT.FLOAT, "fp16": DT.HALF, "bf16": DT.BF16}
+
+
+def plugin_module(op_type: str):
+    return importlib.import_module(f"smlp_export.plugins.{FOLDERS[op_type]}.plugin")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One plugin node: its fields, its inputs (dtype or None = the case's dtype; shape with str =
+    runtime dimension), the runtime sizes to evaluate at, and what the kernel must get."""
+    op_type: str
+    mode: str
+    fields: dict
+    inputs: tuple
+    env: dict
+    out_shape: tuple  # evaluated at env
+    extra: tuple  # int32 scalar args, evaluated at env
+
+
+def _cases() -> list[Case]:
+    N, d, E, f = "N", 48, 4, 80
+    tok_in = ((None, (N, d)), (None, (N, E)), (None, (E, f, d)), (None, (E, f)), (None, (E, d, f)), (None, (E, d)))
+    cases = [Case("SMLPTokenMoE", f"{r}{k}", {"routing": r, "k": k, "activation": "gelu_tanh"}, tok_in,
+                  {"N": 37}, (37, d), (d, f)) for r, k in (("base", 1), ("topk", 1), ("topk", 2))]
+    B, T, c, n = "B", "T", 24, 64
+    cases.append(Case("SMLPSpatialMoE", "deterministic", {"num_experts": E},
+                      ((None, (B, T, c)), (None, (E, n, n)), (None, (E, n))), {"B": 3, "T": 50}, (3, 50, c),
+                      (50, c, n)))
+    cases.append(Case("SMLPSpatialMoEPartial", "partial", {"num_experts": E, "prefix": 13},
+                      ((None, (B, T, c)), (None, (E, n, n)), (None, (E, n)), (None, (13, E))), {"B": 2, "T": 61},
+                      (2, 61, c), (61, c, n)))
+    M, K, Ng = "M", 40, 72
+    for act in ("identity", "gelu", "gelu_tanh", "relu", "silu"):
+        cases.append(Case("SMLPGroupedExpertGemm", act, {"activation": act},
+                          ((None, (M, K)), (DT.INT32, (E + 1,)), (None, (E, Ng, K)), (None, (E, Ng))),
+                          {"M": 29}, (29, Ng), (29,)))
+    return cases
+
+
+CASES = _cases()
+assert {c.op_type for c in CASES} == set(CONTRACTS), "a contract without a case here"
+
+
+def node_for(case: Case) -> onnx.NodeProto:
+    """The node as the exporter writes it (contract attributes + plugin_namespace / plugin_version)."""
+    c = CONTRACTS[case.op_type]
+    return helper.make_node(case.op_type, [f"in{i}" for i in range(len(case.inputs))], ["out"], domain=c.domain,
+                            name=f"/blocks.0/{case.op_type}", plugin_namespace=c.namespace,
+                            plugin_version=c.version, **case.fields)
+
+
+def inputs_for(case: Case, dtype) -> list:
+    return [(t or dtype, shape) for t, shape in case.inputs]
+
+
+@pytest.fixture
+def trt(monkeypatch):
+    """A fresh TensorRT double with the smlp plugins registered."""
+    mod = trt_double.install(monkeypatch)
+    build_engine.register_plugins()
+    return mod
+
+
+# ----------------------------------------------------------------------------- registration
+def test_register_every_plugin_with_contract_fields(monkeypatch):
+    trt = trt_double.install(monkeypatch)
+    done = build_engine.register_plugins()
+    assert sorted(done) == sorted(CONTRACTS)
+    want_type = {int: trt.PluginFieldType.INT32, str: trt.PluginFieldType.CHAR}
+    for c in CONTRACTS.values():
+        creator = trt.get_plugin_registry().get_creator(c.op_type, c.version, c.namespace)
+        assert creator is not None, c.op_type
+        assert [(f.name, f.type) for f in creator.field_names] == [(n, want_type[t]) for n, t in c.attributes.items()]
+
+
+def test_registering_twice_in_one_process_keeps_one_registration(monkeypatch):
+    trt = trt_double.install(monkeypatch)
+    build_engine.register_plugins()
+    first = {c: trt.get_plugin_registry().get_creator(c, "1", "smlp") for c in CONTRACTS}
+    build_engine.register_plugins()  # a second engine build in the same process
+    for mod in (plugin_module(o) for o in CONTRACTS):
+        mod.register()
+    assert {c: trt.get_plugin_registry().get_creator(c, "1", "smlp") for c in CONTRACTS} == first
+
+
+def test_tensorrt_older_than_10_10_is_one_clear_error(monkeypatch):
+    trt_double.install(monkeypatch, version="10.9.0.34")
+    with pytest.raises(_common.TensorRTUnavailable, match=r"TensorRT 10\.9\.0\.34 found: .*>= 10\.10") as e:
+        build_engine.register_plugins()
+    assert "\n" not in str(e.value)
+
+
+# ----------------------------------------------------------------------------- fields
+@pytest.mark.parametrize("dtype", sorted(DTYPES))
+@pytest.mark.parametrize("case", CASES, ids=[f"{c.op_type}-{c.mode}" for c in CASES])
+def test_plugin_from_parser_fields_declares_outputs(trt, case, dtype):
+    """Creation from the parser's encoding, output types (with fake shapes), output shapes."""
+    node = node_for(case)
+    plugin = import_plugin(trt, node)
+    assert isinstance(plugin, trt.IPluginV3QuickAOTBuild)  # only aot_impl: TensorRT picks AOT
+    ins = inputs_for(case, DTYPES[dtype])
+    assert plugin.get_output_data_types([t for t, _ in ins], [len(s) for _, s in ins]) == [DTYPES[dtype]]
+    b = trt.IExprBuilder()
+    dims = [trt.DimsExprs([trt.runtime_dim(s) if isinstance(s, str) else b.constant(s) for s in shape])
+            for _, shape in ins]
+    (out,) = plugin.get_output_shapes(dims, [], b)
+    assert tuple(bindings.evaluate(e, case.env) for e in out) == case.out_shape
+
+
+def test_parser_encodes_fields_like_onnx_tensorrt(trt):
+    """The double's encoding itself: INT -> int32[1] (int() raises, numpy >= 2.4), STRING + NUL."""
+    from .trt_double.builder import parser_fields
+
+    creator = trt.get_plugin_registry().get_creator("SMLPTokenMoE", "1", "smlp")
+    node = node_for(CASES[1])
+    got = {f.name: f for f in parser_fields(trt, node, creator)}
+    assert got["routing"].type == trt.PluginFieldType.CHAR and got["routing"].data.tobytes() == b"topk\0"
+    assert got["routing"].length == 5
+    k = got["k"].data
+    assert k.dtype == np.int32 and k.shape == (1,) and k[0] == 1
+    with pytest.raises(TypeError, match="0-dimensional"):
+        int(k)
+
+
+@pytest.mark.parametrize("raw,want", [("topk\0", "topk"), ("topk", "topk"), (b"gelu\0", "gelu")])
+def test_decode_string_field_strips_one_nul(raw, want):
+    assert _common.decode_field(CONTRACTS["SMLPTokenMoE"], "activation", raw) == want
+
+
+@pytest.mark.parametrize("raw", ["topk\0\0", "to\0pk", "topk\x01", "tópk"])
+def test_decode_string_field_rejects_other_garbage(raw):
+    with pytest.raises(ValueError, match="SMLPTokenMoE.routing: malformed string field"):
+        _common.decode_field(CONTRACTS["SMLPTokenMoE"], "routing", raw)
+
+
+def test_decode_int_field():
+    c = CONTRACTS["SMLPSpatialMoEPartial"]
+    arr = np.array([13], dtype=np.int32).view(bindings.Numpy24Array)
+    assert _common.decode_field(c, "prefix", arr) == 13 and type(_common.decode_field(c, "prefix", arr)) is int
+    assert _common.decode_field(c, "prefix", 7) == 7
+    with pytest.raises(ValueError, match="expected one int, got 2 values"):
+        _common.decode_field(c, "prefix", np.array([1, 2], dtype=np.int32))
+    with pytest.raises(ValueError, match="expected int"):
+        _common.decode_field(c, "prefix", "13")
+
+
+def test_wrong_field_value_is_refused_at_build(trt):
+    case = CASES[0]
+    node = node_for(Case(case.op_type, case.mode, {**case.fields, "routing": "greedy"}, case.inputs, case.env,
+                         case.out_shape, case.extra))
+    plugin = import_plugin(trt, node)
+    ins = inputs_for(case, DT.HALF)
+    plugin.get_output_data_types([t for t, _ in ins], [len(s) for _, s in ins])
+    with pytest.raises(ValueError, match="routing 'greedy'"):
+        build_plugin(trt, node, ins)
+
+
+def test_missing_plugin_is_a_parser_error(trt):
+    node = helper.make_node("SMLPNoSuchPlugin", ["a"], ["b"], domain="smlp", plugin_namespace="smlp")
+    with pytest.raises(ParserError, match="Plugin not found"):
+        import_plugin(trt, node)
+
+
+def test_constant_reads_shape_expr_constant_value_method(trt):
+    """tensorrt.plugin's ShapeExpr: is_constant property, constant_value() method."""
+    trtp = trt.plugin
+    assert _common.constant(trtp.ShapeExpr(trt.IExprBuilder().constant(96)), "w") == 96
+    with pytest.raises(ValueError, match="w must be a build-time constant"):
+        _common.constant(trtp.ShapeExpr(trt.runtime_dim("T")), "w")
+
+
+# ----------------------------------------------------------------------------- AOT
+_PTX_CACHE: dict = {}
+COMPILED: list = []  # (kernel, dtype, arch, constexprs, num_warps, ptx_version) of every compile asked for
+
+
+def _key(kernel, dtype, arch, constexprs, num_warps=4, ptx_version=80) -> tuple:
+    return (kernel, dtype, arch, tuple(sorted(constexprs.items())), num_warps, ptx_version)
+
+
+def _cached_compile(real):
+    """compile_ptx with a per-session cache (a miss compiles for real)."""
+    def compile_ptx(kernel, dtype, arch, constexprs, num_warps=4, ptx_version=80):
+        key = _key(kernel, dtype, arch, constexprs, num_warps, ptx_version)
+        COMPILED.append(key)
+        if key not in _PTX_CACHE:
+            _PTX_CACHE[key] = real(kernel, dtype, arch, constexprs, num_warps=num_warps, ptx_version=ptx_version)
+        return _PTX_CACHE[key]
+    return compile_ptx
+
+
+class _Asked(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def ptx_prewarmed():
+    """Compile every kernel the AOT matrix's plugins ask for in ONE batch (one process under the
+    interpreter instead of one per kernel): a first pass records each plugin's compile request and
+    stops there; the batch result fills the cache the tests then read."""
+    pytest.importorskip("triton", reason="triton extra not installed: pip install -e '.[triton]'")
+    from smlp_export.kernels import aot
+
+    asked = []
+
+    def record(kernel, dtype, arch, constexprs, num_warps=4, ptx_version=80):
+        asked.append(_key(kernel, dtype, arch, constexprs, num_warps, ptx_version))
+        raise _Asked
+
+    with pytest.MonkeyPatch.context() as mp:
+        for case, dtype, arch in AOT_MATRIX:
+            trt = trt_double.install(mp)
+            build_engine.register_plugins()
+            mp.setattr(_common, "gpu_arch", lambda: arch)
+            mp.setattr(aot, "compile_ptx", record)
+            with pytest.raises(_Asked):
+                build_plugin(trt, node_for(case), inputs_for(case, DTYPES[dtype]))
+    todo = sorted({k for k in asked if k not in _PTX_CACHE})
+    specs = [aot.ptx_spec(k[0], k[1], k[2], dict(k[3]), k[4], k[5]) for k in todo]
+    _PTX_CACHE.update(zip(todo, aot.compile_specs(specs)))
+
+
+AOT_MATRIX = [(case, dtype, 90) for case in CASES for dtype in sorted(DTYPES)]
+# sm_80 (A100): every plugin and dtype, one mode each (the arch changes the PTX, not the plugin glue)
+AOT_MATRIX += [(case, dtype, 80) for case in CASES if case.mode in ("topk2", "deterministic", "partial", "gelu")
+               for dtype in sorted(DTYPES)]
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("case,dtype,arch", AOT_MATRIX,
+                         ids=[f"{c.op_type}-{c.mode}-{d}-sm{a}" for c, d, a in AOT_MATRIX])
+def test_aot_impl_kernel_ptx_launch_and_scalar_args(trt, monkeypatch, ptx_prewarmed, case, dtype, arch):
+    from smlp_export.kernels import aot
+
+    monkeypatch.setattr(_common, "gpu_arch", lambda: arch)
+    monkeypatch.setattr(aot, "compile_ptx", _cached_compile(aot.compile_ptx))
+    node = node_for(case)
+    before = len(COMPILED)
+    res = build_plugin(trt, node, inputs_for(case, DTYPES[dtype]))
+    assert len(COMPILED) == before + 1
+    kernel, kdtype, karch, constexprs, num_warps, _ = COMPILED[-1]
+    constexprs = dict(constexprs)
+    ck = _PTX_CACHE[COMPILED[-1]]
+    # the kernel the contract names, compiled for this build's dtype and GPU
+    assert kdtype == {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[dtype] and karch == arch
+    assert res.kernel_name == aot.PLUGIN_KERNELS[kernel][0] == ck.name
+    ptx = res.ptx.decode()
+    assert f".entry {res.kernel_name}(" in ptx and f".target sm_{arch}" in ptx
+    # parameter layout TensorRT launches with: input pointers, int32 extra args, output pointers (+ scratch)
+    entry = ptx[ptx.index(f".entry {res.kernel_name}("):]
+    kinds = re.findall(r"\.param\s+(\.\w+)", entry[:entry.index(")")])
+    n_in, n_extra = len(case.inputs), len(res.extra_args)
+    assert kinds == [".u64"] * n_in + [".u32"] * n_extra + [".u64"] + [".u64"] * aot.SCRATCH_PARAMS
+    assert ck.global_scratch == 0 and ck.profile_scratch == 0
+    # types / formats TensorRT configures: network input types, declared output type, LINEAR
+    assert res.combination[0] == tuple(t for t, _ in inputs_for(case, DTYPES[dtype])) + (DTYPES[dtype],)
+    assert set(res.combination[1]) == {trt.TensorFormat.LINEAR}
+    assert res.output_types == [DTYPES[dtype]]
+    # scalar args and launch parameters at concrete runtime sizes
+    ev = {k: bindings.evaluate(e, case.env) for k, e in res.launch.items()}
+    assert tuple(bindings.evaluate(e, case.env) for e in res.extra_args) == case.extra
+    assert (ev["block_x"], ev["block_y"], ev["block_z"]) == (32 * num_warps, 1, 1) == (ck.block_x, 1, 1)
+    assert ev["shared_mem"] == ck.shared
+    grid = (ev["grid_x"], ev["grid_y"], ev["grid_z"])
+    assert grid == expected_grid(case, constexprs)
+
+
+def expected_grid(case: Case, cx: dict) -> tuple:
+    """The grid each kernel's indexing needs (from the kernels' docstrings), at the case's sizes."""
+    env = case.env
+    if case.op_type == "SMLPTokenMoE":
+        return (env["N"], 1, 1)  # one program per token
+    if case.op_type == "SMLPSpatialMoE":
+        c, E = case.inputs[0][1][2], cx["E"]
+        return (math.ceil(env["T"] / cx["BLOCK_M"]), math.ceil(c // E / cx["BLOCK_N"]), env["B"] * E)
+    if case.op_type == "SMLPSpatialMoEPartial":
+        c = case.inputs[0][1][2]
+        return (math.ceil(env["T"] / cx["BLOCK_M"]), math.ceil(c / cx["BLOCK_N"]), env["B"])
+    N = case.inputs[2][1][1]
+    return (math.ceil(N / cx["BLOCK_N"]), cx["E"], 1)  # one program per (N tile, expert)
+
+
+@pytest.mark.triton
+def test_aot_refuses_kernel_that_needs_scratch(trt, monkeypatch, ptx_prewarmed):
+    """A kernel needing Triton scratch memory would read a garbage pointer under TensorRT: build error."""
+    import dataclasses
+
+    from smlp_export.kernels import aot
+
+    cached = _cached_compile(aot.compile_ptx)
+    monkeypatch.setattr(aot, "compile_ptx",
+                        lambda *a, **k: dataclasses.replace(cached(*a, **k), global_scratch=256))
+    case = CASES[-1]
+    with pytest.raises(RuntimeError, match="needs Triton scratch memory"):
+        build_plugin(trt, node_for(case), inputs_for(case, DT.HALF))
+
+
+@pytest.mark.triton
+def test_grouped_gemm_activation_codes_match_the_kernels():
+    pytest.importorskip("triton", reason="triton extra not installed")
+    from smlp_export.kernels.grouped_moe import ACTIVATIONS
+    from smlp_export.ops.grouped_gemm import GEMM_ACTIVATIONS
+
+    gg = plugin_module("SMLPGroupedExpertGemm")
+    assert {k: v for k, v in gg.ACTIVATIONS.items() if k != "identity"} == ACTIVATIONS
+    assert gg.ACTIVATIONS["identity"] == 4 and set(gg.ACTIVATIONS) == set(GEMM_ACTIVATIONS)
+
+
+# ----------------------------------------------------------------------------- build_engine end to end
+@pytest.fixture(scope="module")
+def trt_export(tmp_path_factory):
+    """A micro model exported with --target tensorrt (plugin nodes + their fallback functions)."""
+    from smlp_export import save_checkpoint
+    from smlp_export.export.pipeline import export_model
+
+    from .conftest import micro_model
+
+    tmp = tmp_path_factory.mktemp("trt_export")
+    ck = save_checkpoint(micro_model(**{"token_routing": "topk", "top_k": 2}), tmp / "ck")
+    export_model(str(ck), tmp / "out", target="tensorrt", validate=False)
+    return tmp / "out"
+
+
+def test_build_engine_end_to_end_on_the_double(monkeypatch, trt_export):
+    """build_engine on a real export: every plugin node is created from the parser's fields (not
+    its fallback function), the builder flags exist, and the sequence bound is the model's n."""
+    trt = trt_double.install(monkeypatch)
+    model = onnx.load(trt_export / "model.onnx")
+    plugin_nodes = [n for n in model.graph.node if n.op_type in CONTRACTS]
+    assert plugin_nodes, "the tensorrt export has no plugin node"
+    n = json.loads((trt_export / "manifest.json").read_text())["config"]["max_seq_len"]
+    out = build_engine.build_engine(trt_export / "model.onnx", trt_export / "model.engine", precision="fp16")
+    assert out.read_bytes().startswith(b"smlp-trt-double-plan:")
+    assert not list(trt_export.glob("*.tmp"))
+    (network, config), = trt.builds
+    assert [node.name for node, _ in network.plugin_layers] == [node.name for node in plugin_nodes]
+    assert not network.function_layers
+    assert all(isinstance(p, trt.IPluginV3QuickAOTBuild) for _, p in network.plugin_layers)
+    assert config.flags == {trt.BuilderFlag.FP16}
+    (profile,) = config.profiles
+    lo, opt, hi = profile.shapes["input_ids"]
+    assert hi == (8, n) and lo == (1, 1)
+    # a second build in the same process (plugins already registered)
+    build_engine.build_engine(trt_export / "model.onnx", trt_export / "model2.engine", max_seq=n // 2)
+    assert trt.builds[1][1].profiles[0].shapes["input_ids"][2] == (8, n // 2)
+
+
+def test_build_engine_rejects_max_seq_above_n(monkeypatch, trt_export, capsys):
+    trt_double.install(monkeypatch)
+    n = json.loads((trt_export / "manifest.json").read_text())["config"]["max_seq_len"]
+    code = build_engine.main([str(trt_export / "model.onnx"), "-o", str(trt_export / "x.engine"),
+                              "--max-seq", str(n + 1)])
+    err = capsys.readouterr().err
+    assert code == 1 and f"exceeds the model's max_seq_len n={n}" in err and len(err.strip().splitlines()) == 1
+    assert not (trt_export / "x.engine").exists()
+
+
+def test_build_engine_tensorrt_api_error_is_one_line(monkeypatch, trt_export, capsys):
+    """A TensorRT API the code does not match (e.g. a flag that moved) -> one line, exit 1, no file."""
+    trt = trt_double.install(monkeypatch)
+    monkeypatch.setattr(trt, "BuilderFlag", type("BuilderFlag", (), {}))  # a TensorRT without that flag
+    code = build_engine.main([str(trt_export / "model.onnx"), "-o", str(trt_export / "y.engine"), "--fp16"])
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith("error: TensorRT ") and "FP16" in err and len(err.strip().splitlines()) == 1
+    assert not (trt_export / "y.engine").exists()
+
+
+EXPECTED_EXTRA = {  # int32 scalar args each kernel takes, from the node's input shapes (kernel signatures)
+    "SMLPTokenMoE": lambda s: (s[0][1], s[2][1]),  # d = hidden[1], f = w1[1]
+    "SMLPSpatialMoE": lambda s: (s[0][1], s[0][2], s[1][1]),  # T, c, n
+    "SMLPSpatialMoEPartial": lambda s: (s[0][1], s[0][2], s[1][1]),  # T, c, n
+    "SMLPGroupedExpertGemm": lambda s: (s[0][0],),  # M
+}
+
+
+@pytest.mark.triton
+def test_exported_plugin_nodes_build_through_the_double(monkeypatch, trt_export):
+    """Every plugin node of a real export, with the input dtypes / shapes the graph gives it, through
+    the builder path down to the kernel: the exporter and the plugins agree on inputs and fields."""
+    pytest.importorskip("triton", reason="triton extra not installed: pip install -e '.[triton]'")
+    from onnx import shape_inference
+
+    from smlp_export.kernels import aot
+
+    trt = trt_double.install(monkeypatch)
+    build_engine.register_plugins()
+    monkeypatch.setattr(aot, "compile_ptx", _cached_compile(aot.compile_ptx))
+    model = shape_inference.infer_shapes(onnx.load(trt_export / "model.onnx"))
+    elem = {onnx.TensorProto.FLOAT: DT.FLOAT, onnx.TensorProto.FLOAT16: DT.HALF, onnx.TensorProto.BFLOAT16: DT.BF16,
+            onnx.TensorProto.INT32: DT.INT32, onnx.TensorProto.INT64: DT.INT64}
+    known = {t.name: (elem[t.data_type], tuple(t.dims)) for t in model.graph.initializer}
+    for v in list(model.graph.value_info) + list(model.graph.input):
+        tt = v.type.tensor_type
+        known[v.name] = (elem[tt.elem_type], tuple(d.dim_param or d.dim_value for d in tt.shape.dim))
+    nodes = [n for n in model.graph.node if n.op_type in CONTRACTS]
+    assert nodes
+    for node in nodes:
+        ins = [known[i] for i in node.input]
+        env = {s: 5 + i for i, s in enumerate(sorted({d for _, sh in ins for d in sh if isinstance(d, str)}))}
+        res = build_plugin(trt, node, ins)
+        out_type, out_shape = known[node.output[0]]
+        assert res.output_types == [out_type], node.name
+        got = tuple(bindings.evaluate(e, env) for e in res.output_shapes[0])
+        assert got == tuple(env.get(d, d) for d in out_shape), node.name
+        shapes = [tuple(env.get(d, d) for d in sh) for _, sh in ins]
+        assert tuple(bindings.evaluate(e, env) for e in res.extra_args) == EXPECTED_EXTRA[node.op_type](shapes)
+        assert res.kernel_name == aot.PLUGIN_KERNELS[COMPILED[-1][0]][0]
