@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops.token_moe import route_tokens
+from ..routing import route_tokens
 from ._util import interp_bf16
 from .configs import TokenMoEConfig, dtype_name, token_moe_config
 
