@@ -27,7 +27,11 @@ PLUGIN_KERNELS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...], tuple[str
     "spatial_moe": ("spatial_moe_plugin_kernel", ("z2_ptr", "w_ptr", "bias_ptr"), ("T", "c", "n"), ("out_ptr",)),
     "spatial_moe_partial": ("spatial_moe_partial_plugin_kernel", ("z2_ptr", "w_ptr", "bias_ptr", "router_ptr"),
                             ("T", "c", "n"), ("out_ptr",)),
+    "grouped_expert_gemm": ("grouped_expert_gemm_plugin_kernel", ("x_ptr", "offsets_ptr", "w_ptr", "b_ptr"), ("M",),
+                            ("out_ptr",)),
 }
+# Pointer arguments whose element type does not follow the kernel's dtype.
+FIXED_PTR_TYPES: dict[str, dict[str, str]] = {"grouped_expert_gemm": {"offsets_ptr": "*i32"}}
 SCRATCH_PARAMS = 2  # Triton >= 3.x appends global + profile scratch pointers to every kernel
 
 
@@ -46,10 +50,12 @@ class AotKernel:
 
 
 def signature(kernel: str, dtype: str, constexprs: dict[str, int]) -> dict[str, str]:
-    """Triton signature of a plugin kernel: all pointers in ``dtype``, scalars i32, then constexprs."""
+    """Triton signature of a plugin kernel: pointers in ``dtype`` (except ``FIXED_PTR_TYPES``, e.g. the
+    grouped GEMM's int32 offsets), scalars i32, then constexprs."""
     _, ptrs, scalars, outs = PLUGIN_KERNELS[kernel]
     ty = TRITON_DTYPES[dtype]
-    sig = {p: f"*{ty}" for p in ptrs}
+    fixed = FIXED_PTR_TYPES.get(kernel, {})
+    sig = {p: fixed.get(p, f"*{ty}") for p in ptrs}
     sig.update({s: "i32" for s in scalars})
     sig.update({o: f"*{ty}" for o in outs})
     sig.update({k: "constexpr" for k in constexprs})
@@ -109,7 +115,7 @@ def compile_specs(specs: list[dict]) -> list[AotKernel]:
 
 
 def compile_ptx(kernel: str, dtype: str, arch: int, constexprs: dict[str, int], num_warps: int = 4,
-                ptx_version: int | None = 80) -> AotKernel:
+                ptx_version: int | None = 80, num_stages: int = 3) -> AotKernel:
     """Compile a plugin kernel for ``sm_<arch>``. ``ptx_version=80`` keeps the PTX loadable by
     CUDA 12.0+ drivers (the bundled ptxas default, 9.x, needs a very new driver)."""
     if kernel not in PLUGIN_KERNELS:
@@ -118,10 +124,10 @@ def compile_ptx(kernel: str, dtype: str, arch: int, constexprs: dict[str, int], 
         raise ValueError(f"unsupported dtype {dtype!r}; expected one of {sorted(TRITON_DTYPES)}")
     sig = {k: v for k, v in signature(kernel, dtype, constexprs).items() if v != "constexpr"}
     spec = dict(module="plugin_kernels", kernel=PLUGIN_KERNELS[kernel][0], signature=sig,
-                constexprs={**constexprs, "INTERP_BF16": False}, arch=arch, num_warps=num_warps, num_stages=3,
+                constexprs={**constexprs, "INTERP_BF16": False}, arch=arch, num_warps=num_warps, num_stages=num_stages,
                 ptx_version=ptx_version)
     return compile_specs([spec])[0]
 
 
 __all__ = ["AotKernel", "compile_ptx", "compile_specs", "count_params", "signature", "PLUGIN_KERNELS", "SCRATCH_PARAMS",
-           "TRITON_DTYPES"]
+           "TRITON_DTYPES", "FIXED_PTR_TYPES"]
