@@ -118,16 +118,21 @@ def compile_ptx(kernel: str, dtype: str, arch: int, constexprs: dict[str, int], 
                 ptx_version: int | None = 80, num_stages: int = 3) -> AotKernel:
     """Compile a plugin kernel for ``sm_<arch>``. ``ptx_version=80`` keeps the PTX loadable by
     CUDA 12.0+ drivers (the bundled ptxas default, 9.x, needs a very new driver)."""
+    return compile_specs([plugin_spec(kernel, dtype, arch, constexprs, num_warps, ptx_version, num_stages)])[0]
+
+
+def plugin_spec(kernel: str, dtype: str, arch: int, constexprs: dict[str, int], num_warps: int = 4,
+                ptx_version: int | None = 80, num_stages: int = 3) -> dict:
+    """The :func:`compile_specs` entry of a plugin kernel (several can then share one subprocess)."""
     if kernel not in PLUGIN_KERNELS:
         raise KeyError(f"unknown plugin kernel {kernel!r}; expected one of {sorted(PLUGIN_KERNELS)}")
     if dtype not in TRITON_DTYPES:
         raise ValueError(f"unsupported dtype {dtype!r}; expected one of {sorted(TRITON_DTYPES)}")
     sig = {k: v for k, v in signature(kernel, dtype, constexprs).items() if v != "constexpr"}
-    spec = dict(module="plugin_kernels", kernel=PLUGIN_KERNELS[kernel][0], signature=sig,
-                constexprs={**constexprs, "INTERP_BF16": False}, arch=arch, num_warps=num_warps, num_stages=num_stages,
-                ptx_version=ptx_version)
-    return compile_specs([spec])[0]
+    return dict(module="plugin_kernels", kernel=PLUGIN_KERNELS[kernel][0], signature=sig,
+                constexprs={**constexprs, "INTERP_BF16": False}, arch=arch, num_warps=num_warps,
+                num_stages=num_stages, ptx_version=ptx_version)
 
 
 __all__ = ["AotKernel", "compile_ptx", "compile_specs", "count_params", "signature", "PLUGIN_KERNELS", "SCRATCH_PARAMS",
-           "TRITON_DTYPES", "FIXED_PTR_TYPES"]
+           "TRITON_DTYPES", "FIXED_PTR_TYPES", "plugin_spec"]
