@@ -82,6 +82,7 @@ def test_plugin_spatial_kernels_cuda_match_cpu(dtype):
     import triton
 
     from smlp_export.kernels import plugin_kernels as pk
+    from smlp_export.kernels._util import interp_bf16
     from smlp_export.ops import spatial_moe_partial_reference, spatial_moe_reference
 
     g = torch.Generator().manual_seed(3)
@@ -99,12 +100,12 @@ def test_plugin_spatial_kernels_cuda_match_cpu(dtype):
     zc, wc, bc, rc = z2.cuda(), w.cuda(), bias.cuda(), router.cuda()
     out = torch.empty_like(zc)
     pk.spatial_moe_plugin_kernel[(triton.cdiv(T, 64), triton.cdiv(c // E, 32), B * E)](
-        zc, wc, bc, T, c, n, out, E=E, BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, INTERP_BF16=False)
+        zc, wc, bc, T, c, n, out, E=E, BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, INTERP_BF16=interp_bf16(dtype))
     torch.testing.assert_close(out.cpu().float(), spatial_moe_reference(z2, w, bias).float(), **TOL[dtype])
     for block_n in (32, 128):
         out = torch.empty_like(zc)
         pk.spatial_moe_partial_plugin_kernel[(triton.cdiv(T, 64), triton.cdiv(c, block_n), B)](
             zc, wc, bc, rc, T, c, n, out, E=E, P=p, BLOCK_M=64, BLOCK_N=block_n, BLOCK_K=32, BLOCK_P=16, BLOCK_E=4,
-            INTERP_BF16=False)
+            INTERP_BF16=interp_bf16(dtype))
         torch.testing.assert_close(out.cpu().float(), spatial_moe_partial_reference(z2, w, bias, router).float(),
                                    **TOL[dtype])
