@@ -241,7 +241,8 @@ def test_package_entry_points_stay_functions_after_submodule_imports():
     """The custom ops call ``kernels.token_moe(...)``: a submodule of the same name would shadow it."""
     import smlp_export.kernels as K
 
-    for name in ("token_moe", "grouped_ffn", "spatial_moe", "spatial_moe_partial", "spatial_moe_decode"):
+    for name in ("token_moe", "grouped_ffn", "spatial_moe", "spatial_moe_partial", "spatial_moe_decode",
+                 "grouped_expert_gemm"):
         assert callable(getattr(K, name)) and not hasattr(getattr(K, name), "__path__")
         assert getattr(K, name).__module__ == "smlp_export.kernels"
 
@@ -258,6 +259,164 @@ def test_plugin_spatial_moe_partial_kernel(T, dtype):
                                                BLOCK_K=16, BLOCK_P=8, BLOCK_E=4,
                                                INTERP_BF16=interp_bf16(dtype))
     _close(out, ops.spatial_moe_partial_reference(z2, w, b, router), dtype)
+
+
+def _partial_router_for(expert_of_channel: torch.Tensor, z2: torch.Tensor, E: int, p: int):
+    """Make partial routing send channel ch to ``expert_of_channel[ch]`` in every sequence: the first E
+    positions of z2 carry a one-hot of the expert (+4), the router reads position e into logit e."""
+    z2 = z2.clone()
+    z2[:, :E, :] = 0
+    for ch, e in enumerate(expert_of_channel.tolist()):
+        z2[:, e, ch] = 4
+    router = torch.zeros(p, E, dtype=z2.dtype, device=z2.device)
+    router[torch.arange(E), torch.arange(E)] = 1
+    return z2, router
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", ["spread", "one_expert", "E1", "T1"])
+def test_plugin_spatial_moe_partial_kernel_awkward(case, dtype):
+    """Experts with more columns than one sub-tile (several sub-tiles), all channels on one expert (the
+    others empty), E = 1, a single token; c and T not multiples of any block; BLOCK_N 64 and 128."""
+    B, c, n = 2, {"spread": 70, "one_expert": 45, "E1": 21, "T1": 19}[case], 48
+    E = 1 if case == "E1" else 3
+    T = 1 if case == "T1" else 41
+    p = 10
+    z2, w, b = _spatial_inputs(B, T, c, E, n, dtype, seed=31)
+    if case == "T1":  # routing from one real row: random router
+        router = (torch.randn(p, E, generator=torch.Generator().manual_seed(3)) * 0.5).to(dtype).to(DEVICE)
+    else:
+        pick = {"spread": torch.arange(c) % 3, "one_expert": torch.full((c,), 1),
+                "E1": torch.zeros(c, dtype=torch.long)}[case]
+        z2, router = _partial_router_for(pick, z2, E, p)
+        assert (ops.route_channels(z2, router)[0].cpu() == pick).all()
+    want = ops.spatial_moe_partial_reference(z2, w, b, router)
+    block_n = 128 if case == "spread" else 64
+    out = torch.full_like(z2, float("nan"))  # every element must be written
+    grid = (triton.cdiv(T, 16), triton.cdiv(c, block_n), B)
+    pk.spatial_moe_partial_plugin_kernel[grid](z2, w, b, router, T, c, n, out, E=E, P=p, BLOCK_M=16,
+                                               BLOCK_N=block_n, BLOCK_K=16, BLOCK_P=8,
+                                               BLOCK_E=max(2, triton.next_power_of_2(E)),
+                                               INTERP_BF16=interp_bf16(dtype))
+    _close(out, want, dtype)
+
+
+def test_plugin_spatial_moe_partial_does_only_the_chosen_experts_work(monkeypatch):
+    """Count the multiply-adds the interpreter's tl.dot performs: with 4 experts interleaved over the
+    64 columns of a tile (16 each), each column is multiplied by its expert only: 64 columns per
+    reduction step, not 4 experts x 64 (what the old per-expert masked tile did)."""
+    from triton.runtime import interpreter
+
+    calls = []
+    real = interpreter.interpreter_builder.create_dot
+
+    def counting_dot(a, b, d, *args):
+        calls.append((a.data.shape[0], b.data.shape[1], a.data.shape[1]))
+        return real(a, b, d, *args)
+
+    monkeypatch.setattr(interpreter.interpreter_builder, "create_dot", counting_dot)
+    if DEVICE != "cpu":
+        pytest.skip("counts the interpreter's dot calls")
+    B, T, c, E, n, p, BM, BN, BK = 1, 32, 64, 4, 32, 8, 16, 64, 16
+    z2, w, b = _spatial_inputs(B, T, c, E, n, torch.float32, seed=5)
+    z2, router = _partial_router_for(torch.arange(c) % E, z2, E, p)
+    out = torch.empty_like(z2)
+    pk.spatial_moe_partial_plugin_kernel[(T // BM, 1, B)](z2, w, b, router, T, c, n, out, E=E, P=p, BLOCK_M=BM,
+                                                          BLOCK_N=BN, BLOCK_K=BK, BLOCK_P=8, BLOCK_E=4,
+                                                          INTERP_BF16=False)
+    _close(out, ops.spatial_moe_partial_reference(z2, w, b, router), torch.float32)
+    macs = sum(m * nn * k for m, nn, k in calls)
+    # row block 0 reduces over 16 positions (1 step), row block 1 over 32 (2 steps): 3 steps of
+    # BM x BK x (columns multiplied); the ideal is every column once.
+    ideal = 3 * BM * BK * c
+    assert macs == ideal, f"{macs} multiply-adds, ideal {ideal} ({macs / ideal:.1f}x)"
+
+
+# --- grouped expert GEMM (the SMLPGroupedExpertGemm plugin's kernel, also smlp::grouped_expert_gemm) ---
+
+GEMM_ACTS = ["identity", "gelu", "gelu_tanh", "relu", "silu"]
+
+
+def _gemm_inputs(rows: list[int], N: int, K: int, dtype: torch.dtype, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    E, M = len(rows), sum(rows)
+    offsets = torch.tensor([0] + rows).cumsum(0).to(torch.int32)
+    x = torch.randn(M, K, generator=g).to(dtype)
+    w = (torch.randn(E, N, K, generator=g) * K ** -0.5).to(dtype)
+    b = (torch.randn(E, N, generator=g) * 0.1).to(dtype)
+    return x.to(DEVICE), offsets.to(DEVICE), w.to(DEVICE), b.to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("activation", GEMM_ACTS)
+def test_grouped_expert_gemm_activations(activation, dtype):
+    """Every activation x dtype; empty experts between busy ones; N, K not multiples of the tiles;
+    an expert with more rows than BLOCK_M (several row chunks)."""
+    from smlp_export.kernels.grouped_gemm import grouped_expert_gemm
+
+    x, off, w, b = _gemm_inputs([5, 0, 37, 0, 1], N=40, K=24, dtype=dtype, seed=1)
+    got = grouped_expert_gemm(x, off, w, b, activation, config=GemmConfig(16, 16, 16))
+    _close(got, ops.grouped_expert_gemm_reference(x, off, w, b, activation), dtype)
+
+
+GEMM_SHAPES = {  # name: (rows per expert, N, K)
+    "one_token": ([1], 33, 20),  # E = 1, one row
+    "one_token_of_many_experts": ([0, 0, 1, 0], 48, 17),
+    "all_rows_on_one_expert": ([0, 45, 0], 36, 40),
+    "decode_top2_8_tokens": ([3, 4, 0, 2, 5, 2, 0, 0], 24, 56),
+    "prefill_tiles": ([120, 0, 163, 20], 40, 24),  # M = 303 > 256: the 128 x 128 prefill tiles
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", list(GEMM_SHAPES))
+def test_grouped_expert_gemm_shapes_default_tiles(shape, dtype):
+    """The launcher's own tile choice (configs.grouped_gemm_blocks) on awkward shapes."""
+    from smlp_export.kernels.grouped_gemm import grouped_expert_gemm
+
+    rows, N, K = GEMM_SHAPES[shape]
+    x, off, w, b = _gemm_inputs(rows, N, K, dtype, seed=len(rows))
+    got = grouped_expert_gemm(x, off, w, b, "gelu_tanh")
+    _close(got, ops.grouped_expert_gemm_reference(x, off, w, b, "gelu_tanh"), dtype)
+
+
+def test_grouped_expert_gemm_no_rows_and_bad_input():
+    from smlp_export.kernels.grouped_gemm import grouped_expert_gemm
+
+    x, off, w, b = _gemm_inputs([0, 0], N=8, K=8, dtype=torch.float32)
+    assert grouped_expert_gemm(x, off, w, b, "relu").shape == (0, 8)
+    x, off, w, b = _gemm_inputs([2, 3], N=8, K=8, dtype=torch.float32)
+    with pytest.raises(ValueError, match="unknown activation"):
+        grouped_expert_gemm(x, off, w, b, "tanh")
+    with pytest.raises(ValueError, match="shapes"):
+        grouped_expert_gemm(x, off[:-1], w, b, "relu")
+    with pytest.raises(ValueError, match="dtypes"):
+        grouped_expert_gemm(x, off, w.half(), b, "relu")
+
+
+def test_grouped_expert_gemm_kernel_never_writes_outside_m_rows():
+    """offsets past M (bad input from a graph) are clamped in the kernel: no row >= M is touched."""
+    E, N, K, M = 3, 16, 16, 20
+    x, _, w, b = _gemm_inputs([7, 6, 7], N=N, K=K, dtype=torch.float32)
+    off = torch.tensor([0, 7, 13, M + 9], dtype=torch.int32, device=DEVICE)  # last expert overruns M
+    buf = torch.full((M + 16, N), 7.0, device=DEVICE)
+    pk.grouped_expert_gemm_plugin_kernel[(triton.cdiv(N, 16), E, 1)](
+        x, off, w, b, M, buf, E=E, N=N, K=K, ACT=4, BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, INTERP_BF16=False)
+    assert (buf[M:] == 7.0).all()
+    good = torch.tensor([0, 7, 13, M], dtype=torch.int32)
+    _close(buf[:M], ops.grouped_expert_gemm_reference(x, good.to(DEVICE), w, b, "identity"), torch.float32)
+
+
+def test_grouped_gemm_blocks_regimes():
+    from smlp_export.kernels.configs import grouped_gemm_blocks
+
+    dec = grouped_gemm_blocks(16, 4096, 14336, torch.bfloat16)
+    assert dec.BLOCK_M == 16 and triton.cdiv(4096, dec.BLOCK_N) >= 132  # one expert covers every SM
+    assert grouped_gemm_blocks(8, 14336, 4096, "bfloat16").BLOCK_M == 16
+    big = grouped_gemm_blocks(8192, 14336, 4096, "bfloat16")
+    assert big.BLOCK_M >= 64 and big.BLOCK_N >= 64
+    with pytest.raises(ValueError):
+        grouped_gemm_blocks(-1, 8, 8, "float16")
 
 
 # --- the torch-path kernels must also compile for real GPUs (the interpreter is more lenient) ------
@@ -314,6 +473,51 @@ def test_torch_path_kernels_compile_for_gpus():
     # Hopper tiles of the grouped GEMM and the spatial kernel use wgmma tensor cores, Ampere mma.sync
     assert any("wgmma" in ck.ptx for ck in compiled if ck.arch == 90)
     assert any("mma.sync" in ck.ptx for ck in compiled if ck.arch == 80)
+
+
+def test_spatial_and_grouped_gemm_kernels_use_tensor_cores_for_half_types():
+    """sm_90 PTX of every spatial kernel (torch path deterministic / routed, plugin deterministic /
+    partial) and of the grouped expert GEMM's prefill tile holds wgmma for fp16 and bf16; the GEMM's
+    decode tile (BLOCK_M 16, below wgmma's 64 rows) mma.sync. The plugin kernels' PTX has the
+    parameter layout TensorRT's AOT launcher gets (user args + Triton's scratch pointers)."""
+    from smlp_export.kernels.aot import PLUGIN_KERNELS, SCRATCH_PARAMS, compile_specs, plugin_spec
+    from smlp_export.kernels.configs import grouped_gemm_blocks
+
+    specs, want = [], []
+    for dt in ("float16", "bfloat16"):
+        P = {"bfloat16": "*bf16", "float16": "*fp16"}[dt]
+        for routed in (False, True):
+            specs.append(dict(module="causal_spatial", kernel="_spatial_kernel", arch=90,
+                              signature={"z2_ptr": P, "w_ptr": P, "bias_ptr": P, "gate_ptr": P, "cols_ptr": "*i32",
+                                         "block_expert_ptr": "*i32", "out_ptr": P,
+                                         **{a: "i32" for a in ("T", "c", "cs", "n_cols", "E", "stride_zb", "stride_zt",
+                                                               "stride_we", "stride_wt", "stride_wu", "stride_be")}},
+                              constexprs=dict(ROUTED=routed, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, PRECISION="tf32",
+                                              INTERP_BF16=False)))
+            want.append("wgmma")
+        specs.append(plugin_spec("spatial_moe", dt, 90, dict(E=4, BLOCK_M=64, BLOCK_N=32, BLOCK_K=32)))
+        want.append("wgmma")
+        for bn in (32, 128):  # sub-tiles of 16 and 32 columns
+            specs.append(plugin_spec("spatial_moe_partial", dt, 90, dict(E=4, P=13, BLOCK_M=64, BLOCK_N=bn, BLOCK_K=32,
+                                                                         BLOCK_P=16, BLOCK_E=4)))
+            want.append("wgmma")
+        for M, instr in ((8, "mma.sync"), (8192, "wgmma")):
+            cfg = grouped_gemm_blocks(M, 14336, 4096, dt)
+            specs.append(plugin_spec("grouped_expert_gemm", dt, 90,
+                                     dict(E=8, N=14336, K=4096, ACT=1, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
+                                          BLOCK_K=cfg.BLOCK_K), num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+            want.append(instr)
+    compiled = compile_specs(specs)
+    for spec, ck, instr in zip(specs, compiled, want):
+        label = f"{spec['kernel']} {spec['signature'].get('out_ptr')} {spec['constexprs']}"
+        assert ck.name == spec["kernel"] and ".target sm_90" in ck.ptx, label
+        assert instr in ck.ptx, f"no {instr} (tensor cores) in the PTX of {label}"
+        if spec["module"] == "plugin_kernels":
+            key = next(k for k, v in PLUGIN_KERNELS.items() if v[0] == spec["kernel"])
+            _, ptrs, scalars, outs = PLUGIN_KERNELS[key]
+            assert ck.num_params == len(ptrs) + len(scalars) + len(outs) + SCRATCH_PARAMS, label
+    gemm = next(s for s in specs if s["kernel"] == "grouped_expert_gemm_plugin_kernel")
+    assert gemm["signature"]["offsets_ptr"] == "*i32" and gemm["signature"]["M"] == "i32"
 
 
 def test_gpu_benchmark_script_dry_run(tmp_path):

@@ -253,7 +253,7 @@ def ptx_prewarmed():
             with pytest.raises(_Asked):
                 build_plugin(trt, node_for(case), inputs_for(case, DTYPES[dtype]))
     todo = sorted({k for k in asked if k not in _PTX_CACHE})
-    specs = [aot.ptx_spec(k[0], k[1], k[2], dict(k[3]), k[4], k[5]) for k in todo]
+    specs = [aot.plugin_spec(k[0], k[1], k[2], dict(k[3]), k[4], k[5]) for k in todo]
     _PTX_CACHE.update(zip(todo, aot.compile_specs(specs)))
 
 

@@ -11,6 +11,7 @@ Entry points (same arguments as the ops they accelerate, plus an optional block 
   spatial_moe(z2, weight, bias)                                             -> [B, T, c]
   spatial_moe_partial(z2, weight, bias, router_weight)                      -> [B, T, c]
   spatial_moe_decode(state, weight, bias, position, expert=None, gate=None) -> [B, c]
+  grouped_expert_gemm(x, offsets, weight, bias, activation)                 -> [M, N]
 """
 from __future__ import annotations
 
@@ -67,5 +68,11 @@ def spatial_moe_decode(*args: Any, **kwargs: Any):
     return fn(*args, **kwargs)
 
 
+def grouped_expert_gemm(*args: Any, **kwargs: Any):
+    _require()
+    from .grouped_gemm import grouped_expert_gemm as fn
+    return fn(*args, **kwargs)
+
+
 __all__ = ["available", "TritonUnavailable", "token_moe", "grouped_ffn", "spatial_moe",
-           "spatial_moe_partial", "spatial_moe_decode"]
+           "spatial_moe_partial", "spatial_moe_decode", "grouped_expert_gemm"]

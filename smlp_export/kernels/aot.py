@@ -27,12 +27,11 @@ PLUGIN_KERNELS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...], tuple[str
     "spatial_moe": ("spatial_moe_plugin_kernel", ("z2_ptr", "w_ptr", "bias_ptr"), ("T", "c", "n"), ("out_ptr",)),
     "spatial_moe_partial": ("spatial_moe_partial_plugin_kernel", ("z2_ptr", "w_ptr", "bias_ptr", "router_ptr"),
                             ("T", "c", "n"), ("out_ptr",)),
-    # SMLPGroupedExpertGemm: x [M, K], offsets [E + 1] (int32), weight [E, N, K], bias [E, N]; M; out [M, N]
-    "grouped_expert_gemm": ("grouped_expert_gemm_plugin_kernel", ("x_ptr", "offsets_ptr", "w_ptr", "b_ptr"),
-                            ("M",), ("out_ptr",)),
+    "grouped_expert_gemm": ("grouped_expert_gemm_plugin_kernel", ("x_ptr", "offsets_ptr", "w_ptr", "b_ptr"), ("M",),
+                            ("out_ptr",)),
 }
-# Pointer args whose element type is int32 whatever the kernel's float dtype.
-INT32_POINTERS: dict[str, tuple[str, ...]] = {"grouped_expert_gemm": ("offsets_ptr",)}
+# Pointer arguments whose element type does not follow the kernel's dtype.
+FIXED_PTR_TYPES: dict[str, dict[str, str]] = {"grouped_expert_gemm": {"offsets_ptr": "*i32"}}
 SCRATCH_PARAMS = 2  # Triton >= 3.x appends global + profile scratch pointers to every kernel
 
 
@@ -44,8 +43,6 @@ class AotKernel:
     shared: int  # bytes of dynamic shared memory the launch needs
     num_params: int  # .param count in the entry (user args + scratch)
     arch: int
-    global_scratch: int  # bytes of Triton global scratch per program (TensorRT's AOT launch gives none)
-    profile_scratch: int  # bytes of Triton profiler scratch (likewise)
 
     @property
     def block_x(self) -> int:
@@ -53,10 +50,12 @@ class AotKernel:
 
 
 def signature(kernel: str, dtype: str, constexprs: dict[str, int]) -> dict[str, str]:
-    """Triton signature of a plugin kernel: all pointers in ``dtype``, scalars i32, then constexprs."""
+    """Triton signature of a plugin kernel: pointers in ``dtype`` (except ``FIXED_PTR_TYPES``, e.g. the
+    grouped GEMM's int32 offsets), scalars i32, then constexprs."""
     _, ptrs, scalars, outs = PLUGIN_KERNELS[kernel]
     ty = TRITON_DTYPES[dtype]
-    sig = {p: "*i32" if p in INT32_POINTERS.get(kernel, ()) else f"*{ty}" for p in ptrs}
+    fixed = FIXED_PTR_TYPES.get(kernel, {})
+    sig = {p: fixed.get(p, f"*{ty}") for p in ptrs}
     sig.update({s: "i32" for s in scalars})
     sig.update({o: f"*{ty}" for o in outs})
     sig.update({k: "constexpr" for k in constexprs})
@@ -93,9 +92,7 @@ def _compile_spec(spec: dict) -> AotKernel:
     ptx = ck.asm["ptx"]
     name = ck.metadata.name
     return AotKernel(name=name, ptx=ptx, num_warps=ck.metadata.num_warps, shared=ck.metadata.shared,
-                     num_params=count_params(ptx, name), arch=spec["arch"],
-                     global_scratch=int(ck.metadata.global_scratch_size),
-                     profile_scratch=int(ck.metadata.profile_scratch_size))
+                     num_params=count_params(ptx, name), arch=spec["arch"])
 
 
 def compile_specs(specs: list[dict]) -> list[AotKernel]:
@@ -118,24 +115,24 @@ def compile_specs(specs: list[dict]) -> list[AotKernel]:
 
 
 def compile_ptx(kernel: str, dtype: str, arch: int, constexprs: dict[str, int], num_warps: int = 4,
-                ptx_version: int | None = 80) -> AotKernel:
+                ptx_version: int | None = 80, num_stages: int = 3) -> AotKernel:
     """Compile a plugin kernel for ``sm_<arch>``. ``ptx_version=80`` keeps the PTX loadable by
     CUDA 12.0+ drivers (the bundled ptxas default, 9.x, needs a very new driver)."""
-    return compile_specs([ptx_spec(kernel, dtype, arch, constexprs, num_warps, ptx_version)])[0]
+    return compile_specs([plugin_spec(kernel, dtype, arch, constexprs, num_warps, ptx_version, num_stages)])[0]
 
 
-def ptx_spec(kernel: str, dtype: str, arch: int, constexprs: dict[str, int], num_warps: int = 4,
-             ptx_version: int | None = 80) -> dict:
-    """The :func:`compile_specs` spec :func:`compile_ptx` compiles (batch several in one process)."""
+def plugin_spec(kernel: str, dtype: str, arch: int, constexprs: dict[str, int], num_warps: int = 4,
+                ptx_version: int | None = 80, num_stages: int = 3) -> dict:
+    """The :func:`compile_specs` entry of a plugin kernel (several can then share one subprocess)."""
     if kernel not in PLUGIN_KERNELS:
         raise KeyError(f"unknown plugin kernel {kernel!r}; expected one of {sorted(PLUGIN_KERNELS)}")
     if dtype not in TRITON_DTYPES:
         raise ValueError(f"unsupported dtype {dtype!r}; expected one of {sorted(TRITON_DTYPES)}")
     sig = {k: v for k, v in signature(kernel, dtype, constexprs).items() if v != "constexpr"}
     return dict(module="plugin_kernels", kernel=PLUGIN_KERNELS[kernel][0], signature=sig,
-                constexprs={**constexprs, "INTERP_BF16": False}, arch=arch, num_warps=num_warps, num_stages=3,
-                ptx_version=ptx_version)
+                constexprs={**constexprs, "INTERP_BF16": False}, arch=arch, num_warps=num_warps,
+                num_stages=num_stages, ptx_version=ptx_version)
 
 
-__all__ = ["AotKernel", "compile_ptx", "compile_specs", "count_params", "ptx_spec", "signature", "INT32_POINTERS",
-           "PLUGIN_KERNELS", "SCRATCH_PARAMS", "TRITON_DTYPES"]
+__all__ = ["AotKernel", "compile_ptx", "compile_specs", "count_params", "signature", "PLUGIN_KERNELS", "SCRATCH_PARAMS",
+           "TRITON_DTYPES", "FIXED_PTR_TYPES", "plugin_spec"]

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops.spatial_moe import route_channels
+from ..routing import route_channels
 from ._util import interp_bf16
 from .configs import GemmConfig, dtype_name, spatial_config
 from .grouped_moe import _to_io, align_by_expert

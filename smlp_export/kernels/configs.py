@@ -99,10 +99,41 @@ def spatial_config(gpu: str, dtype: str, n: int) -> GemmConfig:
     return cfg
 
 
+# SMs of the GPUs the project targets (H100/H200 SXM: 132). The decode tiles are sized so that ONE
+# active expert already gives every SM about two programs streaming its weights.
+_TARGET_PROGRAMS = 2 * 132
+
+
+def grouped_gemm_blocks(M_hint: int, N: int, K: int, dtype: object) -> GemmConfig:
+    """Tiles for ``grouped_expert_gemm_plugin_kernel`` (grid ``(cdiv(N, BLOCK_N), E)``).
+
+    M_hint: the number of grouped rows the launch is built for (e.g. a TensorRT profile's opt or max
+    M = tokens * k); N, K: the expert weight's [N, K]; dtype: torch dtype or its name.
+    - decode (M_hint <= 16): BLOCK_M 16 (tl.dot's minimum) so an expert's rows are one chunk and its
+      weights are read once; BLOCK_N as small as needed for ~2 programs per SM from a single expert
+      (the launch is memory-bound: every SM must stream weights), BLOCK_K large for long loads;
+    - small prefill (<= 256 rows): BLOCK_M 64;
+    - large prefill: 128 x 128 tiles with 8 warps (two Hopper warpgroups), the usual compute-bound tile.
+    fp32 halves BLOCK_K (operands twice the bytes in shared memory). Starting points from the usual
+    Hopper tile shapes, NOT measured on a GPU yet (benchmarks/gpu_kernels.py reports the achieved rates).
+    """
+    if M_hint < 0 or N < 1 or K < 1:
+        raise ValueError(f"grouped_gemm_blocks: need M_hint >= 0, N >= 1, K >= 1, got {M_hint}, {N}, {K}")
+    wide = dtype_name(dtype) == "float32"
+    if M_hint <= 16:
+        bn = 64
+        while bn > 16 and -(-N // bn) < _TARGET_PROGRAMS:
+            bn //= 2
+        return GemmConfig(16, bn, 64 if wide else 128, 4, 4)
+    if M_hint <= 256:
+        return GemmConfig(64, 64, 32 if wide else 64, 4, 4)
+    return GemmConfig(128, 128, 32 if wide else 64, 8, 3)
+
+
 def dtype_name(dtype: object) -> str:
     """torch.float16 -> 'float16' (no torch import needed)."""
     return str(dtype).replace("torch.", "")
 
 
 __all__ = ["GemmConfig", "TokenMoEConfig", "TOKEN_MOE_TABLE", "SPATIAL_TABLE", "token_moe_config",
-           "spatial_config", "dtype_name"]
+           "spatial_config", "grouped_gemm_blocks", "dtype_name"]

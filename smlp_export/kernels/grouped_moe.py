@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops.token_moe import route_tokens
+from ..routing import route_tokens
 from ._util import interp_bf16
 from .configs import TokenMoEConfig, dtype_name, token_moe_config
 
@@ -31,7 +31,8 @@ ACTIVATIONS = {"gelu": 0, "gelu_tanh": 1, "relu": 2, "silu": 3}
 
 @triton.jit
 def _activate(x, ACT: tl.constexpr):
-    """x fp32. Matches ``smlp_export.ops.activation_fn`` (gelu_tanh = torch's approximate='tanh')."""
+    """x fp32. Matches ``smlp_export.ops.activation_fn`` (gelu_tanh = torch's approximate='tanh');
+    code 4 (not in ACTIVATIONS) is the identity."""
     if ACT == 0:
         x = 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
     elif ACT == 1:
@@ -40,8 +41,9 @@ def _activate(x, ACT: tl.constexpr):
         x = 0.5 * x * (2.0 - 2.0 / (tl.exp(2.0 * y) + 1.0))
     elif ACT == 2:
         x = tl.maximum(x, 0.0)
-    else:
+    elif ACT == 3:
         x = x / (1.0 + tl.exp(-x))
+    # ACT == 4: identity (the grouped expert GEMM's down-projection)
     return x
 
 

@@ -56,6 +56,9 @@ def grouped_expert_gemm(x: torch.Tensor, offsets: torch.Tensor, weight: torch.Te
       activation  "identity" | "gelu" | "gelu_tanh" | "relu" | "silu" (fused epilogue)
     Output: [M, N].
     """
+    if x.is_cuda:  # Triton kernel (optional extra; the plugin's kernel); CPU keeps the reference below
+        from .. import kernels
+        return kernels.grouped_expert_gemm(x, offsets, weight, bias, activation)
     return grouped_expert_gemm_reference(x, offsets, weight, bias, activation)
 
 

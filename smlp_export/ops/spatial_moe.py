@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..routing import route_channels  # noqa: F401  (re-exported: ops.route_channels)
+
 
 def causal_weight(weight: torch.Tensor, T: int) -> torch.Tensor:
     """weight [..., n, n] -> lower-triangular [..., T, T]."""
@@ -47,22 +49,6 @@ def spatial_moe(z2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> t
 @spatial_moe.register_fake
 def _spatial_moe_fake(z2, weight, bias):
     return torch.empty_like(z2)
-
-
-def route_channels(z2: torch.Tensor, router_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Partial-prediction routing. z2 [B, T, c]; router_weight [p, E].
-
-    The router sees positions 0..p-1 of each channel (zero-padded when T < p).
-    Returns (expert [B, c] int64, gate [B, c] = softmax prob of that expert, probs [B, c, E]).
-    """
-    p = router_weight.shape[0]
-    # Pad by p, then keep the first p rows: no branch on T, so torch.export does not bake the
-    # T < p (or T >= p) case of the example input into the exported graph.
-    v = F.pad(z2, (0, 0, 0, p))[:, :p, :]
-    logits = torch.einsum("bpc,pe->bce", v, router_weight)
-    probs = torch.softmax(logits.float(), dim=-1).to(z2.dtype)
-    gate, expert = probs.max(dim=-1)
-    return expert, gate, probs
 
 
 def spatial_moe_partial_reference(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-ROUTINGS = ("base", "topk")
+from ..routing import ROUTINGS, route_tokens  # noqa: F401  (re-exported: ops.route_tokens)
 
 
 def activation_fn(name: str, x: torch.Tensor) -> torch.Tensor:
@@ -22,24 +22,6 @@ def activation_fn(name: str, x: torch.Tensor) -> torch.Tensor:
     if name == "silu":
         return F.silu(x)
     raise ValueError(f"unknown activation {name!r}")
-
-
-def route_tokens(router_logits: torch.Tensor, routing: str, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inference routing, per token (never depends on other tokens).
-
-    router_logits: [N, E] float. Returns (expert_ids [N, k] int64, gates [N, k] same dtype).
-    - ``base`` (Base Layers, k must be 1): e = argmax, gate = sigmoid(logit_e).
-    - ``topk``: the k largest logits, gates = softmax over those k.
-    """
-    if routing == "base":
-        if k != 1:
-            raise ValueError("routing 'base' is top-1")
-        top, idx = router_logits.max(dim=-1, keepdim=True)
-        return idx, torch.sigmoid(top)
-    if routing == "topk":
-        top, idx = torch.topk(router_logits, k, dim=-1)
-        return idx, torch.softmax(top, dim=-1)
-    raise ValueError(f"unknown routing {routing!r}")
 
 
 def grouped_expert_ffn(
