@@ -131,3 +131,23 @@ def test_topk1_model_tensorrt_parity() -> None:
     onnx.checker.check_model(proto, full_check=True)
     assert sum(n.op_type == "SMLPGroupedExpertGemm" for n in proto.graph.node) == 2 * len(model.config.sparse_layer_ids())
     check_parity(model, proto, "fp32", [(2, model.config.max_seq_len), (1, 1), (3, 5)])
+
+
+@pytest.mark.parametrize("routing", [{}, {"spatial_routing": "partial"}], ids=["deterministic", "partial"])
+def test_plugin_field_check_passes_fresh_and_names_a_bad_field(routing) -> None:
+    """validate's plugin-field check (smlp_export.validate.plugin_attrs) on both spatial kinds."""
+    from smlp_export.export.graph import build_onnx
+    from smlp_export.validate.plugin_attrs import check_plugin_nodes
+
+    model = micro_model(seed=4, **routing)
+    proto = build_onnx(model, target="tensorrt", dtype="fp32", opset=OPSET)
+    res = check_plugin_nodes(proto, model.config)
+    assert res["passed"], res["failures"]
+    assert res["nodes"] == 3 * len(model.config.sparse_layer_ids())
+    node = next(n for n in proto.graph.node if n.op_type.startswith("SMLPSpatialMoE"))
+    for a in node.attribute:
+        if a.name == "num_experts":
+            a.i += 1
+    res = check_plugin_nodes(proto, model.config)
+    assert not res["passed"] and len(res["failures"]) == 1
+    assert node.name in res["failures"][0] and "num_experts" in res["failures"][0]

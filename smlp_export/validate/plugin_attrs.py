@@ -39,7 +39,7 @@ def _expected_fields(n: onnx.NodeProto, cfg, shapes: dict[str, tuple[int, ...]])
     if n.op_type == "SMLPTokenMoE":
         return {"routing": cfg.token_routing, "k": cfg.top_k, "activation": cfg.expert_activation}
     if n.op_type == "SMLPSpatialMoE":
-        return {"num_experts": cfg.n_spatial_experts, "prefix": cfg.prefix_len}
+        return {"num_experts": cfg.n_spatial_experts}
     if n.op_type == "SMLPSpatialMoEPartial":
         return {"num_experts": cfg.n_spatial_experts, "prefix": cfg.prefix_len}
     return {}
