@@ -39,3 +39,142 @@ def test_without_tensorrt_one_line(exports, capsys):
     code, err = _run(capsys, "build-engine", str(exports / "tensorrt"))
     assert code == 1 and err.startswith("error: TensorRT not installed") and len(err.strip().splitlines()) == 1
     assert not (exports / "tensorrt" / "model.engine").exists()
+
+
+# --- the build plan (smlp_export.engine_plan): profiles, options, manifest; no TensorRT needed ----
+
+import json  # noqa: E402
+
+from smlp_export import engine_plan as plan  # noqa: E402
+
+
+def _manifest(exports):
+    return json.loads((exports / "tensorrt" / "manifest.json").read_text())
+
+
+def test_default_profiles_take_n_from_the_export(exports):
+    n = micro_model().config.max_seq_len
+    assert n != 1024
+    prefill, decode = plan.engine_profiles(_manifest(exports), max_batch=6)
+    assert (prefill.name, decode.name) == ("prefill", "decode")
+    assert prefill.shapes == {"input_ids": ((1, 1), (3, n // 2), (6, n))}
+    assert decode.shapes == {"input_ids": ((1, 1), (3, 1), (6, 1))}
+    assert [p.name for p in plan.engine_profiles(_manifest(exports), decode=False)] == ["prefill"]
+
+
+def test_shape_overrides_replace_the_prefill_profile(exports):
+    n = micro_model().config.max_seq_len
+    lo, op, hi = (plan.parse_shapes(s) for s in ("input_ids:1x1", "input_ids:2x16", f"input_ids:4x{n}"))
+    prefill, decode = plan.engine_profiles(_manifest(exports), min_shapes=lo, opt_shapes=op, max_shapes=hi)
+    assert prefill.shapes["input_ids"] == ((1, 1), (2, 16), (4, n))
+    assert decode.shapes["input_ids"] == ((1, 1), (2, 1), (4, 1))
+
+
+@pytest.mark.parametrize("text, message", [
+    ("input_ids", "is not NAME:DxD"), ("input_ids:1xq", "not an integer"), ("input_ids:0x4", ">= 1"),
+    ("input_ids:1x1,input_ids:2x2", "given twice"), (":1x1", "is not NAME:DxD"),
+])
+def test_parse_shapes_errors(text, message):
+    with pytest.raises(plan.EngineOptionError, match=message):
+        plan.parse_shapes(text, "--min-shapes")
+
+
+def test_parse_shapes_several_inputs():
+    assert plan.parse_shapes("a:1x2, b:3x4x5") == {"a": (1, 2), "b": (3, 4, 5)}
+    assert plan.parse_shapes(None) == {} and plan.parse_shapes("") == {}
+
+
+@pytest.mark.parametrize("lo, op, hi, message", [
+    ("input_ids:1x1", "input_ids:1x8", "input_ids:2x4096", "exceeds the model's max_seq_len"),
+    ("input_ids:2x1", "input_ids:1x8", "input_ids:4x8", "min <= opt <= max"),
+    ("input_ids:1x1x1", "input_ids:1x8", "input_ids:4x8", "rank 2"),
+    ("ids:1x1", "ids:1x8", "ids:4x8", "is not an input of the model"),
+    ("input_ids:1x1", None, "input_ids:4x8", "missing --opt-shapes"),
+])
+def test_bad_overrides_fail_with_one_message(exports, lo, op, hi, message):
+    with pytest.raises(plan.EngineOptionError, match=message):
+        plan.engine_profiles(_manifest(exports), min_shapes=plan.parse_shapes(lo), opt_shapes=plan.parse_shapes(op),
+                             max_shapes=plan.parse_shapes(hi))
+
+
+def test_manifest_without_n_is_refused(exports):
+    m = _manifest(exports)
+    del m["max_seq_len"], m["config"]["max_seq_len"]
+    with pytest.raises(plan.EngineOptionError, match="max_seq_len"):
+        plan.engine_profiles(m)
+
+
+def test_cli_dry_run_prints_the_plan(exports, capsys):
+    n = micro_model().config.max_seq_len
+    main(["build-engine", str(exports / "tensorrt"), "--dry-run", "--max-batch", "2"])
+    got = json.loads(capsys.readouterr().out)
+    assert [p["name"] for p in got["profiles"]] == ["prefill", "decode"]
+    assert got["profiles"][0]["shapes"]["input_ids"] == {"min": [1, 1], "opt": [1, n // 2], "max": [2, n]}
+    assert got["profiles"][1]["shapes"]["input_ids"]["max"] == [2, 1]
+    layers = len(micro_model().config.sparse_layer_ids())
+    assert {p["name"]: p["nodes"] for p in got["plugins"]} == {"SMLPGroupedExpertGemm": 2 * layers,
+                                                             "SMLPSpatialMoE": layers}
+    assert all((p["namespace"], p["version"]) == ("smlp", "1") for p in got["plugins"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--max-shapes", "input_ids:8x100000", "--min-shapes", "input_ids:1x1", "--opt-shapes", "input_ids:1x1"],
+     "exceeds the model's max_seq_len"),
+    (["--min-shapes", "input_ids:1"], "give all of --min-shapes"),
+    (["--min-shapes", "input_ids:axb"], "not an integer"),
+])
+def test_cli_bad_shapes_one_line_before_tensorrt(exports, capsys, args, message):
+    code, err = _run(capsys, "build-engine", str(exports / "tensorrt"), *args)
+    assert code == 1 and message in err and len(err.strip().splitlines()) == 1
+    assert "TensorRT" not in err  # checked before TensorRT is imported
+
+
+def test_cli_timing_cache_that_is_a_directory(exports, tmp_path, capsys):
+    code, err = _run(capsys, "build-engine", str(exports / "tensorrt"), "--timing-cache", str(tmp_path))
+    assert code == 1 and "is not a file" in err or "directory" in err
+
+
+def test_build_manifest_records_what_made_the_engine(exports, tmp_path):
+    import hashlib
+
+    export = exports / "tensorrt"
+    engine = tmp_path / "m.engine"
+    engine.write_bytes(b"not really an engine")
+    profiles = plan.engine_profiles(_manifest(exports))
+    inv = plan.plugin_inventory(export / "model.onnx")
+    m = plan.build_manifest(engine_path=engine, export_manifest=_manifest(exports), onnx_path=export / "model.onnx",
+                            precision="fp16", profiles=profiles, plugins=inv, tensorrt_version="10.13.0",
+                            gpu={"name": "H200", "compute_capability": "9.0"}, timing_cache=None, build_seconds=1.5,
+                            workspace_gib=4.0)
+    path = plan.write_json_atomic(plan.manifest_path(engine), m)
+    assert path == tmp_path / "m.engine.json"
+    saved = json.loads(path.read_text())
+    model_sha = hashlib.sha256((export / "model.onnx").read_bytes()).hexdigest()
+    assert saved["export"]["model_sha256"] == model_sha == saved["export"]["manifest_model_sha256"]
+    assert saved["engine"]["sha256"] == hashlib.sha256(b"not really an engine").hexdigest()
+    assert saved["tensorrt_version"] == "10.13.0" and saved["precision"] == "fp16" and saved["gpu"]["name"] == "H200"
+    assert [p["name"] for p in saved["profiles"]] == ["prefill", "decode"]
+    assert saved["export"]["max_seq_len"] == micro_model().config.max_seq_len
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_timing_cache_io(tmp_path):
+    assert plan.read_timing_cache(None) == b"" and plan.read_timing_cache(tmp_path / "new.cache") == b""
+    plan.write_bytes_atomic(tmp_path / "t.cache", b"\x01\x02")
+    assert plan.read_timing_cache(tmp_path / "t.cache") == b"\x01\x02"
+    with pytest.raises(plan.EngineOptionError, match="is not a file"):
+        plan.read_timing_cache(tmp_path)
+
+
+def test_progress_printer_lines():
+    import io
+
+    buf = io.StringIO()
+    p = plan.ProgressPrinter(buf)
+    p.phase_start("Building engine", None, 3)
+    p.phase_start("Tactic selection", "Building engine", 10)
+    assert p.step_complete("Tactic selection", 1) is True  # False would cancel the build
+    p.phase_finish("Tactic selection")
+    p.phase_finish("Building engine")
+    assert buf.getvalue().splitlines() == ["[build] Building engine (3 steps)", "[build]   Tactic selection (10 steps)",
+                                           "[build]   Tactic selection done", "[build] Building engine done"]
