@@ -131,7 +131,7 @@ def test_cli_bad_shapes_one_line_before_tensorrt(exports, capsys, args, message)
 
 def test_cli_timing_cache_that_is_a_directory(exports, tmp_path, capsys):
     code, err = _run(capsys, "build-engine", str(exports / "tensorrt"), "--timing-cache", str(tmp_path))
-    assert code == 1 and "is not a file" in err or "directory" in err
+    assert code == 2 and "'--timing-cache': File" in err and "is a directory" in err  # click's usage error
 
 
 def test_build_manifest_records_what_made_the_engine(exports, tmp_path):
@@ -178,3 +178,170 @@ def test_progress_printer_lines():
     p.phase_finish("Building engine")
     assert buf.getvalue().splitlines() == ["[build] Building engine (3 steps)", "[build]   Tactic selection (10 steps)",
                                            "[build]   Tactic selection done", "[build] Building engine done"]
+
+
+# --- the thin TensorRT layer, against a recording stand-in of the few tensorrt calls it makes -----
+# (shapes of the real Python API, TensorRT 10.x: Builder / OnnxParser / IBuilderConfig /
+# IOptimizationProfile / ITimingCache / IProgressMonitor; the parser's network inputs come from the
+# ONNX file, dynamic dims as -1, like TensorRT's)
+
+class _FakeTRT:
+    __version__ = "10.13.0.35"
+
+    class Logger:
+        WARNING = 2
+
+        def __init__(self, severity):
+            self.severity = severity
+
+    class MemoryPoolType:
+        WORKSPACE = "WORKSPACE"
+
+    class BuilderFlag:
+        FP16 = "FP16"
+        BF16 = "BF16"
+
+    class IProgressMonitor:
+        def __init__(self):
+            pass
+
+    calls: list = []
+
+    class _Input:
+        def __init__(self, name, shape):
+            self.name, self.shape = name, shape
+
+    class _Network:
+        def __init__(self):
+            self.inputs = []
+
+        @property
+        def num_inputs(self):
+            return len(self.inputs)
+
+        def get_input(self, i):
+            return self.inputs[i]
+
+    class OnnxParser:
+        def __init__(self, network, logger):
+            self.network = network
+            self.num_errors = 0
+
+        def parse_from_file(self, path):
+            import onnx
+
+            m = onnx.load(path, load_external_data=False)
+            for vi in m.graph.input:
+                shape = tuple(-1 if d.dim_param else d.dim_value for d in vi.type.tensor_type.shape.dim)
+                self.network.inputs.append(_FakeTRT._Input(vi.name, shape))
+            return True
+
+    class _Profile:
+        def __init__(self):
+            self.shapes = {}
+
+        def set_shape(self, name, lo, opt, hi):
+            self.shapes[name] = (tuple(lo), tuple(opt), tuple(hi))
+
+    class _Cache:
+        def __init__(self, data):
+            self.data = bytes(data) + b"+tuned"
+
+        def serialize(self):
+            return memoryview(self.data)
+
+    class _Config:
+        def __init__(self):
+            self.profiles, self.flags, self.cache, self.progress_monitor = [], [], None, None
+
+        def set_memory_pool_limit(self, pool, size):
+            self.pool = (pool, size)
+
+        def set_flag(self, flag):
+            self.flags.append(flag)
+
+        def add_optimization_profile(self, p):
+            self.profiles.append(p)
+            return len(self.profiles) - 1
+
+        def create_timing_cache(self, data):
+            return _FakeTRT._Cache(data)
+
+        def set_timing_cache(self, cache, ignore_mismatch):
+            self.cache = cache
+            return True
+
+        def get_timing_cache(self):
+            return self.cache
+
+    class Builder:
+        def __init__(self, logger):
+            pass
+
+        def create_network(self, flags):
+            return _FakeTRT._Network()
+
+        def create_builder_config(self):
+            return _FakeTRT._Config()
+
+        def create_optimization_profile(self):
+            return _FakeTRT._Profile()
+
+        def build_serialized_network(self, network, config):
+            mon = config.progress_monitor
+            mon.phase_start("Building engine", None, 1)
+            assert mon.step_complete("Building engine", 0) is True
+            mon.phase_finish("Building engine")
+            _FakeTRT.calls.append((network, config))
+            return memoryview(b"ENGINE")
+
+
+def _load_build_module():
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "plugins" / "build_engine.py"
+    spec = importlib.util.spec_from_file_location("smlp_plugins_build_engine_t", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_build_engine_with_profiles_makes_the_planned_calls(exports, tmp_path, monkeypatch):
+    import io
+    import sys
+    import types
+
+    fake = types.ModuleType("tensorrt")
+    for k, v in vars(_FakeTRT).items():
+        if not k.startswith("__") or k == "__version__":
+            setattr(fake, k, v)
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    monkeypatch.setitem(sys.modules, "tensorrt.plugin", types.ModuleType("tensorrt.plugin"))
+    _FakeTRT.calls.clear()
+    mod = _load_build_module()
+    monkeypatch.setattr(mod, "register_plugins", lambda: ["SMLPGroupedExpertGemm", "SMLPSpatialMoE"])
+    export = exports / "tensorrt"
+    profiles = plan.engine_profiles(_manifest(exports), max_batch=4)
+    cache = tmp_path / "timing.cache"
+    cache.write_bytes(b"old")
+    buf = io.StringIO()
+    path, info = mod.build_engine_with_profiles(
+        export / "model.onnx", tmp_path / "e" / "m.engine", profiles=profiles, export_manifest=_manifest(exports),
+        precision="fp16", timing_cache=str(cache), printer=plan.ProgressPrinter(buf))
+    (network, config), = _FakeTRT.calls
+    assert [p.shapes for p in config.profiles] == [p.shapes for p in profiles]  # profile i = plan[i]
+    assert config.flags == ["FP16"] and config.pool == ("WORKSPACE", 4 << 30)
+    assert path.read_bytes() == b"ENGINE"
+    assert cache.read_bytes() == b"old+tuned"  # read, then the tuned cache written back
+    saved = json.loads((tmp_path / "e" / "m.engine.json").read_text())
+    assert saved == json.loads(json.dumps(info))
+    assert saved["tensorrt_version"] == "10.13.0.35" and saved["registered_plugins"] == ["SMLPGroupedExpertGemm",
+                                                                                          "SMLPSpatialMoE"]
+    assert "[build] Building engine (1 steps)" in buf.getvalue() and "[build] Building engine done" in buf.getvalue()
+    # a profile that misses a dynamic input is refused before building
+    _FakeTRT.calls.clear()
+    with pytest.raises(RuntimeError, match="no shapes for dynamic input"):
+        mod.build_engine_with_profiles(export / "model.onnx", tmp_path / "x.engine", profiles=[plan.Profile("empty")],
+                                       export_manifest=_manifest(exports), printer=plan.ProgressPrinter(buf))
+    assert not _FakeTRT.calls and not (tmp_path / "x.engine").exists()
