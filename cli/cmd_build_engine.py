@@ -3,36 +3,78 @@ from __future__ import annotations
 
 import click
 
+SHAPES_HELP = "trtexec syntax, e.g. input_ids:1x1 (comma-separated for several inputs)"
+
 
 @click.command("build-engine")
 @click.argument("export_dir", metavar="OUT")
 @click.option("-o", "--output", default=None, type=click.Path(), help="Engine file (default: OUT/model.engine).")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
-@click.option("--max-batch", default=8, show_default=True, type=click.IntRange(1), help="Profile upper bound for batch.")
-def build_engine(export_dir, output, precision, max_batch) -> None:
-    """Build a TensorRT engine with the smlp plugins (smlp_export/plugins/) from OUT/model.onnx.
+@click.option("--max-batch", default=8, show_default=True, type=click.IntRange(1),
+              help="Batch upper bound of the default profiles.")
+@click.option("--min-shapes", default=None, metavar="SHAPES", help=f"Prefill profile minimum ({SHAPES_HELP}).")
+@click.option("--opt-shapes", default=None, metavar="SHAPES", help=f"Prefill profile optimum ({SHAPES_HELP}).")
+@click.option("--max-shapes", default=None, metavar="SHAPES",
+              help=f"Prefill profile maximum ({SHAPES_HELP}); seq at most the model's max_seq_len.")
+@click.option("--decode-profile/--no-decode-profile", default=True, show_default=True,
+              help="Add a second profile for decode steps (seq = 1, same batch bounds).")
+@click.option("--timing-cache", default=None, type=click.Path(dir_okay=False),
+              help="Timing cache file: read if it exists, written back after the build (faster rebuilds).")
+@click.option("--workspace-gib", default=4.0, show_default=True, type=click.FloatRange(min=0.0, min_open=True),
+              help="TensorRT workspace memory limit.")
+@click.option("--dry-run", is_flag=True, help="Print the build plan (profiles, plugins) as JSON and stop; needs no TensorRT.")
+@click.option("--quiet", is_flag=True, help="No progress lines.")
+def build_engine(export_dir, output, precision, max_batch, min_shapes, opt_shapes, max_shapes, decode_profile,
+                 timing_cache, workspace_gib, dry_run, quiet) -> None:
+    """Build a TensorRT engine with the smlp plugins from OUT/model.onnx.
 
-    The sequence bound of the optimization profile is the model's max_seq_len from OUT/manifest.json.
-    Needs TensorRT >= 10.10 (the `tensorrt` extra).
+    Two optimization profiles by default: 0 = prefill (batch 1..--max-batch, seq 1..n, n = the
+    model's max_seq_len from OUT/manifest.json) and 1 = decode (seq = 1). --min/--opt/--max-shapes
+    replace the prefill profile's bounds. Writes the engine and, next to it, ENGINE.json (TensorRT
+    version, GPU, precision, profiles, plugins, the export's model sha256).
+    Needs TensorRT >= 10.10 (the `tensorrt` extra); the plugins ship in the package (smlp_export/plugins/).
     """
+    import io
     import json
+    import sys
     from pathlib import Path
 
+    from smlp_export import engine_plan as plan
     from smlp_export.errors import SMLPError
 
     out = Path(export_dir)
     man = out / "manifest.json"
     if not man.is_file():
         raise SMLPError(f"{out} is not an export directory (no manifest.json)")
-    manifest = json.loads(man.read_text())
+    try:
+        manifest = json.loads(man.read_text())
+    except json.JSONDecodeError as e:
+        raise SMLPError(f"{man} is not valid JSON ({e})") from None
     if manifest.get("target") != "tensorrt":
         raise SMLPError(f"{out} was exported with --target {manifest.get('target')}; "
                         "TensorRT engines need --target tensorrt (plugin nodes)")
+    # Every option is checked before TensorRT is touched (one line per mistake).
+    profiles = plan.engine_profiles(
+        manifest, max_batch=max_batch, decode=decode_profile,
+        min_shapes=plan.parse_shapes(min_shapes, "--min-shapes"), opt_shapes=plan.parse_shapes(opt_shapes, "--opt-shapes"),
+        max_shapes=plan.parse_shapes(max_shapes, "--max-shapes"))
+    plan.read_timing_cache(timing_cache)
+    engine = Path(output) if output else out / "model.engine"
+    if dry_run:
+        click.echo(json.dumps({"onnx": str(out / "model.onnx"), "engine": str(engine),
+                               "manifest": str(plan.manifest_path(engine)), "precision": precision,
+                               "profiles": [p.to_dict() for p in profiles],
+                               "plugins": plan.plugin_inventory(out / "model.onnx"),
+                               "timing_cache": timing_cache}, indent=2))
+        return
     from smlp_export.plugins import build_engine as mod
+
+    printer = plan.ProgressPrinter(io.StringIO() if quiet else sys.stderr)
     try:
-        path = mod.build_engine(out / "model.onnx", Path(output) if output else out / "model.engine",
-                                precision=precision, max_batch=max_batch,
-                                max_seq=int(manifest["config"]["max_seq_len"]))
-    except (mod.TensorRTUnavailable, RuntimeError, FileNotFoundError) as e:
+        path, info = mod.build_engine_with_profiles(
+            out / "model.onnx", engine, profiles=profiles, export_manifest=manifest, precision=precision,
+            timing_cache=timing_cache, workspace_gib=workspace_gib, printer=printer)
+    except (mod.TensorRTUnavailable, RuntimeError, FileNotFoundError, ValueError) as e:
         raise SMLPError(str(e).splitlines()[0]) from None
-    click.echo(f"wrote {path}")
+    click.echo(f"wrote {path} and {plan.manifest_path(path).name} (TensorRT {info['tensorrt_version']}, "
+               f"{len(profiles)} profiles)")

@@ -163,35 +163,68 @@ def _sparse_layers(model) -> int:
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_tensorrt_plugin_nodes_and_local_functions(name: str) -> None:
+    """tensorrt: per sparse layer two SMLPGroupedExpertGemm nodes (up with the expert activation,
+    down with identity) + one spatial plugin node; each op type has a model-local function."""
+    from smlp_export.export.tensorrt_moe import plugin_node_name
+
     model, proto = model_for(name), built(name, "tensorrt", "fp32")
     cfg = model.config
+    gemm = contract.GROUPED_EXPERT_GEMM
     smoe = contract.SPATIAL_MOE_PARTIAL if cfg.spatial_routing == "partial" else contract.SPATIAL_MOE
     nodes = [n for n in proto.graph.node if n.domain == contract.DOMAIN]
-    by_type = {c.op_type: [n for n in nodes if n.op_type == c.op_type] for c in (contract.TOKEN_MOE, smoe)}
-    assert sorted(n.op_type for n in nodes) == sorted([contract.TOKEN_MOE.op_type, smoe.op_type] * _sparse_layers(model))
+    layers = _sparse_layers(model)
+    assert sorted(n.op_type for n in nodes) == sorted([gemm.op_type] * 2 * layers + [smoe.op_type] * layers)
+    init = {t.name: tuple(t.dims) for t in proto.graph.initializer}
+    E, f, d = cfg.n_token_experts, cfg.d_expert, cfg.d_model
     expected_fields = {
-        contract.TOKEN_MOE.op_type: {"routing": cfg.token_routing, "k": cfg.top_k, "activation": cfg.expert_activation},
         contract.SPATIAL_MOE.op_type: {"num_experts": cfg.n_spatial_experts},
         contract.SPATIAL_MOE_PARTIAL.op_type: {"num_experts": cfg.n_spatial_experts, "prefix": cfg.prefix_len},
     }
-    for c in (contract.TOKEN_MOE, smoe):
-        for n in by_type[c.op_type]:
-            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
-            attrs = {k: v.decode() if isinstance(v, bytes) else v for k, v in attrs.items()}
-            assert attrs.pop("plugin_namespace") == c.namespace and attrs.pop("plugin_version") == c.version
-            assert set(attrs) == set(c.attributes), n.op_type
-            for field, typ in c.attributes.items():
-                assert isinstance(attrs[field], typ), (n.op_type, field)
+    seen: dict[str, int] = {}
+    gemm_acts = []
+    for n in nodes:
+        c = contract.CONTRACTS[n.op_type]
+        assert n.name == plugin_node_name(n.op_type, seen.get(n.op_type, 0))
+        seen[n.op_type] = seen.get(n.op_type, 0) + 1
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+        attrs = {k: v.decode() if isinstance(v, bytes) else v for k, v in attrs.items()}
+        assert attrs.pop("plugin_namespace") == c.namespace and attrs.pop("plugin_version") == c.version
+        assert set(attrs) == set(c.attributes), n.op_type
+        for field, typ in c.attributes.items():
+            assert isinstance(attrs[field], typ), (n.op_type, field)
+        assert len(n.input) == len(c.inputs) and len(n.output) == len(c.outputs)
+        if n.op_type == gemm.op_type:
+            up = init[n.input[2]] == (E, f, d)
+            assert up or init[n.input[2]] == (E, d, f)
+            assert init[n.input[3]] == ((E, f) if up else (E, d))
+            gemm_acts.append(attrs["activation"])
+            assert attrs["activation"] == (cfg.expert_activation if up else "identity")
+        else:
             assert attrs == expected_fields[c.op_type]
-            assert len(n.input) == len(c.inputs) and len(n.output) == len(c.outputs)
-    funcs = {(f.domain, f.name): f for f in proto.functions}
+    assert gemm_acts == [cfg.expert_activation, "identity"] * layers  # up, then down, per layer
+    # routing stays in standard ops: every TopK of the graph picks k of the E router logits (no sort
+    # of all rows by TopK: TensorRT limits K to 3840)
+    topks = [n for n in proto.graph.node if n.op_type == "TopK"]
+    assert len(topks) == layers
+    producers = {o: m for m in proto.graph.node for o in m.output}
+    for n in topks:
+        k_node = producers[n.input[1]]
+        assert onnx.numpy_helper.to_array(k_node.attribute[0].t).tolist() == [cfg.top_k]
+    funcs = {(fn.domain, fn.name): fn for fn in proto.functions}
     model_opset = {o.domain: o.version for o in proto.opset_import}[""]
-    for c in (contract.TOKEN_MOE, smoe):
-        f = funcs[(contract.DOMAIN, c.op_type)]
-        assert list(f.input) == list(c.inputs) and list(f.output) == list(c.outputs)
-        assert {o.domain: o.version for o in f.opset_import} == {"": model_opset}
-        assert all(n.domain in ("", "ai.onnx") for n in all_nodes(onnx.helper.make_graph(list(f.node), "f", [], [])))
-    assert set(funcs) == {(contract.DOMAIN, c.op_type) for c in (contract.TOKEN_MOE, smoe)}
+    assert set(funcs) == {(contract.DOMAIN, c.op_type) for c in (gemm, smoe)}
+    for c in (gemm, smoe):
+        fn = funcs[(contract.DOMAIN, c.op_type)]
+        assert list(fn.input) == list(c.inputs) and list(fn.output) == list(c.outputs)
+        extra = {"ai.onnx.ml": 2} if c is gemm else {}
+        assert {o.domain: o.version for o in fn.opset_import} == {"": model_opset, **extra}
+        assert all(n.domain in ("", "ai.onnx", *extra)
+                   for n in all_nodes(onnx.helper.make_graph(list(fn.node), "f", [], [])))
+    # the grouped-GEMM fallback is sparse: a Loop whose body slices one expert's rows into a Gemm
+    loops = [n for n in funcs[(contract.DOMAIN, gemm.op_type)].node if n.op_type == "Loop"]
+    assert len(loops) == 1
+    body = {m.op_type for m in onnx.helper.get_attribute_value(loops[0].attribute[0]).node}
+    assert {"Slice", "Gemm"} <= body
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))

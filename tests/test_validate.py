@@ -255,3 +255,61 @@ def test_validate_covers_the_decode_graph(tmp_path):
     rep = run_validation(out, quick=True)
     assert not rep.passed and rep.decode["passed"] is False
     assert any(f.startswith("decode graph:") for f in rep.failures)
+
+
+# --- plugin-node fields vs the config (tensorrt target) -----------------------------------------
+
+def _set_attr(export_dir, op_type: str, field: str, value, index: int = 0) -> str:
+    """Rewrite one field of the index-th ``op_type`` node of model.onnx (and the manifest's sha256,
+    so that only the field differs); returns the node's name."""
+    import hashlib
+
+    path = export_dir / "model.onnx"
+    m = onnx.load(str(path))
+    node = [n for n in m.graph.node if n.op_type == op_type][index]
+    for a in node.attribute:
+        if a.name == field:
+            a.CopyFrom(onnx.helper.make_attribute(field, value))
+    onnx.save(m, str(path))
+    man = json.loads((export_dir / "manifest.json").read_text())
+    for f in man["files"]:
+        if f["name"] == "model.onnx":
+            f["sha256"], f["bytes"] = hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_size
+    (export_dir / "manifest.json").write_text(json.dumps(man))
+    return node.name
+
+
+@pytest.fixture(scope="module")
+def trt_export(ckpt, tmp_path_factory):
+    return _export(ckpt, tmp_path_factory.mktemp("exp") / "trt", "tensorrt", "fp32")
+
+
+def test_tensorrt_plugin_fields_pass_untouched(trt_export, tmp_path):
+    out = _copy(trt_export, tmp_path / "ok")
+    report = run_validation(out, "ort", quick=True)
+    assert report.passed, report.failures
+    saved = json.loads((out / "parity.json").read_text())
+    pa = saved["extra"]["plugin_attributes"]
+    assert pa["passed"] is True and any(c["name"] == "plugin_attributes" and c["ok"] for c in saved["checks"])
+    items = {(f["op_type"], f["item"]) for f in pa["files"]["model.onnx"]["findings"]}
+    assert {("SMLPGroupedExpertGemm", "activation"), ("SMLPSpatialMoEPartial", "num_experts"),
+            ("SMLPSpatialMoEPartial", "prefix"), ("SMLPGroupedExpertGemm", "input weight shape")} <= items
+
+
+@pytest.mark.parametrize("op_type, field, value, index", [
+    ("SMLPSpatialMoEPartial", "prefix", 5, 1),        # the fallback ignores it: only this check sees it
+    ("SMLPSpatialMoEPartial", "num_experts", 3, 0),
+    ("SMLPGroupedExpertGemm", "plugin_version", "2", 2),
+    ("SMLPGroupedExpertGemm", "activation", "relu", 0),
+])
+def test_tensorrt_plugin_field_mismatch_fails(trt_export, tmp_path, op_type, field, value, index):
+    bad = _copy(trt_export, tmp_path / "bad")
+    name = _set_attr(bad, op_type, field, value, index)
+    report = run_validation(bad, "ort", quick=True)
+    assert not report.passed
+    lines = [f for f in report.failures if name in f and field in f]
+    assert lines, report.failures
+    assert repr(value) in lines[0]
+    saved = json.loads((bad / "parity.json").read_text())
+    assert saved["passed"] is False and saved["extra"]["plugin_attributes"]["passed"] is False
+    assert any(c["name"] == "plugin_attributes" and not c["ok"] for c in saved["checks"])

@@ -76,6 +76,10 @@ def _finish(proto: onnx.ModelProto, model, target: str, dtype: str, opset: int, 
     from ..export import contract
     from ..export.functions import functions_for, onnx_elem_type
 
+    if target == "tensorrt":  # token MoE -> standard-op routing + two grouped-GEMM plugin nodes
+        from ..export.tensorrt_moe import finish_tensorrt
+
+        finish_tensorrt(proto, elem=onnx_elem_type(dtype), opset=opset)
     ops = {n.op_type for n in proto.graph.node if n.domain == contract.DOMAIN}
     if ops:
         proto.functions.extend(functions_for(model.config, elem=onnx_elem_type(dtype), opset=opset, op_types=ops))

@@ -22,6 +22,7 @@ class PluginContract:
     inputs: tuple[str, ...]  # positional, with shapes in the docstring of the torch op
     outputs: tuple[str, ...]
     attributes: dict[str, type] = field(default_factory=dict)  # field name -> int | float | str
+    int_inputs: tuple[str, ...] = ()  # inputs that are int32 index tensors (all others: float)
     domain: str = DOMAIN
     namespace: str = PLUGIN_NAMESPACE
     version: str = PLUGIN_VERSION
@@ -69,7 +70,8 @@ GROUPED_EXPERT_GEMM = PluginContract(
     # offsets[e]:offsets[e+1], offsets[0] = 0, offsets[E] = M); weight [E, N, K]; bias [E, N]
     inputs=("x", "offsets", "weight", "bias"),
     outputs=("output",),  # [M, N] = act(x @ weight[e]^T + bias[e]) row by row
-    attributes={"activation": str},  # identity | gelu | gelu_tanh | relu | silu
+    attributes={"activation": str},
+    int_inputs=("offsets",),  # identity | gelu | gelu_tanh | relu | silu
 )
 
 CONTRACTS: dict[str, PluginContract] = {}

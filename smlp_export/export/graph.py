@@ -204,6 +204,10 @@ def build_onnx(model, *, target: str, dtype: str, opset: int, ir_version: int = 
     proto = _trace(model, target, dtype, opset, names, ort_moe)
     if target == "ort" and ort_moe == "auto":
         _auto_token_moe(proto, onnx_elem_type(dtype))
+    if target == "tensorrt":  # token MoE -> standard-op routing + two grouped-GEMM plugin nodes
+        from .tensorrt_moe import finish_tensorrt
+
+        finish_tensorrt(proto, elem=onnx_elem_type(dtype), opset=opset)
     ops = _smlp_op_types(proto)
     # Model-local standard-op bodies for the smlp nodes (the exporter cannot emit functions).
     proto.functions.extend(functions_for(model.config, elem=onnx_elem_type(dtype), opset=opset, op_types=ops,

@@ -46,9 +46,10 @@ def _contract_schema(c: contract.PluginContract) -> defs.OpSchema:
     attrs += [defs.OpSchema.Attribute(n, _A.STRING, "TensorRT plugin lookup") for n in ("plugin_namespace", "plugin_version")]
     return defs.OpSchema(
         c.op_type, c.domain, 1, doc=f"lowered from {c.torch_op}",
-        inputs=[defs.OpSchema.FormalParameter(n, "T") for n in c.inputs],
+        inputs=[defs.OpSchema.FormalParameter(n, "I" if n in c.int_inputs else "T") for n in c.inputs],
         outputs=[defs.OpSchema.FormalParameter(n, "T") for n in c.outputs],
-        type_constraints=[("T", _FLOATS, "float tensors")],
+        type_constraints=[("T", _FLOATS, "float tensors")]
+        + ([("I", ["tensor(int32)"], "index tensors")] if c.int_inputs else []),
         attributes=attrs,
     )
 

@@ -139,6 +139,111 @@ def _build(trt, onnx_path: Path, engine_path: Path, precision: str, max_batch: i
     return engine_path
 
 
+def _gpu() -> dict:
+    """Name and compute capability of the build GPU (an engine runs only on that kind of GPU)."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            major, minor = torch.cuda.get_device_capability()
+            return {"name": torch.cuda.get_device_name(), "compute_capability": f"{major}.{minor}"}
+    except ImportError:
+        pass
+    return {"name": None, "compute_capability": None}
+
+
+def _progress_monitor(trt, printer):
+    """A ``trt.IProgressMonitor`` forwarding TensorRT's build phases to ``printer``
+    (``smlp_export.engine_plan.ProgressPrinter``)."""
+
+    class Monitor(trt.IProgressMonitor):
+        def __init__(self) -> None:
+            trt.IProgressMonitor.__init__(self)
+
+        def phase_start(self, phase_name, parent_phase, num_steps):
+            printer.phase_start(phase_name, parent_phase, num_steps)
+
+        def step_complete(self, phase_name, step):
+            return printer.step_complete(phase_name, step)
+
+        def phase_finish(self, phase_name):
+            printer.phase_finish(phase_name)
+
+    return Monitor()
+
+
+def build_engine_with_profiles(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *, profiles: list,
+                               export_manifest: dict, precision: str = "fp32", timing_cache: str | None = None,
+                               workspace_gib: float = 4.0, printer=None) -> tuple[Path, dict]:
+    """``smlp build-engine``: parse ``onnx_path``, add one optimization profile per entry of
+    ``profiles`` (``smlp_export.engine_plan.Profile``; profile i of the engine = profiles[i]), use
+    and update the timing cache file, report build phases to ``printer``, write the engine and its
+    build manifest (``<engine>.json``) atomically. Returns (engine path, manifest dict).
+
+    The plan (profiles, option checks, manifest contents) is computed and tested in
+    ``smlp_export.engine_plan``; this function only makes the TensorRT calls."""
+    import time
+
+    from smlp_export import engine_plan as plan
+
+    import_trtp()  # one clear error when TensorRT is missing or older than 10.10
+    import tensorrt as trt
+
+    printer = printer or plan.ProgressPrinter()
+    onnx_path, engine_path = Path(onnx_path), Path(engine_path)
+    if not onnx_path.is_file():
+        raise FileNotFoundError(f"ONNX file not found: {onnx_path}")
+    cache_bytes = plan.read_timing_cache(timing_cache)
+    t0 = time.perf_counter()
+    printer.stage("registering the smlp plugins")
+    plugins = register_plugins()
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    printer.stage(f"parsing {onnx_path}")
+    if not parser.parse_from_file(str(onnx_path)):
+        errs = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise RuntimeError(f"TensorRT could not parse {onnx_path}: {errs}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
+    if precision == "fp16":
+        config.set_flag(trt.BuilderFlag.FP16)
+    elif precision == "bf16":
+        config.set_flag(trt.BuilderFlag.BF16)
+    dynamic = [network.get_input(i).name for i in range(network.num_inputs) if any(d < 0 for d in network.get_input(i).shape)]
+    for p in profiles:
+        missing = [name for name in dynamic if name not in p.shapes]
+        if missing:
+            raise RuntimeError(f"profile {p.name} gives no shapes for dynamic input(s) {', '.join(missing)}")
+        prof = builder.create_optimization_profile()
+        for name, (lo, opt, hi) in p.shapes.items():
+            prof.set_shape(name, lo, opt, hi)
+        config.add_optimization_profile(prof)
+    cache = config.create_timing_cache(cache_bytes)
+    config.set_timing_cache(cache, False)
+    config.progress_monitor = _progress_monitor(trt, printer)
+    printer.stage(f"building ({precision}, profiles: {', '.join(p.name for p in profiles)})")
+    try:
+        blob = builder.build_serialized_network(network, config)
+    except (AttributeError, TypeError) as exc:  # a TensorRT API this code does not match
+        raise EngineBuildError(f"TensorRT {getattr(trt, '__version__', '?')}: {type(exc).__name__}: "
+                               f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
+    if blob is None:
+        raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path} (see the log above)")
+    plan.write_bytes_atomic(engine_path, bytes(blob))
+    if timing_cache:
+        plan.write_bytes_atomic(timing_cache, bytes(config.get_timing_cache().serialize()))
+    manifest = plan.build_manifest(
+        engine_path=engine_path, export_manifest=export_manifest, onnx_path=onnx_path, precision=precision,
+        profiles=profiles, plugins=plan.plugin_inventory(onnx_path), tensorrt_version=trt.__version__, gpu=_gpu(),
+        timing_cache=str(timing_cache) if timing_cache else None, build_seconds=time.perf_counter() - t0,
+        workspace_gib=workspace_gib)
+    manifest["registered_plugins"] = plugins
+    plan.write_json_atomic(plan.manifest_path(engine_path), manifest)
+    return engine_path, manifest
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("onnx", help="model exported with --target tensorrt")

@@ -211,6 +211,11 @@ def run_validation(export_dir: str | Path, backend: str = "ort", *, checkpoint: 
             if not decode["passed"]:
                 failures += [f"decode graph: {c['name']} = {c['value']} (limit {c['bound']})"
                              for c in decode.get("checks", []) if not c["ok"]]
+    plugins = _check_plugin_attributes(export_dir, manifest, cfg)
+    if plugins is not None:
+        checks.append({"name": "plugin_attributes", "value": plugins["passed"], "limit": "true",
+                       "ok": plugins["passed"]})
+        failures += plugins["failures"]
     report = ParityReport(
         passed=not failures, backend=backend, target=target, dtype=dtype, tolerances=tol.to_dict(),
         metrics=metrics, checks=checks, failures=failures, cases=rows, checkpoint=ckpt,
@@ -219,10 +224,27 @@ def run_validation(export_dir: str | Path, backend: str = "ort", *, checkpoint: 
         reference={**ref_meta, "onnx": _md.version("onnx"), "numpy": np.__version__},
         corpus={"source": source, "split": "held-out", "ppl_from_position": p,
                 "windows": "consecutive held-out windows of seq + 1 tokens (input + next-token targets)"},
-        time_s=round(time.perf_counter() - t0, 3), quick=quick, decode=decode)
+        time_s=round(time.perf_counter() - t0, 3), quick=quick, decode=decode,
+        extra={"plugin_attributes": plugins} if plugins is not None else {})
     if write:
         report.write(export_dir)
     return report
+
+
+def _check_plugin_attributes(export_dir: Path, manifest: dict, cfg) -> dict[str, Any] | None:
+    """tensorrt exports: every plugin node's fields vs the config (ORT runs the fallback bodies, so
+    only this check sees a field TensorRT would read wrong). None for other targets."""
+    if manifest.get("target") != "tensorrt":
+        return None
+    from .plugin_attrs import check_plugin_nodes
+
+    out = {"model.onnx": check_plugin_nodes(export_dir / MODEL_FILE, cfg)}
+    dec = manifest.get("decode") or {}
+    if dec and (export_dir / dec.get("file", "decode.onnx")).is_file():
+        out["decode.onnx"] = check_plugin_nodes(export_dir / dec.get("file", "decode.onnx"), cfg, decode=True)
+    return {"passed": all(r["passed"] for r in out.values()),
+            "failures": [f"{name}: {line}" for name, r in out.items() for line in r["failures"]],
+            "files": out}
 
 
 def _validate_decode(export_dir: Path, model: Any, backend: str, quick: bool,
