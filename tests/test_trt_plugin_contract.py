@@ -410,6 +410,19 @@ EXPECTED_EXTRA = {  # int32 scalar args each kernel takes, from the node's input
 }
 
 
+def _observed(path, names: list[str], elem: dict) -> dict:
+    """{name: (TensorRT dtype, concrete shape)} of intermediate tensors from an ONNX Runtime run."""
+    import onnxruntime as ort
+
+    model = onnx.load(path)
+    model.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in names)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    feed = {i.name: np.arange(14, dtype=np.int64).reshape(2, 7) % 50 for i in sess.get_inputs()}
+    vals = sess.run(names, feed)
+    to_onnx = {np.dtype(helper.tensor_dtype_to_np_dtype(t)): t for t in elem}
+    return {n: (elem[to_onnx[v.dtype]], tuple(v.shape)) for n, v in zip(names, vals)}
+
+
 @pytest.mark.triton
 def test_exported_plugin_nodes_build_through_the_double(monkeypatch, trt_export):
     """Every plugin node of a real export, with the input dtypes / shapes the graph gives it, through
@@ -426,11 +439,21 @@ def test_exported_plugin_nodes_build_through_the_double(monkeypatch, trt_export)
     elem = {onnx.TensorProto.FLOAT: DT.FLOAT, onnx.TensorProto.FLOAT16: DT.HALF, onnx.TensorProto.BFLOAT16: DT.BF16,
             onnx.TensorProto.INT32: DT.INT32, onnx.TensorProto.INT64: DT.INT64}
     known = {t.name: (elem[t.data_type], tuple(t.dims)) for t in model.graph.initializer}
+    inits = set(known)
     for v in list(model.graph.value_info) + list(model.graph.input):
         tt = v.type.tensor_type
+        if tt.elem_type not in elem:  # e.g. the routing's BOOL masks: never a plugin input
+            continue
         known[v.name] = (elem[tt.elem_type], tuple(d.dim_param or d.dim_value for d in tt.shape.dim))
     nodes = [n for n in model.graph.node if n.op_type in CONTRACTS]
     assert nodes
+    # Tensors that shape inference leaves untyped (outputs of the standard-op routing, of plugin nodes:
+    # it does not look through the fallback functions) get the dtype and shape a real run gives them.
+    # All tensors of such a node are then taken from the run (concrete shapes, consistent with each other).
+    partial = [n for n in nodes if any(x not in known for x in [*n.input, n.output[0]])]
+    missing = sorted({x for n in partial for x in [*n.input, n.output[0]] if x not in inits})
+    if missing:
+        known.update(_observed(trt_export / "model.onnx", missing, elem))
     for node in nodes:
         ins = [known[i] for i in node.input]
         env = {s: 5 + i for i, s in enumerate(sorted({d for _, sh in ins for d in sh if isinstance(d, str)}))}

@@ -43,6 +43,8 @@ class AotKernel:
     shared: int  # bytes of dynamic shared memory the launch needs
     num_params: int  # .param count in the entry (user args + scratch)
     arch: int
+    global_scratch: int  # bytes of Triton global scratch per program (TensorRT's AOT launch gives none)
+    profile_scratch: int  # bytes of Triton profiler scratch (likewise)
 
     @property
     def block_x(self) -> int:
@@ -92,7 +94,9 @@ def _compile_spec(spec: dict) -> AotKernel:
     ptx = ck.asm["ptx"]
     name = ck.metadata.name
     return AotKernel(name=name, ptx=ptx, num_warps=ck.metadata.num_warps, shared=ck.metadata.shared,
-                     num_params=count_params(ptx, name), arch=spec["arch"])
+                     num_params=count_params(ptx, name), arch=spec["arch"],
+                     global_scratch=int(ck.metadata.global_scratch_size),
+                     profile_scratch=int(ck.metadata.profile_scratch_size))
 
 
 def compile_specs(specs: list[dict]) -> list[AotKernel]:
