@@ -413,6 +413,7 @@ def test_grouped_gemm_blocks_regimes():
     dec = grouped_gemm_blocks(16, 4096, 14336, torch.bfloat16)
     assert dec.BLOCK_M == 16 and triton.cdiv(4096, dec.BLOCK_N) >= 132  # one expert covers every SM
     assert grouped_gemm_blocks(8, 14336, 4096, "bfloat16").BLOCK_M == 16
+    assert grouped_gemm_blocks(32, 14336, 4096, "bfloat16").BLOCK_M == 16  # 16 tokens at top-2
     big = grouped_gemm_blocks(8192, 14336, 4096, "bfloat16")
     assert big.BLOCK_M >= 64 and big.BLOCK_N >= 64
     with pytest.raises(ValueError):
@@ -532,7 +533,10 @@ def test_gpu_benchmark_script_dry_run(tmp_path):
     spec.loader.exec_module(bench)
     assert bench.main(["--dry-run", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "gpu_kernels.json").read_text())
-    assert report["dry_run"] and report["token_moe"] and report["spatial_moe"]
+    assert report["dry_run"] and report["token_moe"] and report["spatial_moe"] and report["grouped_gemm_plugin"]
+    # the grouped-GEMM section checks the plugin kernel pair against the plain-torch reference
+    assert all(r["max_abs_err_vs_reference"] < 1e-4 for r in report["grouped_gemm_plugin"])
+    assert "spatial_plugin_vs_masked_bmm_T512plus_min" not in report["goals"]  # T < 512 in the dry run
     # the end-to-end section compares the kernel path with the reference path on the same model
     assert report["e2e"]["max_abs_logit_diff"] < 1e-4
     assert (tmp_path / "gpu_kernels.png").stat().st_size > 0
