@@ -264,13 +264,18 @@ def bench_spatial(cfg: dict, device: torch.device, dtype: torch.dtype, timer: Ti
         p = -(-n // 5)
         router = (torch.randn(p, E, generator=g) * 0.5).to(dtype).to(device)
         t_partial = timer(lambda: kernels.spatial_moe_partial(z2, w, b, router))
-        bn = 128
-        t_partial_plugin = timer(lambda: pk.spatial_moe_partial_plugin_kernel[(triton.cdiv(T, 64), triton.cdiv(c, bn), B)](
-            z2, w, b, router, T, c, n, out, E=E, P=p, BLOCK_M=64, BLOCK_N=bn, BLOCK_K=32, BLOCK_P=16,
-            BLOCK_E=max(2, triton.next_power_of_2(E)), INTERP_BF16=interp_bf16(dtype)))
+
+        def partial_plugin(bn: int):  # the glue's BLOCK_N (32 today) and a wider one (smaller padding share)
+            return lambda: pk.spatial_moe_partial_plugin_kernel[(triton.cdiv(T, 64), triton.cdiv(c, bn), B)](
+                z2, w, b, router, T, c, n, out, E=E, P=p, BLOCK_M=64, BLOCK_N=bn, BLOCK_K=32, BLOCK_P=16,
+                BLOCK_E=max(2, triton.next_power_of_2(E)), INTERP_BF16=interp_bf16(dtype))
+
+        t_partial_plugin = timer(partial_plugin(128))
+        t_partial_plugin_bn32 = timer(partial_plugin(32))
         flops_dense = 2 * E * T * T * B * cs
         row = dict(B=B, T=T, c=c, E=E, ms_kernel=t_kernel, ms_masked_bmm=t_bmm, ms_reference=t_ref,
                    ms_plugin=t_plugin, ms_partial=t_partial, ms_partial_plugin=t_partial_plugin,
+                   ms_partial_plugin_block_n32=t_partial_plugin_bn32,
                    speedup_plugin_vs_bmm=t_bmm / t_plugin, speedup_partial_vs_bmm=t_bmm / t_partial,
                    speedup_partial_plugin_vs_bmm=t_bmm / t_partial_plugin,
                    speedup_vs_bmm=t_bmm / t_kernel, speedup_vs_reference=t_ref / t_kernel,
