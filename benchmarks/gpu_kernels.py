@@ -264,13 +264,18 @@ def bench_spatial(cfg: dict, device: torch.device, dtype: torch.dtype, timer: Ti
         p = -(-n // 5)
         router = (torch.randn(p, E, generator=g) * 0.5).to(dtype).to(device)
         t_partial = timer(lambda: kernels.spatial_moe_partial(z2, w, b, router))
-        bn = 128
-        t_partial_plugin = timer(lambda: pk.spatial_moe_partial_plugin_kernel[(triton.cdiv(T, 64), triton.cdiv(c, bn), B)](
-            z2, w, b, router, T, c, n, out, E=E, P=p, BLOCK_M=64, BLOCK_N=bn, BLOCK_K=32, BLOCK_P=16,
-            BLOCK_E=max(2, triton.next_power_of_2(E)), INTERP_BF16=interp_bf16(dtype)))
+
+        def partial_plugin(bn: int):  # the glue's BLOCK_N (32 today) and a wider one (smaller padding share)
+            return lambda: pk.spatial_moe_partial_plugin_kernel[(triton.cdiv(T, 64), triton.cdiv(c, bn), B)](
+                z2, w, b, router, T, c, n, out, E=E, P=p, BLOCK_M=64, BLOCK_N=bn, BLOCK_K=32, BLOCK_P=16,
+                BLOCK_E=max(2, triton.next_power_of_2(E)), INTERP_BF16=interp_bf16(dtype))
+
+        t_partial_plugin = timer(partial_plugin(128))
+        t_partial_plugin_bn32 = timer(partial_plugin(32))
         flops_dense = 2 * E * T * T * B * cs
         row = dict(B=B, T=T, c=c, E=E, ms_kernel=t_kernel, ms_masked_bmm=t_bmm, ms_reference=t_ref,
                    ms_plugin=t_plugin, ms_partial=t_partial, ms_partial_plugin=t_partial_plugin,
+                   ms_partial_plugin_block_n32=t_partial_plugin_bn32,
                    speedup_plugin_vs_bmm=t_bmm / t_plugin, speedup_partial_vs_bmm=t_bmm / t_partial,
                    speedup_partial_plugin_vs_bmm=t_bmm / t_partial_plugin,
                    speedup_vs_bmm=t_bmm / t_kernel, speedup_vs_reference=t_ref / t_kernel,
@@ -386,6 +391,48 @@ def tune_token_moe(cfg: dict, device: torch.device, dtype: torch.dtype, timer: T
     return out
 
 
+GGEMM_CANDIDATES = [  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for grouped_expert_gemm
+    (16, 16, 128, 4, 4), (16, 32, 128, 4, 4), (16, 32, 256, 4, 3), (16, 64, 128, 4, 4), (64, 64, 64, 4, 4),
+    (64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3),
+]
+
+
+def tune_grouped_gemm(cfg: dict, device: torch.device, dtype: torch.dtype, timer: Timer) -> list[dict]:
+    """Best tile per (E, N=f, K=d, rows) for the up-projection grouped GEMM (top-2 routing), to
+    compare with / replace ``configs.grouped_gemm_blocks``."""
+    from smlp_export.kernels.configs import GemmConfig, grouped_gemm_blocks
+
+    out = []
+    g = torch.Generator(device="cpu").manual_seed(4)
+    for E, d, f in cfg["experts"]:
+        w1 = (torch.randn(E, f, d, generator=g) * d ** -0.5).to(dtype).to(device)
+        b1 = torch.zeros(E, f, dtype=dtype, device=device)
+        toks = cfg["tokens"]
+        for N in sorted({toks[0], toks[-1]}):
+            k = min(2, E)
+            ids, _ = ops.route_tokens(torch.randn(N, E, generator=g).to(device), "topk", k)
+            xs, offsets = group_rows(torch.randn(N, d, generator=g).to(dtype).to(device), ids, E)
+            results = []
+            chosen = grouped_gemm_blocks(xs.shape[0], f, d, dtype)
+            cands = [GemmConfig(*c) for c in GGEMM_CANDIDATES]
+            for gc in cands + ([chosen] if chosen not in cands else []):
+                try:
+                    ms = timer(lambda: kernels.grouped_expert_gemm(xs, offsets, w1, b1, "gelu_tanh", config=gc))
+                except Exception as exc:  # e.g. out of shared memory for this tile
+                    print(f"  tile {gc} failed: {type(exc).__name__}", flush=True)
+                    continue
+                results.append((ms, gc))
+            if not results:
+                continue
+            best = min(results, key=lambda r: r[0])
+            chosen_ms = next((ms for ms, gc in results if gc == chosen), None)
+            entry = dict(E=E, N=f, K=d, rows=xs.shape[0], best=best[1].as_dict(), best_ms=best[0],
+                         grouped_gemm_blocks=chosen.as_dict(), grouped_gemm_blocks_ms=chosen_ms)
+            out.append(entry)
+            print(f"tune ggemm {entry}", flush=True)
+    return out
+
+
 def goals(tmoe: list[dict], smoe: list[dict], ggemm: list[dict] | None = None) -> dict:
     g = {}
 
@@ -474,9 +521,10 @@ def main(argv: list[str] | None = None) -> int:
     smoe = [] if "smoe" in args.skip else bench_spatial(cfg, device, dtype, timer)
     e2e = None if "e2e" in args.skip else bench_e2e(cfg, device, dtype, timer, args.dry)
     tuned = tune_token_moe(cfg, device, dtype, timer) if args.tune else []
+    tuned_ggemm = tune_grouped_gemm(cfg, device, dtype, timer) if args.tune else []
     report = dict(gpu=gpu, dtype=str(dtype), dry_run=args.dry, torch=torch.__version__, triton=triton.__version__,
                   copy_bandwidth_gbs=bw, peak_hbm_gbs=peak, peak_hbm_source=peak_source, token_moe=tmoe,
-                  grouped_gemm_plugin=ggemm, spatial_moe=smoe, e2e=e2e, tuned=tuned,
+                  grouped_gemm_plugin=ggemm, spatial_moe=smoe, e2e=e2e, tuned=tuned, tuned_grouped_gemm=tuned_ggemm,
                   goals=goals(tmoe, smoe, ggemm),
                   seconds=time.time() - t0, command=" ".join(sys.argv))
     out = Path(args.out)

@@ -73,11 +73,34 @@ def test_token_moe_matches_reference(N, routing, k, dtype):
     _close(got, want, dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("activation", ["gelu", "relu", "silu"])
-def test_token_moe_activations(activation):
-    x, lg, w1, b1, w2, b2 = _moe_inputs(17, 3, 20, 36, torch.float32, seed=1)
+def test_token_moe_activations(activation, dtype):
+    x, lg, w1, b1, w2, b2 = _moe_inputs(17, 3, 20, 36, dtype, seed=1)
     got = tk.token_moe(x, lg, w1, b1, w2, b2, "topk", 2, activation)
-    _close(got, ops.token_moe_reference(x, lg, w1, b1, w2, b2, "topk", 2, activation), torch.float32)
+    _close(got, ops.token_moe_reference(x, lg, w1, b1, w2, b2, "topk", 2, activation), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_single_expert_everywhere(dtype):
+    """E = 1: every token / channel on the one expert; 1 token and T not a multiple of the tile;
+    d, c, n not powers of two. Token MoE (base, top-1), spatial (torch path + plugin kernel), decode."""
+    for N in (1, 33):
+        x, lg, w1, b1, w2, b2 = _moe_inputs(N, 1, 22, 34, dtype, seed=N)
+        for routing in ("base", "topk"):
+            _close(tk.token_moe(x, lg, w1, b1, w2, b2, routing, 1, "gelu"),
+                   ops.token_moe_reference(x, lg, w1, b1, w2, b2, routing, 1, "gelu"), dtype)
+    for T in (1, 50):
+        z2, w, b = _spatial_inputs(2, T, 7, 1, 56, dtype, seed=T)
+        want = ops.spatial_moe_reference(z2, w, b)
+        _close(sk.spatial_moe(z2, w, b, config=GemmConfig(16, 16, 16)), want, dtype)
+        out = torch.empty_like(z2)
+        pk.spatial_moe_plugin_kernel[(triton.cdiv(T, 16), triton.cdiv(7, 16), 2)](
+            z2, w, b, T, 7, 56, out, E=1, BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, INTERP_BF16=interp_bf16(dtype))
+        _close(out, want, dtype)
+        state = torch.full((2, 56, 7), 1e3, dtype=dtype, device=DEVICE)
+        state[:, :T] = z2
+        _close(sk.spatial_moe_decode(state, w, b, T - 1, block_n=16, block_k=16), want[:, T - 1], dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -305,6 +328,8 @@ def test_plugin_spatial_moe_partial_does_only_the_chosen_experts_work(monkeypatc
     """Count the multiply-adds the interpreter's tl.dot performs: with 4 experts interleaved over the
     64 columns of a tile (16 each), each column is multiplied by its expert only: 64 columns per
     reduction step, not 4 experts x 64 (what the old per-expert masked tile did)."""
+    if DEVICE != "cpu":
+        pytest.skip("counts the interpreter's dot calls")
     from triton.runtime import interpreter
 
     calls = []
@@ -315,8 +340,6 @@ def test_plugin_spatial_moe_partial_does_only_the_chosen_experts_work(monkeypatc
         return real(a, b, d, *args)
 
     monkeypatch.setattr(interpreter.interpreter_builder, "create_dot", counting_dot)
-    if DEVICE != "cpu":
-        pytest.skip("counts the interpreter's dot calls")
     B, T, c, E, n, p, BM, BN, BK = 1, 32, 64, 4, 32, 8, 16, 64, 16
     z2, w, b = _spatial_inputs(B, T, c, E, n, torch.float32, seed=5)
     z2, router = _partial_router_for(torch.arange(c) % E, z2, E, p)
@@ -413,6 +436,7 @@ def test_grouped_gemm_blocks_regimes():
     dec = grouped_gemm_blocks(16, 4096, 14336, torch.bfloat16)
     assert dec.BLOCK_M == 16 and triton.cdiv(4096, dec.BLOCK_N) >= 132  # one expert covers every SM
     assert grouped_gemm_blocks(8, 14336, 4096, "bfloat16").BLOCK_M == 16
+    assert grouped_gemm_blocks(32, 14336, 4096, "bfloat16").BLOCK_M == 16  # 16 tokens at top-2
     big = grouped_gemm_blocks(8192, 14336, 4096, "bfloat16")
     assert big.BLOCK_M >= 64 and big.BLOCK_N >= 64
     with pytest.raises(ValueError):
@@ -532,7 +556,10 @@ def test_gpu_benchmark_script_dry_run(tmp_path):
     spec.loader.exec_module(bench)
     assert bench.main(["--dry-run", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "gpu_kernels.json").read_text())
-    assert report["dry_run"] and report["token_moe"] and report["spatial_moe"]
+    assert report["dry_run"] and report["token_moe"] and report["spatial_moe"] and report["grouped_gemm_plugin"]
+    # the grouped-GEMM section checks the plugin kernel pair against the plain-torch reference
+    assert all(r["max_abs_err_vs_reference"] < 1e-4 for r in report["grouped_gemm_plugin"])
+    assert "spatial_plugin_vs_masked_bmm_T512plus_min" not in report["goals"]  # T < 512 in the dry run
     # the end-to-end section compares the kernel path with the reference path on the same model
     assert report["e2e"]["max_abs_logit_diff"] < 1e-4
     assert (tmp_path / "gpu_kernels.png").stat().st_size > 0

@@ -109,9 +109,10 @@ def grouped_gemm_blocks(M_hint: int, N: int, K: int, dtype: object) -> GemmConfi
 
     M_hint: the number of grouped rows the launch is built for (e.g. a TensorRT profile's opt or max
     M = tokens * k); N, K: the expert weight's [N, K]; dtype: torch dtype or its name.
-    - decode (M_hint <= 16): BLOCK_M 16 (tl.dot's minimum) so an expert's rows are one chunk and its
-      weights are read once; BLOCK_N as small as needed for ~2 programs per SM from a single expert
-      (the launch is memory-bound: every SM must stream weights), BLOCK_K large for long loads;
+    - decode (M_hint <= 32: up to 16 tokens at top-2): BLOCK_M 16 (tl.dot's minimum) so an expert's
+      rows are usually one chunk and its weights are read once; BLOCK_N as small as needed for ~2
+      programs per SM from a single expert (the launch is memory-bound: every SM must stream
+      weights), BLOCK_K large for long loads;
     - small prefill (<= 256 rows): BLOCK_M 64;
     - large prefill: 128 x 128 tiles with 8 warps (two Hopper warpgroups), the usual compute-bound tile.
     fp32 halves BLOCK_K (operands twice the bytes in shared memory). Starting points from the usual
@@ -120,7 +121,7 @@ def grouped_gemm_blocks(M_hint: int, N: int, K: int, dtype: object) -> GemmConfi
     if M_hint < 0 or N < 1 or K < 1:
         raise ValueError(f"grouped_gemm_blocks: need M_hint >= 0, N >= 1, K >= 1, got {M_hint}, {N}, {K}")
     wide = dtype_name(dtype) == "float32"
-    if M_hint <= 16:
+    if M_hint <= 32:
         bn = 64
         while bn > 16 and -(-N // bn) < _TARGET_PROGRAMS:
             bn //= 2
