@@ -160,3 +160,33 @@ def test_register_declares_contract_signature_to_tensorrt(folder, monkeypatch):
             assert fn.__annotations__[attr] == _common.FIELD_ANNOTATIONS[typ]
     assert seen["register"][1].__annotations__["return"] is fake.TensorDesc
     assert list(inspect.signature(seen["aot_impl"][1]).parameters)[-2:] == ["outputs", "tactic"]
+
+
+def test_plugins_ship_in_the_wheel():
+    """Every plugin folder is a listed package and its README is package data (engines build from an
+    installed wheel, not only a source checkout)."""
+    import fnmatch
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    tool = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    data = tool["package-data"]["smlp_export"]
+    for folder in FOLDERS:
+        assert f"smlp_export.plugins.{folder}" in tool["packages"], folder
+        readme = (PLUGINS / folder / "README.md").relative_to(root / "smlp_export").as_posix()
+        assert any(fnmatch.fnmatch(readme, pat) for pat in data), f"{readme} not in package-data"
+
+
+def test_build_engine_sequence_bound_comes_from_the_export(tmp_path):
+    onnx_path = tmp_path / "model.onnx"
+    onnx_path.write_bytes(b"")
+    with pytest.raises(ValueError, match="no manifest.json next to .*pass --max-seq"):
+        build_engine.resolve_max_seq(onnx_path, None)
+    assert build_engine.resolve_max_seq(onnx_path, 64) == 64  # no manifest: the user's bound
+    (tmp_path / "manifest.json").write_text(json.dumps({"max_seq_len": 128, "config": {"max_seq_len": 128}}))
+    assert build_engine.resolve_max_seq(onnx_path, None) == 128
+    assert build_engine.resolve_max_seq(onnx_path, 100) == 100
+    with pytest.raises(ValueError, match="exceeds the model's max_seq_len n=128"):
+        build_engine.resolve_max_seq(onnx_path, 129)
+    assert build_engine.profile_shapes([-1, -1], 8, 128) == ([1, 1], [4, 64], [8, 128])
+    assert build_engine.profile_shapes([-1, -1, 32], 2, 16) == ([1, 1, 32], [1, 8, 32], [2, 16, 32])
