@@ -56,10 +56,10 @@ def import_trtp():
         raise TensorRTUnavailable(
             "TensorRT not installed: the smlp plugins need TensorRT >= 10.10 with tensorrt.plugin "
             "(pip install 'smlp-export[tensorrt]' from NVIDIA's index)") from exc
-    have = trt_version(getattr(trt, "__version__", "0.0"))
-    if have < MIN_TRT or not hasattr(trtp, "aot_impl"):
+    version = str(getattr(trt, "__version__", "0.0"))
+    if trt_version(version) < MIN_TRT or not hasattr(trtp, "aot_impl"):
         raise TensorRTUnavailable(
-            f"TensorRT {trt.__version__} found: the smlp plugins need TensorRT >= {MIN_TRT[0]}.{MIN_TRT[1]} "
+            f"TensorRT {version} found: the smlp plugins need TensorRT >= {MIN_TRT[0]}.{MIN_TRT[1]} "
             "(AOT Python plugins; 10.9's ONNX parser may look plugins up by node name)")
     return trtp
 
