@@ -29,7 +29,7 @@ spa = _load("smlp_spatial_moe")
 par = _load("smlp_spatial_moe_partial")
 gg = _load("smlp_grouped_gemm")
 FOLDERS = {"smlp_token_moe": tok, "smlp_spatial_moe": spa, "smlp_spatial_moe_partial": par, "smlp_grouped_gemm": gg}
-from smlp_export.plugins import _common, build_engine  # noqa: E402
+from smlp_export.plugins import _common, build_engine, export_info  # noqa: E402
 
 
 def test_every_plugin_folder_names_a_contract_and_has_a_readme():
@@ -181,12 +181,10 @@ def test_build_engine_sequence_bound_comes_from_the_export(tmp_path):
     onnx_path = tmp_path / "model.onnx"
     onnx_path.write_bytes(b"")
     with pytest.raises(ValueError, match="no manifest.json next to .*pass --max-seq"):
-        build_engine.resolve_max_seq(onnx_path, None)
-    assert build_engine.resolve_max_seq(onnx_path, 64) == 64  # no manifest: the user's bound
+        export_info.resolve_max_seq(onnx_path, None)
+    assert export_info.resolve_max_seq(onnx_path, 64) == 64  # no manifest: the user's bound
     (tmp_path / "manifest.json").write_text(json.dumps({"max_seq_len": 128, "config": {"max_seq_len": 128}}))
-    assert build_engine.resolve_max_seq(onnx_path, None) == 128
-    assert build_engine.resolve_max_seq(onnx_path, 100) == 100
+    assert export_info.resolve_max_seq(onnx_path, None) == 128
+    assert export_info.resolve_max_seq(onnx_path, 100) == 100
     with pytest.raises(ValueError, match="exceeds the model's max_seq_len n=128"):
-        build_engine.resolve_max_seq(onnx_path, 129)
-    assert build_engine.profile_shapes([-1, -1], 8, 128) == ([1, 1], [4, 64], [8, 128])
-    assert build_engine.profile_shapes([-1, -1, 32], 2, 16) == ([1, 1, 32], [1, 8, 32], [2, 16, 32])
+        export_info.resolve_max_seq(onnx_path, 129)
