@@ -60,7 +60,7 @@ SHAPES = {  # name: (rows per expert, N, K)
 @pytest.mark.parametrize("shape", sorted(SHAPES))
 @pytest.mark.parametrize("activation", sorted(gg.ACTIVATIONS))
 def test_kernel_matches_reference(activation, shape, dtype):
-    triton = pytest.importorskip("triton", reason="triton extra not installed: pip install -e '.[triton]'")
+    pytest.importorskip("triton", reason="triton extra not installed: pip install -e '.[triton]'")
     from smlp_export.kernels import plugin_kernels as pk
     from smlp_export.kernels._util import interp_bf16
     from smlp_export.ops.grouped_gemm import grouped_expert_gemm_reference

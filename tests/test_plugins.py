@@ -29,7 +29,7 @@ spa = _load("smlp_spatial_moe")
 par = _load("smlp_spatial_moe_partial")
 gg = _load("smlp_grouped_gemm")
 FOLDERS = {"smlp_token_moe": tok, "smlp_spatial_moe": spa, "smlp_spatial_moe_partial": par, "smlp_grouped_gemm": gg}
-from smlp_export.plugins import _common, build_engine  # noqa: E402
+from smlp_export.plugins import _common, build_engine, export_info  # noqa: E402
 
 
 def test_every_plugin_folder_names_a_contract_and_has_a_readme():
@@ -160,3 +160,31 @@ def test_register_declares_contract_signature_to_tensorrt(folder, monkeypatch):
             assert fn.__annotations__[attr] == _common.FIELD_ANNOTATIONS[typ]
     assert seen["register"][1].__annotations__["return"] is fake.TensorDesc
     assert list(inspect.signature(seen["aot_impl"][1]).parameters)[-2:] == ["outputs", "tactic"]
+
+
+def test_plugins_ship_in_the_wheel():
+    """Every plugin folder is a listed package and its README is package data (engines build from an
+    installed wheel, not only a source checkout)."""
+    import fnmatch
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    tool = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    data = tool["package-data"]["smlp_export"]
+    for folder in FOLDERS:
+        assert f"smlp_export.plugins.{folder}" in tool["packages"], folder
+        readme = (PLUGINS / folder / "README.md").relative_to(root / "smlp_export").as_posix()
+        assert any(fnmatch.fnmatch(readme, pat) for pat in data), f"{readme} not in package-data"
+
+
+def test_build_engine_sequence_bound_comes_from_the_export(tmp_path):
+    onnx_path = tmp_path / "model.onnx"
+    onnx_path.write_bytes(b"")
+    with pytest.raises(ValueError, match="no manifest.json next to .*pass --max-seq"):
+        export_info.resolve_max_seq(onnx_path, None)
+    assert export_info.resolve_max_seq(onnx_path, 64) == 64  # no manifest: the user's bound
+    (tmp_path / "manifest.json").write_text(json.dumps({"max_seq_len": 128, "config": {"max_seq_len": 128}}))
+    assert export_info.resolve_max_seq(onnx_path, None) == 128
+    assert export_info.resolve_max_seq(onnx_path, 100) == 100
+    with pytest.raises(ValueError, match="exceeds the model's max_seq_len n=128"):
+        export_info.resolve_max_seq(onnx_path, 129)

@@ -25,7 +25,7 @@ import pytest
 from onnx import helper
 
 from smlp_export.export.contract import CONTRACTS
-from smlp_export.plugins import _common, build_engine
+from smlp_export.plugins import _common, _fields, build_engine
 
 from . import trt_double
 from .trt_double import bindings
@@ -161,24 +161,24 @@ def test_parser_encodes_fields_like_onnx_tensorrt(trt):
 
 @pytest.mark.parametrize("raw,want", [("topk\0", "topk"), ("topk", "topk"), (b"gelu\0", "gelu")])
 def test_decode_string_field_strips_one_nul(raw, want):
-    assert _common.decode_field(CONTRACTS["SMLPTokenMoE"], "activation", raw) == want
+    assert _fields.decode_field(CONTRACTS["SMLPTokenMoE"], "activation", raw) == want
 
 
 @pytest.mark.parametrize("raw", ["topk\0\0", "to\0pk", "topk\x01", "tópk"])
 def test_decode_string_field_rejects_other_garbage(raw):
     with pytest.raises(ValueError, match="SMLPTokenMoE.routing: malformed string field"):
-        _common.decode_field(CONTRACTS["SMLPTokenMoE"], "routing", raw)
+        _fields.decode_field(CONTRACTS["SMLPTokenMoE"], "routing", raw)
 
 
 def test_decode_int_field():
     c = CONTRACTS["SMLPSpatialMoEPartial"]
     arr = np.array([13], dtype=np.int32).view(bindings.Numpy24Array)
-    assert _common.decode_field(c, "prefix", arr) == 13 and type(_common.decode_field(c, "prefix", arr)) is int
-    assert _common.decode_field(c, "prefix", 7) == 7
+    assert _fields.decode_field(c, "prefix", arr) == 13 and type(_fields.decode_field(c, "prefix", arr)) is int
+    assert _fields.decode_field(c, "prefix", 7) == 7
     with pytest.raises(ValueError, match="expected one int, got 2 values"):
-        _common.decode_field(c, "prefix", np.array([1, 2], dtype=np.int32))
+        _fields.decode_field(c, "prefix", np.array([1, 2], dtype=np.int32))
     with pytest.raises(ValueError, match="expected int"):
-        _common.decode_field(c, "prefix", "13")
+        _fields.decode_field(c, "prefix", "13")
 
 
 def test_wrong_field_value_is_refused_at_build(trt):

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import os
 import sys
 import tempfile
 from pathlib import Path
 
 from smlp_export.plugins._common import TensorRTUnavailable, import_trtp
+from smlp_export.plugins.export_info import resolve_max_seq
 
 PLUGIN_DIRS = ("smlp_token_moe", "smlp_spatial_moe", "smlp_spatial_moe_partial", "smlp_grouped_gemm")
 
@@ -37,48 +37,6 @@ def register_plugins() -> list[str]:
         mod.register()
         done.append(mod.OP_TYPE)
     return done
-
-
-def export_max_seq(onnx_path: str | os.PathLike) -> int:
-    """n (``max_seq_len``) of the export holding ``onnx_path``, from its manifest.json.
-
-    The spatial MoE weights are [E, n, n]: the graph cannot run T > n and the kernels do not guard it,
-    so the profile's sequence bound comes from the export, never from a fixed default.
-    """
-    man = Path(onnx_path).parent / "manifest.json"
-    if not man.is_file():
-        raise ValueError(f"no manifest.json next to {onnx_path}: pass --max-seq (the model's max_seq_len)")
-    try:
-        manifest = json.loads(man.read_text())
-        n = manifest.get("max_seq_len", manifest.get("config", {}).get("max_seq_len"))
-    except (json.JSONDecodeError, AttributeError) as exc:
-        raise ValueError(f"{man} is not a valid export manifest ({exc})") from None
-    if not isinstance(n, int) or n < 1:
-        raise ValueError(f"{man} has no positive integer max_seq_len")
-    return n
-
-
-def resolve_max_seq(onnx_path: str | os.PathLike, max_seq: int | None) -> int:
-    """``max_seq`` if given (checked against the export's n when the manifest is there), else n."""
-    if max_seq is None:
-        return export_max_seq(onnx_path)
-    if max_seq < 1:
-        raise ValueError(f"--max-seq must be >= 1, got {max_seq}")
-    if (Path(onnx_path).parent / "manifest.json").is_file():
-        n = export_max_seq(onnx_path)
-        if max_seq > n:
-            raise ValueError(f"--max-seq {max_seq} exceeds the model's max_seq_len n={n} (the spatial "
-                             "weights are [E, n, n])")
-    return max_seq
-
-
-def profile_shapes(shape: list[int], max_batch: int, max_seq: int) -> tuple[list[int], list[int], list[int]]:
-    """(min, opt, max) of one network input: dim 0 (batch) up to ``max_batch``, other dynamic dims
-    (sequence) up to ``max_seq``; static dims unchanged."""
-    hi = [s if s >= 0 else (max_batch if j == 0 else max_seq) for j, s in enumerate(shape)]
-    lo = [1 if s < 0 else s for s in shape]
-    opt = [max(1, h // 2) if s < 0 else s for h, s in zip(hi, shape)]
-    return lo, opt, hi
 
 
 def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *, precision: str = "fp32",
@@ -122,7 +80,11 @@ def _build(trt, onnx_path: Path, engine_path: Path, precision: str, max_batch: i
         inp = network.get_input(i)
         shape = list(inp.shape)
         if any(s < 0 for s in shape):
-            profile.set_shape(inp.name, *profile_shapes(shape, max_batch, max_seq))
+            hi = [max_batch if j == 0 else max_seq for j, s in enumerate(shape)]
+            lo = [1 if s < 0 else s for s in shape]
+            hi = [h if s < 0 else s for h, s in zip(hi, shape)]
+            opt = [max(1, h // 2) if s < 0 else s for h, s in zip(hi, shape)]
+            profile.set_shape(inp.name, lo, opt, hi)
     config.add_optimization_profile(profile)
     blob = builder.build_serialized_network(network, config)
     if blob is None:

@@ -709,7 +709,8 @@ def aot_impl(plugin_id: str):
         if typing.get_origin(ret) is not tuple or len(args) != 4:
             raise ValueError(f"Return annotation is {ret}; expected a 4-tuple")
         for i in (0, 1):
-            parts = typing.get_args(args[i]) if typing.get_origin(args[i]) in (typing.Union, types.UnionType) else (args[i],)
+            union = typing.get_origin(args[i]) in (typing.Union, types.UnionType)
+            parts = typing.get_args(args[i]) if union else (args[i],)
             if not all(x in (str, bytes) for x in parts):
                 raise ValueError(f"Return annotation for argument at {i} is '{args[i]}'. Expected 'str' or 'bytes'.")
         if not _is_desc(args[2], KernelLaunchParams):

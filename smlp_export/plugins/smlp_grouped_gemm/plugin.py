@@ -7,7 +7,8 @@ descriptor, ``@aot_impl`` returning the AOT-compiled PTX of
 """
 from __future__ import annotations
 
-from smlp_export.plugins._common import aot_compile, constant, contract, import_trtp, register_aot
+from smlp_export.plugins._aot import aot_compile
+from smlp_export.plugins._common import constant, contract, import_trtp, register_aot
 
 OP_TYPE = "SMLPGroupedExpertGemm"
 # The kernel's ACT codes: smlp_export.kernels.grouped_moe.ACTIVATIONS (0-3) + 4 for identity.

@@ -7,7 +7,8 @@ descriptors, ``@aot_impl`` returning the AOT-compiled PTX of
 """
 from __future__ import annotations
 
-from smlp_export.plugins._common import aot_compile, constant, contract, import_trtp, register_aot
+from smlp_export.plugins._aot import aot_compile
+from smlp_export.plugins._common import constant, contract, import_trtp, register_aot
 
 OP_TYPE = "SMLPTokenMoE"
 ROUTINGS = {"base": 0, "topk": 1}
