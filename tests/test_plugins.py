@@ -24,11 +24,10 @@ def _load(folder: str):
     return importlib.import_module(f"smlp_export.plugins.{folder}.plugin")
 
 
-tok = _load("smlp_token_moe")
 spa = _load("smlp_spatial_moe")
 par = _load("smlp_spatial_moe_partial")
 gg = _load("smlp_grouped_gemm")
-FOLDERS = {"smlp_token_moe": tok, "smlp_spatial_moe": spa, "smlp_spatial_moe_partial": par, "smlp_grouped_gemm": gg}
+FOLDERS = {"smlp_spatial_moe": spa, "smlp_spatial_moe_partial": par, "smlp_grouped_gemm": gg}
 from smlp_export.plugins import _common, build_engine, export_info  # noqa: E402
 
 
@@ -56,12 +55,12 @@ def test_register_without_tensorrt_fails_with_one_clear_error():
 
 
 def test_check_signature_compares_names_and_order_with_the_contract():
-    c = CONTRACTS["SMLPTokenMoE"]
+    c = CONTRACTS["SMLPSpatialMoEPartial"]
 
-    def good(hidden, router_logits, w1, b1, w2, b2, routing, k, activation):
+    def good(z2, weight, bias, router_weight, num_experts, prefix):
         pass
 
-    def swapped(hidden, router_logits, w1, b1, w2, b2, k, routing, activation):
+    def swapped(z2, weight, bias, router_weight, prefix, num_experts):
         pass
 
     _common.check_signature(good, c)
@@ -69,8 +68,6 @@ def test_check_signature_compares_names_and_order_with_the_contract():
         _common.check_signature(swapped, c)
     # The plugin functions' parameters are written out in register(); check them against the contract
     # through the same source the registration uses.
-    src = inspect.getsource(tok.register)
-    assert "def desc(hidden, router_logits, w1, b1, w2, b2, routing, k, activation)" in src
     src = inspect.getsource(spa.register)
     assert "def desc(z2, weight, bias, num_experts)" in src
     src = inspect.getsource(par.register)
@@ -80,26 +77,6 @@ def test_check_signature_compares_names_and_order_with_the_contract():
         assert f"def desc({', '.join(c.inputs + tuple(c.attributes))})" in inspect.getsource(mod.register)
     assert tuple(CONTRACTS["SMLPSpatialMoE"].inputs) == ("z2", "weight", "bias")
     assert tuple(CONTRACTS["SMLPSpatialMoE"].attributes) == ("num_experts",)
-
-
-def test_token_moe_output_shape():
-    assert tok.output_shape((33, 24), (33, 5), (5, 40, 24), (5, 40), (5, 24, 40), (5, 24)) == (33, 24)
-    with pytest.raises(ValueError, match="w2"):
-        tok.output_shape((33, 24), (33, 5), (5, 40, 24), (5, 40), (5, 40, 24), (5, 24))
-    with pytest.raises(ValueError, match="router_logits"):
-        tok.output_shape((33, 24), (33, 4), (5, 40, 24), (5, 40), (5, 24, 40), (5, 24))
-
-
-def test_token_moe_constexprs_and_launch():
-    cx = tok.kernel_constexprs(5, 300, "topk", 2, "gelu_tanh")
-    assert cx["BLOCK_E"] == 8 and cx["K"] == 2 and cx["ROUTING"] == 1 and cx["ACT"] == 1
-    assert cx["BLOCK_D"] == 512  # one d-chunk: the up-projection is computed once per token
-    assert tok.kernel_constexprs(8, 4096, "base", 1, "gelu")["BLOCK_D"] == tok.MAX_BLOCK_D
-    with pytest.raises(ValueError, match="k=2"):
-        tok.kernel_constexprs(5, 64, "base", 2, "gelu_tanh")
-    with pytest.raises(ValueError, match="activation"):
-        tok.kernel_constexprs(5, 64, "topk", 1, "swish")
-    assert tok.launch(17, 8, 0) == (17, 1, 1, 256, 1, 1, 0)
 
 
 def test_spatial_output_shape_and_launch_cover_every_tile():

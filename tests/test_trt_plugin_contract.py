@@ -31,7 +31,7 @@ from . import trt_double
 from .trt_double import bindings
 from .trt_double.builder import ParserError, build_plugin, import_plugin
 
-FOLDERS = {"SMLPTokenMoE": "smlp_token_moe", "SMLPSpatialMoE": "smlp_spatial_moe",
+FOLDERS = {"SMLPSpatialMoE": "smlp_spatial_moe",
            "SMLPSpatialMoEPartial": "smlp_spatial_moe_partial", "SMLPGroupedExpertGemm": "smlp_grouped_gemm"}
 DT = bindings.DataType
 DTYPES = {"fp32": DT.FLOAT, "fp16": DT.HALF, "bf16": DT.BF16}
@@ -55,10 +55,10 @@ class Case:
 
 
 def _cases() -> list[Case]:
-    N, d, E, f = "N", 48, 4, 80
-    tok_in = ((None, (N, d)), (None, (N, E)), (None, (E, f, d)), (None, (E, f)), (None, (E, d, f)), (None, (E, d)))
-    cases = [Case("SMLPTokenMoE", f"{r}{k}", {"routing": r, "k": k, "activation": "gelu_tanh"}, tok_in,
-                  {"N": 37}, (37, d), (d, f)) for r, k in (("base", 1), ("topk", 1), ("topk", 2))]
+    # Token routing (base, topk k=1/2) is standard ONNX ops in the tensorrt graph; its plugin is the
+    # grouped GEMM below (test_tensorrt_export.py covers the routing modes end to end).
+    E = 4
+    cases = []
     B, T, c, n = "B", "T", 24, 64
     cases.append(Case("SMLPSpatialMoE", "deterministic", {"num_experts": E},
                       ((None, (B, T, c)), (None, (E, n, n)), (None, (E, n))), {"B": 3, "T": 50}, (3, 50, c),
@@ -148,26 +148,29 @@ def test_parser_encodes_fields_like_onnx_tensorrt(trt):
     """The double's encoding itself: INT -> int32[1] (int() raises, numpy >= 2.4), STRING + NUL."""
     from .trt_double.builder import parser_fields
 
-    creator = trt.get_plugin_registry().get_creator("SMLPTokenMoE", "1", "smlp")
-    node = node_for(CASES[1])
-    got = {f.name: f for f in parser_fields(trt, node, creator)}
-    assert got["routing"].type == trt.PluginFieldType.CHAR and got["routing"].data.tobytes() == b"topk\0"
-    assert got["routing"].length == 5
-    k = got["k"].data
-    assert k.dtype == np.int32 and k.shape == (1,) and k[0] == 1
+    gemm = next(c for c in CASES if c.op_type == "SMLPGroupedExpertGemm" and c.mode == "gelu")
+    creator = trt.get_plugin_registry().get_creator("SMLPGroupedExpertGemm", "1", "smlp")
+    got = {f.name: f for f in parser_fields(trt, node_for(gemm), creator)}
+    assert got["activation"].type == trt.PluginFieldType.CHAR and got["activation"].data.tobytes() == b"gelu\0"
+    assert got["activation"].length == 5
+    part = next(c for c in CASES if c.op_type == "SMLPSpatialMoEPartial")
+    creator = trt.get_plugin_registry().get_creator("SMLPSpatialMoEPartial", "1", "smlp")
+    got = {f.name: f for f in parser_fields(trt, node_for(part), creator)}
+    p = got["prefix"].data
+    assert p.dtype == np.int32 and p.shape == (1,) and p[0] == 13
     with pytest.raises(TypeError, match="0-dimensional"):
-        int(k)
+        int(p)
 
 
-@pytest.mark.parametrize("raw,want", [("topk\0", "topk"), ("topk", "topk"), (b"gelu\0", "gelu")])
+@pytest.mark.parametrize("raw,want", [("silu\0", "silu"), ("silu", "silu"), (b"gelu\0", "gelu")])
 def test_decode_string_field_strips_one_nul(raw, want):
-    assert _fields.decode_field(CONTRACTS["SMLPTokenMoE"], "activation", raw) == want
+    assert _fields.decode_field(CONTRACTS["SMLPGroupedExpertGemm"], "activation", raw) == want
 
 
-@pytest.mark.parametrize("raw", ["topk\0\0", "to\0pk", "topk\x01", "tópk"])
+@pytest.mark.parametrize("raw", ["silu\0\0", "si\0lu", "silu\x01", "sílu"])
 def test_decode_string_field_rejects_other_garbage(raw):
-    with pytest.raises(ValueError, match="SMLPTokenMoE.routing: malformed string field"):
-        _fields.decode_field(CONTRACTS["SMLPTokenMoE"], "routing", raw)
+    with pytest.raises(ValueError, match="SMLPGroupedExpertGemm.activation: malformed string field"):
+        _fields.decode_field(CONTRACTS["SMLPGroupedExpertGemm"], "activation", raw)
 
 
 def test_decode_int_field():
@@ -182,13 +185,13 @@ def test_decode_int_field():
 
 
 def test_wrong_field_value_is_refused_at_build(trt):
-    case = CASES[0]
-    node = node_for(Case(case.op_type, case.mode, {**case.fields, "routing": "greedy"}, case.inputs, case.env,
+    case = next(c for c in CASES if c.op_type == "SMLPGroupedExpertGemm")
+    node = node_for(Case(case.op_type, case.mode, {**case.fields, "activation": "swish"}, case.inputs, case.env,
                          case.out_shape, case.extra))
     plugin = import_plugin(trt, node)
     ins = inputs_for(case, DT.HALF)
     plugin.get_output_data_types([t for t, _ in ins], [len(s) for _, s in ins])
-    with pytest.raises(ValueError, match="routing 'greedy'"):
+    with pytest.raises(ValueError, match="activation 'swish'"):
         build_plugin(trt, node, ins)
 
 
@@ -305,8 +308,6 @@ def test_aot_impl_kernel_ptx_launch_and_scalar_args(trt, monkeypatch, ptx_prewar
 def expected_grid(case: Case, cx: dict) -> tuple:
     """The grid each kernel's indexing needs (from the kernels' docstrings), at the case's sizes."""
     env = case.env
-    if case.op_type == "SMLPTokenMoE":
-        return (env["N"], 1, 1)  # one program per token
     if case.op_type == "SMLPSpatialMoE":
         c, E = case.inputs[0][1][2], cx["E"]
         return (math.ceil(env["T"] / cx["BLOCK_M"]), math.ceil(c // E / cx["BLOCK_N"]), env["B"] * E)
@@ -403,7 +404,6 @@ def test_build_engine_tensorrt_api_error_is_one_line(monkeypatch, trt_export, ca
 
 
 EXPECTED_EXTRA = {  # int32 scalar args each kernel takes, from the node's input shapes (kernel signatures)
-    "SMLPTokenMoE": lambda s: (s[0][1], s[2][1]),  # d = hidden[1], f = w1[1]
     "SMLPSpatialMoE": lambda s: (s[0][1], s[0][2], s[1][1]),  # T, c, n
     "SMLPSpatialMoEPartial": lambda s: (s[0][1], s[0][2], s[1][1]),  # T, c, n
     "SMLPGroupedExpertGemm": lambda s: (s[0][0],),  # M

@@ -33,15 +33,6 @@ class PluginContract:
         return f"{self.namespace}::{self.op_type}"
 
 
-TOKEN_MOE = PluginContract(
-    op_type="SMLPTokenMoE",
-    torch_op="smlp::token_moe",
-    # hidden [N, d], router_logits [N, E], w1 [E, f, d], b1 [E, f], w2 [E, d, f], b2 [E, d]
-    inputs=("hidden", "router_logits", "w1", "b1", "w2", "b2"),
-    outputs=("output",),  # [N, d]
-    attributes={"routing": str, "k": int, "activation": str},
-)
-
 SPATIAL_MOE = PluginContract(
     op_type="SMLPSpatialMoE",
     torch_op="smlp::spatial_moe",
@@ -62,7 +53,8 @@ SPATIAL_MOE_PARTIAL = PluginContract(
 
 # The grouped-GEMM plugin (issue 9): the tensorrt target's token MoE is routing + permutation in
 # standard ONNX ops around two of these nodes (up-projection with the activation fused, then the
-# down-projection), so the plugin only ever sees rows already grouped by expert.
+# down-projection), so the plugin only ever sees rows already grouped by expert. (There is no
+# token-MoE plugin: ``smlp::token_moe`` is an exporter-internal node, ``functions.TOKEN_MOE_NODE``.)
 GROUPED_EXPERT_GEMM = PluginContract(
     op_type="SMLPGroupedExpertGemm",
     torch_op="smlp::grouped_expert_gemm",
@@ -90,7 +82,7 @@ def register(c: PluginContract) -> PluginContract:
     return c
 
 
-for _c in (TOKEN_MOE, SPATIAL_MOE, SPATIAL_MOE_PARTIAL, GROUPED_EXPERT_GEMM):
+for _c in (SPATIAL_MOE, SPATIAL_MOE_PARTIAL, GROUPED_EXPERT_GEMM):
     register(_c)
 
 

@@ -29,6 +29,19 @@ from . import contract
 
 PLUGIN_ATTRS = ("plugin_namespace", "plugin_version")
 
+# The exporter's intermediate node for ``torch.ops.smlp.token_moe`` (every target). It never reaches
+# a file: ``ort`` / ``portable`` inline ``token_moe_function``'s body, ``tensorrt`` lowers it to
+# standard ops + SMLPGroupedExpertGemm plugin nodes (``tensorrt_moe.py``). Not a TensorRT plugin,
+# so not in ``contract.CONTRACTS``; the dataclass just carries its name, inputs and fields.
+TOKEN_MOE_NODE = contract.PluginContract(
+    op_type="SMLPTokenMoE",
+    torch_op="smlp::token_moe",
+    # hidden [N, d], router_logits [N, E], w1 [E, f, d], b1 [E, f], w2 [E, d, f], b2 [E, d]
+    inputs=("hidden", "router_logits", "w1", "b1", "w2", "b2"),
+    outputs=("output",),  # [N, d]
+    attributes={"routing": str, "k": int, "activation": str},
+)
+
 
 @dataclass
 class _Builder:
@@ -164,7 +177,7 @@ def token_moe_function(*, routing: str, k: int, activation_name: str, elem: int,
     Loop out (``_expert_unrolled``) and uses com.microsoft.FastGelu for tanh-GELU experts; None
     keeps the Loop and default-domain ops only (one body for any E, any runtime)."""
     b = _Builder(prefix="tm_")
-    hidden, logits, w1, b1, w2, b2 = contract.TOKEN_MOE.inputs
+    hidden, logits, w1, b1, w2, b2 = TOKEN_MOE_NODE.inputs
     vals, ids = b.op("TopK", logits, b.ints(k), axis=-1, largest=1, sorted=1, n_out=2)  # [N, k]
     if routing == "base":  # Base Layers: greedy top-1, gate = sigmoid(affinity)
         gates = b.op("Sigmoid", vals)
@@ -197,7 +210,7 @@ def token_moe_function(*, routing: str, k: int, activation_name: str, elem: int,
     y = b.op("Gather", y_sorted, inverse)  # back to (token, slot) order
     shape = b.op("Concat", b.ints(-1, k), b.dim(hidden, 1), axis=0)
     out = b.op("ReduceSum", b.op("Reshape", y, shape), b.ints(1), keepdims=0)  # sum over the k slots
-    return _function(contract.TOKEN_MOE, b, [out], opset)
+    return _function(TOKEN_MOE_NODE, b, [out], opset)
 
 
 def _causal(b: _Builder, weight: str, t: str, axes: tuple[int, int]) -> str:
@@ -265,7 +278,7 @@ def functions_for(cfg, *, elem: int, opset: int, op_types: set[str], unroll: boo
 
     ``unroll``: token MoE with the expert loop written out for ``cfg.n_token_experts`` (ort target)."""
     out = []
-    if contract.TOKEN_MOE.op_type in op_types:
+    if TOKEN_MOE_NODE.op_type in op_types:
         out.append(token_moe_function(routing=cfg.token_routing, k=cfg.top_k,
                                       activation_name=cfg.expert_activation, elem=elem, opset=opset,
                                       unroll_experts=cfg.n_token_experts if unroll else None))
@@ -280,5 +293,5 @@ def onnx_elem_type(dtype: str) -> int:
     return {"fp32": TensorProto.FLOAT, "fp16": TensorProto.FLOAT16}[dtype]
 
 
-__all__ = ["functions_for", "token_moe_function", "spatial_moe_function", "spatial_moe_partial_function",
+__all__ = ["TOKEN_MOE_NODE", "functions_for", "token_moe_function", "spatial_moe_function", "spatial_moe_partial_function",
            "activation", "onnx_elem_type", "PLUGIN_ATTRS"]

@@ -25,7 +25,7 @@ import onnx
 import onnx.inliner
 
 from . import contract
-from .functions import functions_for, onnx_elem_type
+from .functions import TOKEN_MOE_NODE, functions_for, onnx_elem_type
 from .translations import AUTO_FUSED_MAX_TOKENS, MSFT_DOMAIN, ORT_ACTIVATIONS, translation_table
 
 DIM_NAMES = ("batch", "seq")
@@ -163,7 +163,7 @@ def _auto_token_moe(model: onnx.ModelProto, elem: int, max_tokens: int = AUTO_FU
     for i, n in enumerate(model.graph.node):
         attrs = {a.name: h.get_attribute_value(a) for a in n.attribute}
         act = attrs.get("activation", b"").decode()
-        if (n.domain, n.op_type) != (contract.DOMAIN, contract.TOKEN_MOE.op_type) or act not in ORT_ACTIVATIONS:
+        if (n.domain, n.op_type) != (TOKEN_MOE_NODE.domain, TOKEN_MOE_NODE.op_type) or act not in ORT_ACTIVATIONS:
             nodes.append(n)
             continue
         hidden, logits = n.input[0], n.input[1]

@@ -36,7 +36,7 @@ from onnx import FunctionProto, NodeProto, TensorProto, helper
 
 from . import contract
 from ..ops.grouped_gemm import GEMM_ACTIVATIONS
-from .functions import PLUGIN_ATTRS, _Builder, activation
+from .functions import PLUGIN_ATTRS, TOKEN_MOE_NODE, _Builder, activation
 
 GEMM = contract.GROUPED_EXPERT_GEMM
 ML_DOMAIN = "ai.onnx.ml"  # LabelEncoder: the fallback body reads its string field through it
@@ -199,7 +199,7 @@ def lower_token_moe(model: onnx.ModelProto, *, elem: int, opset: int) -> int:
     nodes: list[NodeProto] = []
     count = 0
     for n in model.graph.node:
-        if (n.domain, n.op_type) != (contract.DOMAIN, "SMLPTokenMoE"):
+        if (n.domain, n.op_type) != (TOKEN_MOE_NODE.domain, TOKEN_MOE_NODE.op_type):
             nodes.append(n)
             continue
         nodes += token_moe_nodes(n, prefix=f"tmoe{count}_")

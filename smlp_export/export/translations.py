@@ -23,6 +23,7 @@ from typing import Any, Callable
 from onnx import defs
 
 from . import contract
+from .functions import TOKEN_MOE_NODE
 
 TARGETS = ("ort", "tensorrt", "portable")
 DTYPES = ("fp32", "fp16")
@@ -55,7 +56,7 @@ def _contract_schema(c: contract.PluginContract) -> defs.OpSchema:
 
 
 def register_schemas() -> None:
-    for c in contract.CONTRACTS.values():
+    for c in (*contract.CONTRACTS.values(), TOKEN_MOE_NODE):
         _register(_contract_schema(c))
     P = defs.OpSchema.FormalParameter
     _register(defs.OpSchema(
@@ -120,11 +121,12 @@ def translation_table(target: str, dtype: str = "fp32", opset: int = MIN_OPSET, 
     if ort_moe not in ORT_MOE_IMPLS:
         raise ValueError(f"unknown ort_moe {ort_moe!r}")
     op, smlp, msft = _opsets(opset)
-    TM, SM, SP = contract.TOKEN_MOE, contract.SPATIAL_MOE, contract.SPATIAL_MOE_PARTIAL
+    TM, SM, SP = TOKEN_MOE_NODE, contract.SPATIAL_MOE, contract.SPATIAL_MOE_PARTIAL
 
     def token_moe_node(hidden, router_logits, w1, b1, w2, b2, routing: str, k: int, activation: str):
+        # exporter-internal node (no plugin_namespace: it is inlined or lowered before saving)
         return getattr(smlp, TM.op_type)(hidden, router_logits, w1, b1, w2, b2, routing=routing, k=k,
-                                         activation=activation, **_plugin_attrs(TM))
+                                         activation=activation)
 
     def token_moe_ort(hidden, router_logits, w1, b1, w2, b2, routing: str, k: int, activation: str):
         if activation not in ORT_ACTIVATIONS:

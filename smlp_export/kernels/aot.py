@@ -1,6 +1,6 @@
 """Ahead-of-time compilation of the plugin kernels to PTX (no GPU needed).
 
-``compile_ptx("token_moe", dtype="float16", arch=90, constexprs={...})`` returns an
+``compile_ptx("spatial_moe", dtype="float16", arch=90, constexprs={...})`` returns an
 :class:`AotKernel` with the PTX text, its entry name, the launch facts (warps, shared memory) and
 the number of ``.param`` entries (user arguments + the 2 ``.u64`` scratch pointers Triton 3.9
 appends). ``triton.compile`` needs an explicit ``GPUTarget`` on a machine without a driver.
@@ -22,8 +22,6 @@ TRITON_DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
 # kernel key -> (module attribute, pointer args (in order), int32 scalar args, output pointer args)
 PLUGIN_KERNELS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {
-    "token_moe": ("token_moe_plugin_kernel", ("x_ptr", "logits_ptr", "w1_ptr", "b1_ptr", "w2_ptr", "b2_ptr"),
-                  ("d", "f"), ("out_ptr",)),
     "spatial_moe": ("spatial_moe_plugin_kernel", ("z2_ptr", "w_ptr", "bias_ptr"), ("T", "c", "n"), ("out_ptr",)),
     "spatial_moe_partial": ("spatial_moe_partial_plugin_kernel", ("z2_ptr", "w_ptr", "bias_ptr", "router_ptr"),
                             ("T", "c", "n"), ("out_ptr",)),

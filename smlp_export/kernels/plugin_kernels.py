@@ -8,11 +8,6 @@ int32 scalars, output pointers) (+ the 2 scratch pointers Triton 3.9 appends), w
 (LINEAR) tensors. So each plugin gets a kernel of that exact shape here; they are tested on CPU
 under ``TRITON_INTERPRET=1`` against the ops' references like the torch-path kernels.
 
-- ``token_moe_plugin_kernel``: one program per token; routing (greedy top-1 / top-k softmax) is
-  computed in the kernel from the token's router logits, then for each of its k experts the FFN runs
-  as two GEMVs streamed over f-chunks, accumulating into the token's output row. It reads each routed
-  expert's weights once per token: right for decode-sized batches (the weights dominate), not a
-  grouped GEMM for large prefill (see docs/kernels.md; the torch path has the grouped kernels).
 - ``spatial_moe_plugin_kernel``: the deterministic causal spatial kernel (one launch, all experts).
 - ``spatial_moe_partial_plugin_kernel``: partial-prediction routing computed in the kernel, then each
   column's causal projection by its chosen expert only (columns grouped by expert inside the tile).
@@ -39,79 +34,6 @@ def _dot(a, b, acc, INTERP_BF16: tl.constexpr):
     else:
         acc = tl.dot(a, b, acc)
     return acc
-
-
-@triton.jit
-def token_moe_plugin_kernel(
-    x_ptr, logits_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
-    d, f,
-    out_ptr,
-    E: tl.constexpr, ROUTING: tl.constexpr, K: tl.constexpr, ACT: tl.constexpr,
-    BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr, INTERP_BF16: tl.constexpr,
-):
-    """ROUTING 0 = base (top-1, gate sigmoid), 1 = topk (softmax over the K largest). K <= 2."""
-    tok = tl.program_id(0).to(tl.int64)
-    offs_e = tl.arange(0, BLOCK_E)
-    lg = tl.load(logits_ptr + tok * E + offs_e, mask=offs_e < E, other=float("-inf")).to(tl.float32)
-    # top-1 (lowest index on ties, like torch.max / torch.topk on CPU)
-    m1 = tl.max(lg, axis=0)
-    e1 = tl.min(tl.where(lg == m1, offs_e, BLOCK_E), axis=0)
-    if ROUTING == 0:
-        g1 = 1.0 / (1.0 + tl.exp(-m1))
-        g2 = 0.0
-        e2 = e1
-    else:
-        if K == 2:
-            lg2 = tl.where(offs_e == e1, float("-inf"), lg)
-            m2 = tl.max(lg2, axis=0)
-            e2 = tl.min(tl.where(lg2 == m2, offs_e, BLOCK_E), axis=0)
-            z = tl.exp(m2 - m1)
-            g1 = 1.0 / (1.0 + z)
-            g2 = z / (1.0 + z)
-        else:
-            g1 = 1.0
-            g2 = 0.0
-            e2 = e1
-    out_row = out_ptr + tok * d
-    # zero the output row, then accumulate each expert's contribution into it
-    for d0 in range(0, d, BLOCK_D):
-        od = d0 + tl.arange(0, BLOCK_D)
-        tl.store(out_row + od, tl.zeros((BLOCK_D,), tl.float32).to(out_ptr.dtype.element_ty), mask=od < d)
-    for j in tl.static_range(K):
-        if j == 0:
-            e = e1.to(tl.int64)
-            g = g1
-        else:
-            e = e2.to(tl.int64)
-            g = g2
-        for d0 in range(0, d, BLOCK_D):
-            od = d0 + tl.arange(0, BLOCK_D)
-            d_ok = od < d
-            y = tl.zeros((BLOCK_D,), tl.float32)
-            for f0 in range(0, f, BLOCK_F):
-                of = f0 + tl.arange(0, BLOCK_F)
-                f_ok = of < f
-                # h[f-chunk] = act(w1[e, f-chunk, :] @ x + b1): recomputed per d-chunk so no
-                # scratch memory is needed (TensorRT AOT plugins get none); cheap at decode sizes.
-                h = tl.zeros((BLOCK_F,), tl.float32)
-                for k0 in range(0, d, BLOCK_D):
-                    ok = k0 + tl.arange(0, BLOCK_D)
-                    k_ok = ok < d
-                    xv = tl.load(x_ptr + tok * d + ok, mask=k_ok, other=0.0).to(tl.float32)
-                    w = tl.load(w1_ptr + e * f * d + of[:, None] * d + ok[None, :],
-                                mask=f_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-                    h += tl.sum(w * xv[None, :], axis=1)
-                h += tl.load(b1_ptr + e * f + of, mask=f_ok, other=0.0).to(tl.float32)
-                # pre-activation rounded to the I/O dtype, as in the reference (see grouped_moe)
-                h = _activate(_to_io(h, out_ptr.dtype.element_ty, INTERP_BF16).to(tl.float32), ACT)
-                h = tl.where(f_ok, _to_io(h, out_ptr.dtype.element_ty, INTERP_BF16).to(tl.float32), 0.0)
-                w2 = tl.load(w2_ptr + e * d * f + od[:, None] * f + of[None, :],
-                             mask=d_ok[:, None] & f_ok[None, :], other=0.0).to(tl.float32)
-                y += tl.sum(w2 * h[None, :], axis=1)
-            y += tl.load(b2_ptr + e * d + od, mask=d_ok, other=0.0).to(tl.float32)
-            y = _to_io(y, out_ptr.dtype.element_ty, INTERP_BF16).to(tl.float32) * g
-            prev = tl.load(out_row + od, mask=d_ok, other=0.0).to(tl.float32)
-            tl.store(out_row + od, _to_io(prev + y, out_ptr.dtype.element_ty, INTERP_BF16), mask=d_ok)
 
 
 @triton.jit
@@ -285,8 +207,7 @@ def grouped_expert_gemm_plugin_kernel(
                  mask=r_ok[:, None] & n_ok[None, :])
 
 
-ROUTING_CODES = {"base": 0, "topk": 1}
 GEMM_ACT_CODES = {"gelu": 0, "gelu_tanh": 1, "relu": 2, "silu": 3, "identity": 4}  # grouped_moe.ACTIVATIONS + identity
 
-__all__ = ["token_moe_plugin_kernel", "spatial_moe_plugin_kernel", "spatial_moe_partial_plugin_kernel",
-           "grouped_expert_gemm_plugin_kernel", "ROUTING_CODES", "GEMM_ACT_CODES"]
+__all__ = ["spatial_moe_plugin_kernel", "spatial_moe_partial_plugin_kernel", "grouped_expert_gemm_plugin_kernel",
+           "GEMM_ACT_CODES"]

@@ -19,7 +19,7 @@ from pathlib import Path
 from smlp_export.plugins._common import TensorRTUnavailable, import_trtp
 from smlp_export.plugins.export_info import resolve_max_seq
 
-PLUGIN_DIRS = ("smlp_token_moe", "smlp_spatial_moe", "smlp_spatial_moe_partial", "smlp_grouped_gemm")
+PLUGIN_DIRS = ("smlp_spatial_moe", "smlp_spatial_moe_partial", "smlp_grouped_gemm")
 
 
 class EngineBuildError(RuntimeError):

@@ -36,8 +36,6 @@ def _expected_fields(n: onnx.NodeProto, cfg, shapes: dict[str, tuple[int, ...]])
         # f_t -> d (identity). The shape says which one this node is.
         up = w is not None and tuple(w[1:]) == (cfg.d_expert, cfg.d_model)
         return {"activation": cfg.expert_activation if up else "identity"}
-    if n.op_type == "SMLPTokenMoE":
-        return {"routing": cfg.token_routing, "k": cfg.top_k, "activation": cfg.expert_activation}
     if n.op_type == "SMLPSpatialMoE":
         return {"num_experts": cfg.n_spatial_experts}
     if n.op_type == "SMLPSpatialMoEPartial":
@@ -51,8 +49,6 @@ def _expected_shapes(n: onnx.NodeProto, cfg) -> dict[int, list[tuple[int, ...]]]
     Es, T = cfg.n_spatial_experts, cfg.max_seq_len
     if n.op_type == GEMM:  # weight [E, N, K], bias [E, N]: up (f x d) or down (d x f)
         return {2: [(E, f, d), (E, d, f)], 3: [(E, f), (E, d)]}
-    if n.op_type == "SMLPTokenMoE":
-        return {2: [(E, f, d)], 3: [(E, f)], 4: [(E, d, f)], 5: [(E, d)]}
     if n.op_type == "SMLPSpatialMoE":
         return {1: [(Es, T, T)], 2: [(Es, T)]}
     if n.op_type == "SMLPSpatialMoEPartial":
