@@ -92,17 +92,23 @@ def max_seq_len(manifest: dict[str, Any]) -> int:
 
 def engine_profiles(manifest: dict[str, Any], *, max_batch: int = DEFAULT_MAX_BATCH,
                     min_shapes: dict[str, Shape] | None = None, opt_shapes: dict[str, Shape] | None = None,
-                    max_shapes: dict[str, Shape] | None = None, decode: bool = True) -> list[Profile]:
+                    max_shapes: dict[str, Shape] | None = None, decode: bool = True,
+                    seq_bound: int | None = None) -> list[Profile]:
     """The profiles for an export's model.onnx (see the module docstring).
 
     Axes named ``batch`` run 1..max_batch (opt max_batch // 2), axes named ``seq`` 1..n (opt n // 2)
     in ``prefill`` and exactly 1 in ``decode``; static axes keep their size. ``min/opt/max_shapes``
     replace the prefill profile's shapes of the inputs they name (every given input must be a
     dynamic graph input; rank, static sizes, min <= opt <= max and seq <= n are checked). The decode
-    profile keeps seq = 1 and takes the batch bounds of the prefill profile."""
+    profile keeps seq = 1 and takes the batch bounds of the prefill profile. ``seq_bound`` (<= n)
+    lowers the default prefill profile's seq bound."""
     if max_batch < 1:
         raise EngineOptionError(f"--max-batch must be >= 1, got {max_batch}")
     n = max_seq_len(manifest)
+    if seq_bound is not None:
+        if not 1 <= seq_bound <= n:
+            raise EngineOptionError(f"--max-seq {seq_bound} must be in 1..{n} (the model's max_seq_len)")
+        n = seq_bound
     given = {"--min-shapes": min_shapes or {}, "--opt-shapes": opt_shapes or {}, "--max-shapes": max_shapes or {}}
     specs = {i["name"]: list(i["shape"]) for i in _inputs(manifest)}
     dynamic = {k: v for k, v in specs.items() if any(isinstance(d, str) for d in v)}

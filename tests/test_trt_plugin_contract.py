@@ -25,6 +25,7 @@ import pytest
 from onnx import helper
 
 from smlp_export.export.contract import CONTRACTS
+from smlp_export import engine_plan as plan
 from smlp_export.plugins import _common, _fields, build_engine
 
 from . import trt_double
@@ -375,12 +376,28 @@ def test_build_engine_end_to_end_on_the_double(monkeypatch, trt_export):
     assert not network.function_layers
     assert all(isinstance(p, trt.IPluginV3QuickAOTBuild) for _, p in network.plugin_layers)
     assert config.flags == {trt.BuilderFlag.FP16}
-    (profile,) = config.profiles
-    lo, opt, hi = profile.shapes["input_ids"]
+    prefill, decode = config.profiles
+    lo, opt, hi = prefill.shapes["input_ids"]
     assert hi == (8, n) and lo == (1, 1)
+    assert decode.shapes["input_ids"] == ((1, 1), (4, 1), (8, 1))
+    assert json.loads((trt_export / "model.engine.json").read_text())["precision"] == "fp16"
+    # the smlp-build-engine path: timing cache read and written back, progress reported
+    cache = trt_export / "timing.cache"
+    cache.write_bytes(b"old;")
+    seen = []
+
+    class Printer(plan.ProgressPrinter):
+        def phase_start(self, name, parent, steps):
+            seen.append(name)
+
+    manifest = json.loads((trt_export / "manifest.json").read_text())
+    build_engine.build_engine_with_profiles(
+        trt_export / "model.onnx", trt_export / "model3.engine", profiles=plan.engine_profiles(manifest),
+        export_manifest=manifest, timing_cache=str(cache), printer=Printer())
+    assert cache.read_bytes().startswith(b"old;timed:") and seen == ["Building engine"]
     # a second build in the same process (plugins already registered)
     build_engine.build_engine(trt_export / "model.onnx", trt_export / "model2.engine", max_seq=n // 2)
-    assert trt.builds[1][1].profiles[0].shapes["input_ids"][2] == (8, n // 2)
+    assert trt.builds[-1][1].profiles[0].shapes["input_ids"][2] == (8, n // 2)
 
 
 def test_build_engine_rejects_max_seq_above_n(monkeypatch, trt_export, capsys):
@@ -399,7 +416,9 @@ def test_build_engine_tensorrt_api_error_is_one_line(monkeypatch, trt_export, ca
     monkeypatch.setattr(trt, "BuilderFlag", type("BuilderFlag", (), {}))  # a TensorRT without that flag
     code = build_engine.main([str(trt_export / "model.onnx"), "-o", str(trt_export / "y.engine"), "--fp16"])
     err = capsys.readouterr().err
-    assert code == 1 and err.startswith("error: TensorRT ") and "FP16" in err and len(err.strip().splitlines()) == 1
+    lines = err.strip().splitlines()  # progress lines ("[build] ...") may come first; one error line
+    assert code == 1 and lines[-1].startswith("error: TensorRT ") and "FP16" in lines[-1]
+    assert [ln for ln in lines if not ln.startswith("[build] ")] == lines[-1:]
     assert not (trt_export / "y.engine").exists()
 
 

@@ -4,7 +4,8 @@
 
 Registers the smlp plugins (``tensorrt.plugin`` AOT implementations, so the engine runs without
 Python), parses the ONNX file, sets an optimization profile for the dynamic batch / sequence
-dimensions and serializes the engine to a temporary file renamed into place (nothing half-written).
+dimensions (a prefill and a decode profile, ``smlp_export.engine_plan``) and serializes the engine and its
+build manifest to temporary files renamed into place (nothing half-written).
 Without TensorRT it fails with one line: "TensorRT not installed ...".
 """
 from __future__ import annotations
@@ -13,7 +14,6 @@ import argparse
 import importlib
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 from smlp_export.plugins._common import TensorRTUnavailable, import_trtp
@@ -40,65 +40,25 @@ def register_plugins() -> list[str]:
 
 
 def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *, precision: str = "fp32",
-                 max_batch: int = 8, max_seq: int | None = None, workspace_gib: float = 4.0) -> Path:
-    """Parse ``onnx_path`` and write a serialized engine to ``engine_path``. Returns the path."""
-    import_trtp()  # one clear error when TensorRT is missing or older than 10.10
-    import tensorrt as trt
+                 max_batch: int = 8, max_seq: int | None = None, workspace_gib: float = 4.0,
+                 decode_profile: bool = True, printer=None) -> Path:
+    """Parse ``onnx_path`` and write a serialized engine (+ its build manifest) to ``engine_path``.
 
-    onnx_path, engine_path = Path(onnx_path), Path(engine_path)
+    The default profiles of ``smlp build-engine`` (prefill: batch 1..max_batch, seq 1..max_seq or the
+    export's n; decode: seq = 1), built by :func:`build_engine_with_profiles`. Returns the path."""
+    import json
+
+    from smlp_export import engine_plan as plan
+
+    onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
         raise FileNotFoundError(f"ONNX file not found: {onnx_path}")
-    max_seq = resolve_max_seq(onnx_path, max_seq)
-    register_plugins()
-    try:
-        return _build(trt, onnx_path, engine_path, precision, max_batch, max_seq, workspace_gib)
-    except (AttributeError, TypeError) as exc:  # e.g. a TensorRT API this code does not match
-        raise EngineBuildError(f"TensorRT {getattr(trt, '__version__', '?')}: {type(exc).__name__}: "
-                               f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
-
-
-def _build(trt, onnx_path: Path, engine_path: Path, precision: str, max_batch: int, max_seq: int,
-           workspace_gib: float) -> Path:
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    network = builder.create_network(0)
-    parser = trt.OnnxParser(network, logger)
-    # The smlp nodes carry plugin_namespace, so the parser picks the plugin over the fallback function.
-    if not parser.parse_from_file(str(onnx_path)):
-        errs = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise RuntimeError(f"TensorRT could not parse {onnx_path}: {errs}")
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
-    # No PREFER_AOT flag: the smlp plugins define only @aot_impl, so TensorRT takes the AOT path (the
-    # flag exists only as NetworkDefinitionCreationFlag, to choose when a plugin has both).
-    if precision == "fp16":
-        config.set_flag(trt.BuilderFlag.FP16)
-    elif precision == "bf16":
-        config.set_flag(trt.BuilderFlag.BF16)
-    profile = builder.create_optimization_profile()
-    for i in range(network.num_inputs):
-        inp = network.get_input(i)
-        shape = list(inp.shape)
-        if any(s < 0 for s in shape):
-            hi = [max_batch if j == 0 else max_seq for j, s in enumerate(shape)]
-            lo = [1 if s < 0 else s for s in shape]
-            hi = [h if s < 0 else s for h, s in zip(hi, shape)]
-            opt = [max(1, h // 2) if s < 0 else s for h, s in zip(hi, shape)]
-            profile.set_shape(inp.name, lo, opt, hi)
-    config.add_optimization_profile(profile)
-    blob = builder.build_serialized_network(network, config)
-    if blob is None:
-        raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path} (see the log above)")
-    engine_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=engine_path.parent, suffix=".engine.tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(bytes(blob))
-        os.replace(tmp, engine_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return engine_path
+    seq = resolve_max_seq(onnx_path, max_seq)  # the export's n, or max_seq checked against it
+    manifest = json.loads((onnx_path.parent / "manifest.json").read_text())
+    profiles = plan.engine_profiles(manifest, max_batch=max_batch, decode=decode_profile, seq_bound=seq)
+    path, _ = build_engine_with_profiles(onnx_path, engine_path, profiles=profiles, export_manifest=manifest,
+                                         precision=precision, workspace_gib=workspace_gib, printer=printer)
+    return path
 
 
 def _gpu() -> dict:
@@ -144,12 +104,24 @@ def build_engine_with_profiles(onnx_path: str | os.PathLike, engine_path: str | 
 
     The plan (profiles, option checks, manifest contents) is computed and tested in
     ``smlp_export.engine_plan``; this function only makes the TensorRT calls."""
+    import_trtp()  # one clear error when TensorRT is missing or older than 10.10
+    import tensorrt as trt
+
+    try:
+        return _build_with_profiles(trt, onnx_path, engine_path, profiles=profiles, export_manifest=export_manifest,
+                                    precision=precision, timing_cache=timing_cache, workspace_gib=workspace_gib,
+                                    printer=printer)
+    except (AttributeError, TypeError) as exc:  # e.g. a TensorRT API this code does not match
+        raise EngineBuildError(f"TensorRT {getattr(trt, '__version__', '?')}: {type(exc).__name__}: "
+                               f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
+
+
+def _build_with_profiles(trt, onnx_path, engine_path, *, profiles: list, export_manifest: dict, precision: str,
+                         timing_cache: str | None, workspace_gib: float, printer) -> tuple[Path, dict]:
+    """The TensorRT calls of :func:`build_engine_with_profiles`."""
     import time
 
     from smlp_export import engine_plan as plan
-
-    import_trtp()  # one clear error when TensorRT is missing or older than 10.10
-    import tensorrt as trt
 
     printer = printer or plan.ProgressPrinter()
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
@@ -186,11 +158,7 @@ def build_engine_with_profiles(onnx_path: str | os.PathLike, engine_path: str | 
     config.set_timing_cache(cache, False)
     config.progress_monitor = _progress_monitor(trt, printer)
     printer.stage(f"building ({precision}, profiles: {', '.join(p.name for p in profiles)})")
-    try:
-        blob = builder.build_serialized_network(network, config)
-    except (AttributeError, TypeError) as exc:  # a TensorRT API this code does not match
-        raise EngineBuildError(f"TensorRT {getattr(trt, '__version__', '?')}: {type(exc).__name__}: "
-                               f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
+    blob = builder.build_serialized_network(network, config)
     if blob is None:
         raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path} (see the log above)")
     plan.write_bytes_atomic(engine_path, bytes(blob))

@@ -379,6 +379,26 @@ def runtime_dim(name: str | None = None) -> IDimensionExpr:
     return IDimensionExpr(symbol=name or f"dim{next(_symbols)}")
 
 
+class IProgressMonitor:
+    """Base class of a build progress monitor (subclasses call ``IProgressMonitor.__init__(self)``).
+
+    TensorRT calls ``phase_start(name, parent, num_steps)``, ``step_complete(name, step) -> bool``
+    (False cancels the build: ``build_serialized_network`` then returns None) and ``phase_finish(name)``."""
+
+    def __init__(self) -> None:
+        self._trt_initialised = True
+
+
+class ITimingCache:
+    """A timing cache: created from serialized bytes (empty = new), ``serialize()`` -> a buffer."""
+
+    def __init__(self, data: bytes) -> None:
+        self.entries = bytes(data)
+
+    def serialize(self) -> memoryview:
+        return memoryview(self.entries)
+
+
 def make_module(version: str = __version__) -> types.ModuleType:
     """A fresh ``tensorrt`` module object backed by this double (own registry, given version)."""
     import sys

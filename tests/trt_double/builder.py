@@ -247,6 +247,31 @@ class Profile:
 class BuilderConfig:
     def __init__(self, trt):
         self.trt, self.flags, self.pools, self.profiles = trt, set(), {}, []
+        self._timing_cache, self._monitor = None, None
+
+    def create_timing_cache(self, serialized) -> object:
+        return self.trt.ITimingCache(bytes(serialized))
+
+    def set_timing_cache(self, cache, ignore_mismatch: bool) -> bool:
+        if not isinstance(cache, self.trt.ITimingCache) or not isinstance(ignore_mismatch, bool):
+            raise TypeError(f"set_timing_cache(): incompatible arguments {cache!r}, {ignore_mismatch!r}")
+        self._timing_cache = cache
+        return True
+
+    def get_timing_cache(self):
+        return self._timing_cache
+
+    @property
+    def progress_monitor(self):
+        return self._monitor
+
+    @progress_monitor.setter
+    def progress_monitor(self, monitor) -> None:
+        if monitor is not None and not (isinstance(monitor, self.trt.IProgressMonitor)
+                                        and getattr(monitor, "_trt_initialised", False)):
+            raise TypeError("progress_monitor must be an IProgressMonitor whose __init__ called "
+                            "IProgressMonitor.__init__(self)")
+        self._monitor = monitor
 
     def set_flag(self, flag) -> None:
         if not isinstance(flag, self.trt.BuilderFlag):
@@ -283,5 +308,14 @@ class Builder:
         for inp in network.inputs:
             if any(s < 0 for s in inp.shape) and not all(inp.name in p.shapes for p in config.profiles or [Profile()]):
                 return None
+        mon = config.progress_monitor
+        if mon is not None:
+            mon.phase_start("Building engine", None, 1)
+            if mon.step_complete("Building engine", 0) is False:  # the monitor cancelled the build
+                return None
+            mon.phase_finish("Building engine")
+        if config.get_timing_cache() is not None:  # tactics timed in this build join the cache
+            cache = config.get_timing_cache()
+            cache.entries += b"timed:" + str(len(network.plugin_layers)).encode() + b";"
         self.trt.builds.append((network, config))
         return memoryview(b"smlp-trt-double-plan:" + str(len(network.plugin_layers)).encode())
