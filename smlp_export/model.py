@@ -206,8 +206,10 @@ class SMLPForCausalLM(nn.Module):
             SparseBlock(config) if config.is_sparse(i) else GMLPBlock(config) for i in range(config.n_layers)
         )
         self.norm_f = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=config.lm_head_bias)
         nn.init.normal_(self.lm_head.weight, std=0.02)
+        if self.lm_head.bias is not None:
+            nn.init.zeros_(self.lm_head.bias)
         for blk in self.blocks:
             for mod in blk.modules():
                 if isinstance(mod, nn.Linear):
