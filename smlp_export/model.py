@@ -248,6 +248,20 @@ class SMLPForCausalLM(nn.Module):
             x = blk(x, routing, f"blocks.{i}") if isinstance(blk, SparseBlock) else blk(x)
         return self.lm_head(self.norm_f(x))
 
+    # ---- Hugging Face layout (PyTorchModelHubMixin's conventions, offline; smlp_export/hub.py) ----
+    def save_pretrained(self, save_directory, *, overwrite: bool = False, metadata: dict | None = None):
+        """Write this model as a checkpoint directory (config.json + model.safetensors + ...)."""
+        from .hub import save_pretrained
+
+        return save_pretrained(self, save_directory, overwrite=overwrite, metadata=metadata)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "SMLPForCausalLM":
+        """Load a local checkpoint directory (ours or PyTorchModelHubMixin's), in eval mode."""
+        from .hub import from_pretrained
+
+        return from_pretrained(pretrained_model_name_or_path, **kwargs)
+
     def aux_losses(self) -> dict[str, torch.Tensor]:
         """Auxiliary router losses of the last training forward, summed over layers, by kind."""
         out: dict[str, torch.Tensor] = {}
