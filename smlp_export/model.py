@@ -198,6 +198,8 @@ class SMLPForCausalLM(nn.Module):
 
     def __init__(self, config: SMLPConfig):
         super().__init__()
+        if isinstance(config, dict):  # config.json as huggingface_hub's PyTorchModelHubMixin passes it
+            config = SMLPConfig.from_dict(config)
         config.validate()
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
