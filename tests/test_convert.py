@@ -293,3 +293,27 @@ def test_generation_without_eos_stops_on_length(tmp_path: Path) -> None:
         for _ in range(SEQ - 3):
             seq.append(int(src(torch.tensor([seq]))[0, -1].argmax()))
     assert [1, 2, 3] + r.tokens[0] == seq
+
+
+def test_corpus_fits_a_vocabulary_without_eos() -> None:
+    """Held-out text and training batches separate documents with EOS (256); a 256-token model gets a
+    newline there instead of an id outside its vocabulary, and nothing else changes."""
+    from smlp_export import data
+
+    held = data.load_corpus(None).heldout.long()
+    i = int((held == 256).nonzero()[0])
+    plain = data.heldout_windows(1, i + 2)
+    fitted = data.heldout_windows(1, i + 2, vocab_size=V)
+    assert int(plain[0, i]) == 256 and int(fitted[0, i]) == 10 and int(fitted.max()) < V
+    assert torch.equal(torch.cat([fitted[0, :i], fitted[0, i + 1:]]), torch.cat([plain[0, :i], plain[0, i + 1:]]))
+    assert torch.equal(data.heldout_windows(1, i + 2, vocab_size=257), plain)
+    b = data.random_batch(held, 64, i, torch.Generator().manual_seed(0), vocab_size=V)
+    assert int(b.max()) < V
+
+
+def test_cli_generate_without_eos(tmp_path: Path, capsys) -> None:
+    torch.save(gmlp_model(seed=6).state_dict(), tmp_path / "g.pt")
+    convert_checkpoint(tmp_path / "g.pt", tmp_path / "ckpt", causal=True)
+    code, out, err = cli(capsys, "generate", tmp_path / "ckpt", "--prompt", "ab", "--max-new-tokens", "50")
+    assert code == 0, err
+    assert "reached max_seq_len 12" in err

@@ -167,7 +167,7 @@ def run_validation(export_dir: str | Path, backend: str = "ort", *, checkpoint: 
     offset = 0
     try:
         for b, t in tqdm(shapes, desc=f"parity {backend}", unit="case", disable=not progress, leave=False):
-            win = data.heldout_windows(b, t + 1, source, offset=offset).numpy()
+            win = data.heldout_windows(b, t + 1, source, offset=offset, vocab_size=cfg.vocab_size).numpy()
             offset += b
             ids, tgt = win[:, :t], win[:, 1:]
             case = f"{b}x{t}"
