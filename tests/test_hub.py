@@ -116,3 +116,15 @@ def test_lm_head_bias_option_default_off() -> None:
     assert m.state_dict()["lm_head.bias"].shape == (m.config.vocab_size,)
     with pytest.raises(Exception, match="lm_head_bias must be true or false"):
         SMLPConfig(lm_head_bias="yes")
+
+
+def test_manifest_written_before_lm_head_bias_still_matches() -> None:
+    """Exports made before the field existed record a config without it: still the same config."""
+    from smlp_export import preset
+    from smlp_export.validate.parity import _same_config
+
+    cfg = preset("micro")
+    old = {k: v for k, v in cfg.to_dict().items() if k != "lm_head_bias"}
+    assert _same_config(cfg, old) and _same_config(cfg, cfg.to_dict())
+    assert not _same_config(cfg, {**old, "lm_head_bias": True}) and not _same_config(cfg, {**old, "d_model": 8})
+    assert not _same_config(cfg, {**old, "colour": 1})
