@@ -88,10 +88,9 @@ def test_source_really_mixes_tokens() -> None:
     assert m.layers[0].fn.fn.fn.sgu.weight.triu(1).abs().max() > 0.1
 
 
-@pytest.mark.parametrize("prefix", ["net.", ""], ids=["autoregressive-wrapper", "bare-gmlp"])
-def test_convert_parity_torch_and_all_targets(tmp_path: Path, capsys, prefix: str) -> None:
-    from smlp_export.export.pipeline import MODEL_FILE, export_model
-
+def convert_and_compare(tmp_path: Path, capsys, prefix: str):
+    """Save a randomised library model (with/without the wrapper's prefix), convert it through the
+    CLI, and compare the checkpoint's logits with the library's; -> (library model, checkpoint dir)."""
     src_model = gmlp_model(seed=1)
     sd = (AutoregressiveWrapper(src_model) if prefix else src_model).state_dict()
     assert all(k.startswith(prefix) for k in sd)
@@ -109,10 +108,22 @@ def test_convert_parity_torch_and_all_targets(tmp_path: Path, capsys, prefix: st
         for i, (b, t) in enumerate(SHAPES):
             x = ids(b, t, i)
             assert_close(ours(x).numpy(), src_model(x).numpy(), f"torch B={b} T={t}")
-    if not prefix:
-        return  # the three targets once (the prefix only changes the reading)
+    return src_model, ckpt
+
+
+@pytest.mark.parametrize("prefix", ["net.", ""], ids=["autoregressive-wrapper", "bare-gmlp"])
+def test_convert_parity_torch(tmp_path: Path, capsys, prefix: str) -> None:
+    convert_and_compare(tmp_path, capsys, prefix)
+
+
+@pytest.mark.slow  # three exports: ~30 s on 2 busy cores
+def test_convert_parity_all_export_targets(tmp_path: Path, capsys) -> None:
+    """The converted checkpoint's model.onnx of every target, run by ONNX Runtime, against the library."""
     import onnxruntime as ort
 
+    from smlp_export.export.pipeline import MODEL_FILE, export_model
+
+    src_model, ckpt = convert_and_compare(tmp_path, capsys, "net.")
     for target in ("ort", "tensorrt", "portable"):
         out_dir = tmp_path / f"export-{target}"
         export_model(ckpt, out_dir, target=target, validate=False)
