@@ -132,16 +132,6 @@ def map_gmlp_state_dict(sd: dict[str, torch.Tensor], *, causal: bool = GMLP_DEFA
     def fail(msg: str) -> ConversionError:
         return ConversionError(f"{source}: {msg}")
 
-    # -- what leaves no trace in the weights: declared by the caller --------------------------
-    if not causal:
-        raise fail("non-causal gMLP (g-mlp-pytorch's default causal=False) cannot be represented: this "
-                   "model is a causal language model; if SRC was built with gMLP(causal=True), pass --causal")
-    if act.strip().lower().removeprefix("nn.").removesuffix("()") != "identity":
-        raise fail(f"act={act!r} cannot be represented: the spatial gate here has no activation "
-                   "(only g-mlp-pytorch's default act=nn.Identity() converts)")
-    if shift_tokens != 0:
-        raise fail(f"shift_tokens={shift_tokens} cannot be represented (token shifting is not part of this model)")
-
     # -- prefix ------------------------------------------------------------------------------------
     prefix = ""
     if all(k.startswith("net.") for k in sd):
@@ -267,6 +257,16 @@ def map_gmlp_state_dict(sd: dict[str, torch.Tensor], *, causal: bool = GMLP_DEFA
     out["norm_f.bias"] = get("to_logits.0.bias", (d,))
     out["lm_head.weight"] = get("to_logits.1.weight", (V, d))
     out["lm_head.bias"] = get("to_logits.1.bias", (V,))
+    # -- what leaves no trace in the weights: declared by the caller (checked after the
+    # structure, so a file that is not a gMLP at all says so first) --------------------------------
+    if not causal:
+        raise fail("non-causal gMLP (g-mlp-pytorch's default causal=False) cannot be represented: this "
+                   "model is a causal language model; if SRC was built with gMLP(causal=True), pass --causal")
+    if act.strip().lower().removeprefix("nn.").removesuffix("()") != "identity":
+        raise fail(f"act={act!r} cannot be represented: the spatial gate here has no activation "
+                   "(only g-mlp-pytorch's default act=nn.Identity() converts)")
+    if shift_tokens != 0:
+        raise fail(f"shift_tokens={shift_tokens} cannot be represented (token shifting is not part of this model)")
     for k, v in out.items():
         if not torch.isfinite(v).all():
             raise fail(f"tensor for {k} contains NaN or Inf")

@@ -254,7 +254,12 @@ def test_bad_input(tmp_path: Path, capsys) -> None:
     torch.save(SMLPForCausalLM(preset("micro")).state_dict(), tmp_path / "smlp.pt")
     _one_line_error(capsys, tmp_path, tmp_path / "smlp.pt", "--causal", match=r"not a g-mlp-pytorch gMLP language model")
     torch.save(torch.nn.Sequential(torch.nn.Linear(3, 4)).state_dict(), tmp_path / "mlp.pt")
-    _one_line_error(capsys, tmp_path, tmp_path / "mlp.pt", "--causal", match=r"not a g-mlp-pytorch gMLP language model")
+    _one_line_error(capsys, tmp_path, tmp_path / "mlp.pt", match=r"not a g-mlp-pytorch gMLP language model")
+    bad = dict(sd)
+    bad["to_embed.weight"] = bad["to_embed.weight"].clone()
+    bad["to_embed.weight"][3, 1] = float("nan")
+    torch.save(bad, tmp_path / "nan.pt")
+    _one_line_error(capsys, tmp_path, tmp_path / "nan.pt", "--causal", match=r"NaN or Inf")
     # a shape that does not fit, a missing tensor, an extra one, a non-tensor pickle
     bad = dict(sd)
     bad["layers.1.fn.fn.fn.proj_out.weight"] = torch.zeros(DIM, 2 * DIM + 1)
