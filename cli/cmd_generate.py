@@ -29,7 +29,8 @@ def generate(source, backend, prompt, max_new_tokens, temperature, top_k, seed, 
     """Generate text after --prompt, streaming tokens as they come, then report tokens/s.
 
     Stops at the end-of-sequence token, after --max-new-tokens, or when the sequence fills the
-    model's max_seq_len (the message says which).
+    model's max_seq_len (the message says which). A vocabulary without EOS (e.g. converted from
+    g-mlp-pytorch) stops only on length.
     """
     import codecs
     import json
@@ -46,7 +47,7 @@ def generate(source, backend, prompt, max_new_tokens, temperature, top_k, seed, 
             raise click.UsageError("--backend ort needs the export directory OUT (made with `smlp export --decode`)")
         gen = OrtGenerator(source, threads=threads)
         lim = gen.limits
-        tok = ByteTokenizer(vocab_size=lim.vocab_size, eos_token_id=lim.eos_token_id if lim.eos_token_id is not None else 256)
+        tok = ByteTokenizer(vocab_size=lim.vocab_size, eos_token_id=lim.eos_token_id)  # None: no EOS in the vocabulary
     else:
         import torch
 

@@ -11,6 +11,7 @@ import click
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "init": ("smlp_cli.cmd_init", "init", "Create a randomly initialised checkpoint."),
     "train": ("smlp_cli.cmd_train", "train", "Train an sMLP language model on text."),
+    "convert": ("smlp_cli.cmd_convert", "convert", "Import a checkpoint trained elsewhere (g-mlp-pytorch) as a checkpoint."),
     "inspect": ("smlp_cli.cmd_inspect", "inspect", "Show a checkpoint's config, sizes, routing and expert load."),
     "export": ("smlp_cli.cmd_export", "export", "Export a checkpoint to ONNX (ort, tensorrt, portable), validate it."),
     "bench": ("smlp_cli.cmd_bench", "bench", "Time a checkpoint or export across backends (table, JSON, PNG, ORT profile)."),

@@ -1,5 +1,7 @@
-"""Checkpoints: a directory with ``config.json``, ``model.safetensors``, ``tokenizer.json`` and
-``metadata.json`` (format version, sha256 of the weights, training record).
+"""Checkpoints: a directory with ``config.json``, ``model.safetensors``, ``smlp_tokenizer.json`` and
+``metadata.json`` (format version, sha256 of the weights, training record). Checkpoints written
+before the tokenizer file was renamed (``tokenizer.json``) still load. The first two files follow
+the Hugging Face ``PyTorchModelHubMixin`` layout (see ``smlp_export.hub``).
 
 Loading validates everything before the model is built, and each problem is one
 ``CheckpointError`` naming the file, tensor or field. Saving is atomic: the files go to a temporary
@@ -25,7 +27,9 @@ from .tokenizer import ByteTokenizer
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
-TOKENIZER_FILE = "tokenizer.json"
+# Not "tokenizer.json": Hugging Face tools read that name as a `tokenizers` JSON, which this is not.
+TOKENIZER_FILE = "smlp_tokenizer.json"
+LEGACY_TOKENIZER_FILE = "tokenizer.json"  # read, never written
 METADATA_FILE = "metadata.json"
 DEFAULT_NAME = "default"
 FLOAT_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -98,7 +102,7 @@ def save_checkpoint(
     if dtype not in FLOAT_DTYPES:
         raise CheckpointError(f"unsupported checkpoint dtype {dtype}")
     cfg: SMLPConfig = model.config
-    tok = tokenizer or getattr(model, "tokenizer", None) or ByteTokenizer(cfg.vocab_size, cfg.eos_token_id or 256)
+    tok = tokenizer or getattr(model, "tokenizer", None) or ByteTokenizer(cfg.vocab_size, cfg.eos_token_id)
     state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
     target = Path(directory)
     with atomic_dir(target, overwrite) as tmp:
@@ -208,9 +212,10 @@ def load_checkpoint(
         raise CheckpointError(f"{d / METADATA_FILE}: unknown checkpoint format_version {got!r} "
                               f"(this version reads {FORMAT_VERSION})")
     cfg = read_config(d)
-    tok = ByteTokenizer.from_dict(_read_json(d / TOKENIZER_FILE))
+    tpath = tokenizer_path(d)
+    tok = _read_tokenizer(tpath)
     if tok.vocab_size != cfg.vocab_size:
-        raise CheckpointError(f"{d / TOKENIZER_FILE}: vocab_size {tok.vocab_size} != config vocab_size {cfg.vocab_size}")
+        raise CheckpointError(f"{tpath}: vocab_size {tok.vocab_size} != config vocab_size {cfg.vocab_size}")
     wpath = d / WEIGHTS_FILE
     tensors = _load_tensors(wpath, cfg)  # structure first: names the tensor or the truncation
     digest = sha256_file(wpath)
@@ -255,10 +260,25 @@ def _load_pickle(path: Path, allow_pickle: bool) -> torch.nn.Module:
     model = SMLPForCausalLM(cfg)
     model.load_state_dict({k: v.float() for k, v in sd.items()})
     model.eval()
-    model.tokenizer = ByteTokenizer(cfg.vocab_size, cfg.eos_token_id if cfg.eos_token_id is not None else 256)
+    model.tokenizer = ByteTokenizer(cfg.vocab_size, cfg.eos_token_id)
     model.checkpoint_info = {"path": str(path), "metadata": {}, "weights_sha256": sha256_file(path)}
     return model
 
 
+def tokenizer_path(d: Path) -> Path:
+    """``smlp_tokenizer.json``, or the legacy ``tokenizer.json`` of older checkpoints if only that exists."""
+    if not (d / TOKENIZER_FILE).is_file() and (d / LEGACY_TOKENIZER_FILE).is_file():
+        return d / LEGACY_TOKENIZER_FILE
+    return d / TOKENIZER_FILE
+
+
+def _read_tokenizer(path: Path) -> ByteTokenizer:
+    try:
+        return ByteTokenizer.from_dict(_read_json(path))
+    except CheckpointError as e:
+        msg = str(e)
+        raise CheckpointError(msg if msg.startswith(str(path)) else f"{path}: {msg}") from None
+
+
 def load_tokenizer(path_or_name: str | os.PathLike | None = None) -> ByteTokenizer:
-    return ByteTokenizer.from_dict(_read_json(resolve(path_or_name) / TOKENIZER_FILE))
+    return _read_tokenizer(tokenizer_path(resolve(path_or_name)))

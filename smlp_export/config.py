@@ -49,7 +49,10 @@ class SMLPConfig:
     # misc
     layer_norm_eps: float = 1e-5
     spatial_init_eps: float = 1e-3
-    eos_token_id: int | None = 256
+    eos_token_id: int | None = 256  # None: a vocabulary without EOS (generation stops on length only)
+    # Bias on the vocabulary projection (g-mlp-pytorch's to_logits Linear has one). Off by default, so
+    # checkpoints and exports made without it are unchanged.
+    lm_head_bias: bool = False
     format_version: int = CONFIG_FORMAT
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -119,6 +122,7 @@ class SMLPConfig:
         if self.eos_token_id is not None:
             need(0 <= self.eos_token_id < self.vocab_size,
                  f"eos_token_id {self.eos_token_id} outside the vocabulary [0, {self.vocab_size})")
+        need(isinstance(self.lm_head_bias, bool), f"lm_head_bias must be true or false, got {self.lm_head_bias!r}")
         need(isinstance(self.extra, dict), "extra must be a JSON object")
 
     # ---- JSON ------------------------------------------------------------------------------

@@ -27,6 +27,8 @@ from .tokenizer import ByteTokenizer
 STDLIB = "stdlib"
 HELDOUT_PERCENT = 5
 TEXT_SUFFIXES = (".py", ".txt", ".md")
+EOS_ID = ByteTokenizer().eos_token_id  # the corpus separates documents with it
+NEWLINE_ID = 10  # the separator instead, for a vocabulary without EOS (see fit_vocab)
 _SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"}
 
 
@@ -113,11 +115,20 @@ def corpus_source_of(model_or_meta) -> str:
     return src if src == STDLIB or Path(src).exists() else STDLIB
 
 
-def heldout_windows(n: int, seq_len: int, source: str | None = None, offset: int = 0) -> torch.Tensor:
+def fit_vocab(ids: torch.Tensor, vocab_size: int | None) -> torch.Tensor:
+    """For a vocabulary without the EOS id (e.g. 256 byte tokens converted from g-mlp-pytorch), the
+    document separator becomes a newline byte; other vocabularies are unchanged."""
+    if vocab_size is None or vocab_size > EOS_ID:
+        return ids
+    return torch.where(ids == EOS_ID, torch.full_like(ids, NEWLINE_ID), ids)
+
+
+def heldout_windows(n: int, seq_len: int, source: str | None = None, offset: int = 0,
+                    vocab_size: int | None = None) -> torch.Tensor:
     """``n`` consecutive, non-overlapping windows of held-out token ids: int64 [n, seq_len].
 
     Deterministic: window i starts at ``(offset + i) * seq_len`` of the held-out stream (wrapping
-    around if the stream is short).
+    around if the stream is short). ``vocab_size``: the model's (see ``fit_vocab``).
     """
     ids = load_corpus(source).heldout
     total = ids.numel()
@@ -127,13 +138,14 @@ def heldout_windows(n: int, seq_len: int, source: str | None = None, offset: int
     for i in range(n):
         start = ((offset + i) * seq_len) % (total - seq_len + 1)
         rows.append(ids[start:start + seq_len])
-    return torch.stack(rows).long()
+    return fit_vocab(torch.stack(rows).long(), vocab_size)
 
 
-def random_batch(ids: torch.Tensor, batch: int, seq_len: int, gen: torch.Generator) -> torch.Tensor:
+def random_batch(ids: torch.Tensor, batch: int, seq_len: int, gen: torch.Generator,
+                 vocab_size: int | None = None) -> torch.Tensor:
     """Random windows of length ``seq_len + 1`` (inputs + next-token targets): int64 [batch, seq_len + 1]."""
     starts = torch.randint(0, ids.numel() - seq_len - 1, (batch,), generator=gen)
-    return torch.stack([ids[s:s + seq_len + 1] for s in starts.tolist()]).long()
+    return fit_vocab(torch.stack([ids[s:s + seq_len + 1] for s in starts.tolist()]).long(), vocab_size)
 
 
 def unigram_bits_per_byte(corpus: Corpus) -> float:

@@ -198,6 +198,8 @@ class SMLPForCausalLM(nn.Module):
 
     def __init__(self, config: SMLPConfig):
         super().__init__()
+        if isinstance(config, dict):  # config.json as huggingface_hub's PyTorchModelHubMixin passes it
+            config = SMLPConfig.from_dict(config)
         config.validate()
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
@@ -206,8 +208,10 @@ class SMLPForCausalLM(nn.Module):
             SparseBlock(config) if config.is_sparse(i) else GMLPBlock(config) for i in range(config.n_layers)
         )
         self.norm_f = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=config.lm_head_bias)
         nn.init.normal_(self.lm_head.weight, std=0.02)
+        if self.lm_head.bias is not None:
+            nn.init.zeros_(self.lm_head.bias)
         for blk in self.blocks:
             for mod in blk.modules():
                 if isinstance(mod, nn.Linear):
@@ -245,6 +249,20 @@ class SMLPForCausalLM(nn.Module):
         for i, blk in enumerate(self.blocks):
             x = blk(x, routing, f"blocks.{i}") if isinstance(blk, SparseBlock) else blk(x)
         return self.lm_head(self.norm_f(x))
+
+    # ---- Hugging Face layout (PyTorchModelHubMixin's conventions, offline; smlp_export/hub.py) ----
+    def save_pretrained(self, save_directory, *, overwrite: bool = False, metadata: dict | None = None):
+        """Write this model as a checkpoint directory (config.json + model.safetensors + ...)."""
+        from .hub import save_pretrained
+
+        return save_pretrained(self, save_directory, overwrite=overwrite, metadata=metadata)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "SMLPForCausalLM":
+        """Load a local checkpoint directory (ours or PyTorchModelHubMixin's), in eval mode."""
+        from .hub import from_pretrained
+
+        return from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     def aux_losses(self) -> dict[str, torch.Tensor]:
         """Auxiliary router losses of the last training forward, summed over layers, by kind."""

@@ -1,6 +1,8 @@
-"""Byte-level tokenizer, stored inside each checkpoint as ``tokenizer.json``.
+"""Byte-level tokenizer, stored inside each checkpoint as ``smlp_tokenizer.json`` (older checkpoints:
+``tokenizer.json``; renamed so Hugging Face tools do not take it for a ``tokenizers`` file).
 
 Ids 0..255 are the UTF-8 bytes; id 256 is the end-of-sequence token (between training documents).
+``eos_token_id=None``: a vocabulary without EOS (e.g. g-mlp-pytorch's 256 byte tokens).
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from .errors import CheckpointError, InputError
 @dataclass(frozen=True)
 class ByteTokenizer:
     vocab_size: int = 257
-    eos_token_id: int = 256
+    eos_token_id: int | None = 256
 
     kind = "byte"
 
@@ -37,11 +39,12 @@ class ByteTokenizer:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ByteTokenizer":
         if not isinstance(d, dict) or d.get("type") != cls.kind:
-            raise CheckpointError(f"tokenizer.json: unsupported tokenizer type {d.get('type') if isinstance(d, dict) else d!r}")
+            raise CheckpointError(f"tokenizer: unsupported tokenizer type {d.get('type') if isinstance(d, dict) else d!r}")
         try:
-            tok = cls(vocab_size=int(d["vocab_size"]), eos_token_id=int(d["eos_token_id"]))
+            eos = d["eos_token_id"]
+            tok = cls(vocab_size=int(d["vocab_size"]), eos_token_id=None if eos is None else int(eos))
         except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"tokenizer.json: bad field {e}") from None
-        if tok.vocab_size < 256 or not 0 <= tok.eos_token_id < tok.vocab_size:
-            raise CheckpointError("tokenizer.json: byte tokenizer needs vocab_size >= 256 and eos inside it")
+            raise CheckpointError(f"tokenizer: bad field {e}") from None
+        if tok.vocab_size < 256 or (tok.eos_token_id is not None and not 0 <= tok.eos_token_id < tok.vocab_size):
+            raise CheckpointError("tokenizer: byte tokenizer needs vocab_size >= 256 and eos inside it")
         return tok

@@ -70,7 +70,7 @@ def evaluate(model: SMLPForCausalLM, n_windows: int = 64, source: str | None = N
     was_training = model.training
     model.eval()
     cfg = model.config
-    windows = data.heldout_windows(n_windows, cfg.max_seq_len + 1, source)
+    windows = data.heldout_windows(n_windows, cfg.max_seq_len + 1, source, vocab_size=cfg.vocab_size)
     total, count = 0.0, 0
     load: dict[str, torch.Tensor] = {}
     for i in range(0, n_windows, batch_size):
@@ -144,7 +144,7 @@ def train(cfg: SMLPConfig | None, out: str | os.PathLike, args: TrainArgs, *, re
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args)
-        batch = data.random_batch(corpus.train, args.batch_size, seq, gen)
+        batch = data.random_batch(corpus.train, args.batch_size, seq, gen, vocab_size=cfg.vocab_size)
         loss = lm_loss(model, batch)
         aux = model.aux_losses()
         total = loss

@@ -70,7 +70,7 @@ def validate_decode(export_dir: str | Path, model=None, *, n_prompts: int = 24, 
     rows: list[dict[str, Any]] = []
     max_err, scale_all = 0.0, 0.0
     for li, T in enumerate(lengths):
-        prompts = heldout_windows(per_len, T, source=source, offset=li * per_len).numpy()
+        prompts = heldout_windows(per_len, T, source=source, offset=li * per_len, vocab_size=cfg.vocab_size).numpy()
         new = min(max_new_tokens, cfg.max_seq_len - T)
         kw = dict(stop_on_eos=False, record_logits=True)
         got = ort_gen.generate(prompts, new, **kw)

@@ -124,7 +124,7 @@ def check_repository(repo: str | Path, export_dir: str | Path, model: str = "sml
     with local_tritonserver(repo) as url:
         for i, (b, t) in enumerate(cases):
             t = min(t, max_len)
-            ids = heldout_windows(b, t, offset=i * 7).numpy()
+            ids = heldout_windows(b, t, offset=i * 7, vocab_size=int(manifest["config"]["vocab_size"])).numpy()
             served = infer(url, model, ids, ["logits"])["logits"]
             local = sess.run(["logits"], {"input_ids": ids})[0]
             err = float(np.abs(served - local).max())

@@ -81,11 +81,19 @@ def _load_reference_model(manifest: dict, checkpoint: Any, export_dir: Path):
     if want and got and want != got:
         raise CheckpointError(f"checkpoint {info.get('path')} has weights sha256 {got[:12]}..., but the export "
                               f"was made from {want[:12]}... (manifest.json): pass the matching checkpoint")
-    if manifest.get("config") and model.config.to_dict() != manifest["config"]:
+    # Compare as configs, not dicts: a manifest written before a config field existed lacks it.
+    if manifest.get("config") and not _same_config(model.config, manifest["config"]):
         raise CheckpointError(f"checkpoint config differs from the config in {export_dir / MANIFEST_FILE}")
     ckpt = {"path": info.get("path"), "weights_sha256": got, "manifest_weights_sha256": want,
             "verified": bool(want and got and want == got)}
     return model.float().eval(), ckpt
+
+
+def _same_config(cfg, recorded: dict) -> bool:
+    try:
+        return type(cfg).from_dict(recorded) == cfg
+    except SMLPError:
+        return False
 
 
 def _routing_layers(manifest: dict, cfg) -> list[LayerRouting]:
@@ -167,7 +175,7 @@ def run_validation(export_dir: str | Path, backend: str = "ort", *, checkpoint: 
     offset = 0
     try:
         for b, t in tqdm(shapes, desc=f"parity {backend}", unit="case", disable=not progress, leave=False):
-            win = data.heldout_windows(b, t + 1, source, offset=offset).numpy()
+            win = data.heldout_windows(b, t + 1, source, offset=offset, vocab_size=cfg.vocab_size).numpy()
             offset += b
             ids, tgt = win[:, :t], win[:, 1:]
             case = f"{b}x{t}"
