@@ -98,7 +98,8 @@ def save_checkpoint(
     if dtype not in FLOAT_DTYPES:
         raise CheckpointError(f"unsupported checkpoint dtype {dtype}")
     cfg: SMLPConfig = model.config
-    tok = tokenizer or getattr(model, "tokenizer", None) or ByteTokenizer(cfg.vocab_size, cfg.eos_token_id or 256)
+    tok = tokenizer or getattr(model, "tokenizer", None) or ByteTokenizer(
+        cfg.vocab_size, cfg.eos_token_id if cfg.eos_token_id is not None else 256)  # eos 0 is an id, not "unset"
     state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
     target = Path(directory)
     with atomic_dir(target, overwrite) as tmp:
@@ -211,6 +212,10 @@ def load_checkpoint(
     tok = ByteTokenizer.from_dict(_read_json(d / TOKENIZER_FILE))
     if tok.vocab_size != cfg.vocab_size:
         raise CheckpointError(f"{d / TOKENIZER_FILE}: vocab_size {tok.vocab_size} != config vocab_size {cfg.vocab_size}")
+    if cfg.eos_token_id is not None and tok.eos_token_id != cfg.eos_token_id:
+        # generation stops on the tokenizer's eos, training/validation use the config's: they must agree
+        raise CheckpointError(f"{d / TOKENIZER_FILE}: eos_token_id {tok.eos_token_id} != config "
+                              f"eos_token_id {cfg.eos_token_id}")
     wpath = d / WEIGHTS_FILE
     tensors = _load_tensors(wpath, cfg)  # structure first: names the tensor or the truncation
     digest = sha256_file(wpath)
@@ -230,10 +235,9 @@ def _load_pickle(path: Path, allow_pickle: bool) -> torch.nn.Module:
     if not allow_pickle:
         raise CheckpointError(f"{path}: pickled checkpoints are refused (they can run code); "
                               "pass --allow-pickle to load it with torch.load(weights_only=True)")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"{path}: cannot load with weights_only=True ({str(e).splitlines()[0]})") from None
+    from .safe_load import load_weights_only
+
+    obj = load_weights_only(path)  # one line, never torch's advice to retry with weights_only=False
     if not isinstance(obj, dict) or "config" not in obj or "state_dict" not in obj:
         raise CheckpointError(f"{path}: expected a dict with 'config' and 'state_dict'")
     try:
@@ -242,9 +246,13 @@ def _load_pickle(path: Path, allow_pickle: bool) -> torch.nn.Module:
         raise CheckpointError(f"{path}: {e}") from None
     expected = _expected_state(cfg)
     sd = obj["state_dict"]
+    if not isinstance(sd, dict):
+        raise CheckpointError(f"{path}: 'state_dict' is a {type(sd).__name__}, expected a dict of tensors")
     for k, shape in expected.items():
         if k not in sd:
             raise CheckpointError(f"{path}: missing tensor {k}")
+        if not isinstance(sd[k], torch.Tensor) or sd[k].dtype not in FLOAT_DTYPES:
+            raise CheckpointError(f"{path}: {k} is not a float tensor")
         if tuple(sd[k].shape) != shape:
             raise CheckpointError(f"{path}: tensor {k} has shape {list(sd[k].shape)}, expected {list(shape)}")
         if not torch.isfinite(sd[k]).all():

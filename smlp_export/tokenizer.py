@@ -19,7 +19,11 @@ class ByteTokenizer:
     kind = "byte"
 
     def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
+        try:
+            return list(text.encode("utf-8"))
+        except UnicodeEncodeError as e:  # lone surrogates (e.g. undecodable argv bytes)
+            raise InputError(f"text is not valid UTF-8 (character U+{ord(text[e.start]):04X} at "
+                             f"position {e.start})") from None
 
     def decode(self, ids: list[int] | Any, errors: str = "replace") -> str:
         ids = [int(i) for i in ids]
@@ -38,10 +42,14 @@ class ByteTokenizer:
     def from_dict(cls, d: dict[str, Any]) -> "ByteTokenizer":
         if not isinstance(d, dict) or d.get("type") != cls.kind:
             raise CheckpointError(f"tokenizer.json: unsupported tokenizer type {d.get('type') if isinstance(d, dict) else d!r}")
-        try:
-            tok = cls(vocab_size=int(d["vocab_size"]), eos_token_id=int(d["eos_token_id"]))
-        except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"tokenizer.json: bad field {e}") from None
+        for name in ("vocab_size", "eos_token_id"):
+            if name not in d:
+                raise CheckpointError(f"tokenizer.json: missing field {name}")
+            v = d[name]
+            # int() would silently truncate 257.5 (or read "257"): only a JSON integer is accepted
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise CheckpointError(f"tokenizer.json: {name} must be an integer, got {v!r}")
+        tok = cls(vocab_size=d["vocab_size"], eos_token_id=d["eos_token_id"])
         if tok.vocab_size < 256 or not 0 <= tok.eos_token_id < tok.vocab_size:
             raise CheckpointError("tokenizer.json: byte tokenizer needs vocab_size >= 256 and eos inside it")
         return tok
