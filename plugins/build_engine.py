@@ -23,6 +23,12 @@ from _common import TensorRTUnavailable, import_trtp  # noqa: E402
 PLUGIN_DIRS = ("smlp_token_moe", "smlp_spatial_moe", "smlp_spatial_moe_partial")
 
 
+def _umask() -> int:
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
 def register_plugins() -> list[str]:
     """Import every plugin folder's plugin.py and call its register(); returns the op types."""
     done = []
@@ -78,6 +84,7 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *
     fd, tmp = tempfile.mkstemp(dir=engine_path.parent, suffix=".engine.tmp")
     with os.fdopen(fd, "wb") as fh:
         fh.write(bytes(blob))
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp made it 0600: Triton may run as another user
     os.replace(tmp, engine_path)
     return engine_path
 

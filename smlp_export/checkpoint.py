@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -63,23 +62,25 @@ class _AtomicDir:
         self.target, self.overwrite = target, overwrite
 
     def __enter__(self) -> Path:
+        from .fsutil import clean_stale, temp_dir_for
+
         if self.target.exists() and not self.overwrite:
             raise CheckpointError(f"{self.target} already exists (use --force to overwrite)")
-        self.target.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.tmp-", dir=self.target.parent))
+        clean_stale(self.target)  # leftovers of writers that were killed
+        self.tmp = temp_dir_for(self.target)  # umask permissions, not mkdtemp's 0700
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return False
-        old = None
-        if self.target.exists():
-            old = self.target.parent / f".{self.target.name}.old-{os.getpid()}"
-            os.rename(self.target, old)
-        os.rename(self.tmp, self.target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        from .fsutil import publish_dir
+
+        try:
+            if exc_type is None:  # without overwrite, fails if target appeared meanwhile
+                publish_dir(self.tmp, self.target, overwrite=self.overwrite)
+        except FileExistsError:
+            raise CheckpointError(f"{self.target} already exists: another writer created it meanwhile "
+                                  "(use --force to overwrite)") from None
+        finally:
+            shutil.rmtree(self.tmp, ignore_errors=True)  # gone already after a successful publish
         return False
 
 
