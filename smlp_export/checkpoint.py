@@ -105,6 +105,9 @@ def save_checkpoint(
     target = Path(directory)
     with atomic_dir(target, overwrite) as tmp:
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        from .fsutil import set_default_mode
+
+        set_default_mode(tmp / WEIGHTS_FILE)  # safetensors writes 0600 whatever the umask
         (tmp / CONFIG_FILE).write_text(cfg.to_json() + "\n")
         (tmp / TOKENIZER_FILE).write_text(tok.to_json() + "\n")
         meta = dict(metadata or {})
