@@ -182,13 +182,13 @@ def test_generator_api_refuses_nan_temperature_and_negative_seed():
 
 
 def test_tiny_temperature_samples_the_argmax_not_token_zero():
-    """logits / 1e-300 overflows to inf; inf - inf = nan made every draw token 0."""
+    """logits / 1e-310 overflows to inf; inf - inf = nan made every draw token 0."""
     from smlp_export.decode.runtime import choose
 
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(4, 257)).astype(np.float32) * 3
     want = [int(np.argmax(row)) for row in logits]  # oracle: plain argmax, row by row
-    for t in (1e-300, 1e-30):
+    for t in (1e-310, 1e-30):
         got = choose(logits, t, None, np.random.default_rng(1))
         assert got.tolist() == want
 
