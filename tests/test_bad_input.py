@@ -364,10 +364,14 @@ def test_stale_leftovers_only_of_dead_writers_on_this_host(tmp_path):
     for n in names:
         (tmp_path / n).mkdir()
     (tmp_path / "elsewhere").mkdir()
-    (tmp_path / f".OUT.old-{h}-{gone}-link").symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "elsewhere" / "keep").write_text("x")
+    link = f".OUT.old-{h}-{dead_pid()}"  # an interrupted --force over a symlinked OUT
+    (tmp_path / link).symlink_to(tmp_path / "elsewhere")
+    names[link] = True
     removed = {p.name for p in fsutil.clean_stale(tmp_path / "OUT")}
     assert removed == {n for n, stale in names.items() if stale}
-    assert (tmp_path / "elsewhere").is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["elsewhere"] + [n for n, s in names.items() if not s])
+    assert (tmp_path / "elsewhere" / "keep").is_file()  # a link is removed, never followed
 
 
 def test_checkpoint_and_report_modes_follow_the_umask(tmp_path, umask022):
