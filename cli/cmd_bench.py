@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import click
 
+from .options import FiniteFloat
+
 
 def _int_list(text: str, what: str) -> list[int]:
     from smlp_export.errors import InputError
@@ -27,15 +29,15 @@ def _int_list(text: str, what: str) -> list[int]:
 @click.option("--threads", type=int, default=None, help="Intra-op threads for every backend (default: usable cores).")
 @click.option("--warmup", type=int, default=3, show_default=True, help="Untimed runs per case.")
 @click.option("--min-runs", type=int, default=10, show_default=True, help="Timed runs per case, at least.")
-@click.option("--min-time", type=float, default=1.0, show_default=True, help="Seconds of timed runs per case, at least.")
-@click.option("--max-time", type=float, default=30.0, show_default=True, help="Stop a case after this many timed seconds.")
+@click.option("--min-time", type=FiniteFloat(0), default=1.0, show_default=True, help="Seconds of timed runs per case, at least.")
+@click.option("--max-time", type=FiniteFloat(0, min_open=True), default=30.0, show_default=True, help="Stop a case after this many timed seconds.")
 @click.option("--quick", is_flag=True, help="Smoke-test timing (1 warm-up, >= 5 runs, >= 0.2 s).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the JSON report here.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
               help="Write a PNG: latency vs sequence length per backend, one panel per batch size.")
 @click.option("--profile", is_flag=True,
               help="After timing, profile each ONNX Runtime backend (ORT profiler) at the largest batch/seq and print per-op time.")
-@click.option("--profile-runs", type=int, default=10, show_default=True, help="Runs in each profile.")
+@click.option("--profile-runs", type=click.IntRange(1), default=10, show_default=True, help="Runs in each profile.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def bench(source, backends, batch, seq, dtypes, threads, warmup, min_runs, min_time, max_time, quick, json_path,
           plot_path, profile, profile_runs, no_progress):

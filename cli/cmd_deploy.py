@@ -24,19 +24,21 @@ from .options import force_option
 def deploy(export_dir, runtime, output, backend, name, instances, gpu, threads, check, force) -> None:
     """Write a model repository for OUT (refuses exports that failed parity)."""
     from smlp_export.deploy import write_triton_repository
+    from smlp_export.errors import SMLPError
 
+    if check and backend != "python":  # refused before anything is written
+        raise SMLPError("--check needs --backend python (the local tritonserver has only the python backend)")
     rec = write_triton_repository(export_dir, output, name=name, instances=instances, gpu=gpu,
                                   intra_op_threads=threads, backend=backend, force=force)
+    for w in rec.get("warnings", []):
+        click.echo(f"warning: {w}", err=True)
     for m in rec["models"]:
         ins = ", ".join(f"{t['name']}{t['dims']}" for t in m["inputs"])
         click.echo(f"{output}/{m['name']}: {m['file']} ({rec['target']}, {rec['dtype']}) inputs {ins}")
     click.echo(f"serve with: tritonserver --model-repository {output}")
     if check:
         from smlp_export.deploy.server import check_repository
-        from smlp_export.errors import SMLPError
 
-        if backend != "python":
-            raise SMLPError("--check needs --backend python (the local tritonserver has only the python backend)")
         res = check_repository(output, export_dir, model=name)
         for row in res["cases"]:
             click.echo(f"  served B={row['batch']} T={row['seq']}: max |served - local| = {row['max_abs_err']:.3g}")

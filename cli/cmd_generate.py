@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from .options import allow_pickle_option, json_flag, seed_option
+from .options import FiniteFloat, allow_pickle_option, json_flag, seed_option
 
 
 @click.command("generate")
@@ -14,7 +14,7 @@ from .options import allow_pickle_option, json_flag, seed_option
                    "torch-full: PyTorch recomputing the whole prefix every token (slow reference).")
 @click.option("--prompt", required=True, help="Prompt text (UTF-8; byte-level tokens).")
 @click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(1), help="Tokens to generate at most.")
-@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(0),
+@click.option("--temperature", default=0.0, show_default=True, type=FiniteFloat(0),
               help="0: greedy; > 0: sample from softmax(logits / T).")
 @click.option("--top-k", default=None, type=click.IntRange(1), help="Sample only among the k most likely tokens.")
 @seed_option
@@ -42,6 +42,16 @@ def generate(source, backend, prompt, max_new_tokens, temperature, top_k, seed, 
     from smlp_export.errors import InputError
     from smlp_export.tokenizer import ByteTokenizer
 
+    # every option is checked before anything heavy runs or anything is printed
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:  # argv bytes that are not UTF-8 arrive as surrogate escapes
+        bad = prompt[e.start]
+        what = f"byte 0x{ord(bad) - 0xDC00:02x}" if 0xDC80 <= ord(bad) <= 0xDCFF else f"character U+{ord(bad):04X}"
+        raise InputError(f"--prompt is not valid UTF-8 ({what} at position {e.start}); "
+                         "give the prompt as UTF-8 text") from None
+    if not prompt:
+        raise InputError("--prompt is empty")
     if backend == "ort":
         if source is None:
             raise click.UsageError("--backend ort needs the export directory OUT (made with `smlp export --decode`)")
@@ -52,9 +62,14 @@ def generate(source, backend, prompt, max_new_tokens, temperature, top_k, seed, 
         import torch
 
         from smlp_export import load_checkpoint
+        from smlp_export.export.origin import is_export_dir, load_checkpoint_of_export
 
         torch.set_num_threads(threads or 1)
-        model = load_checkpoint(source, allow_pickle=allow_pickle)
+        if source is not None and is_export_dir(source):  # an export: PyTorch runs its checkpoint
+            model, ckpt = load_checkpoint_of_export(source, allow_pickle=allow_pickle)
+            click.echo(f"[{backend}] {source} is an export: running its checkpoint {ckpt}", err=True)
+        else:
+            model = load_checkpoint(source, allow_pickle=allow_pickle)
         gen = TorchGenerator(model) if backend == "torch" else TorchFullGenerator(model)
         tok = model.tokenizer
     ids = tok.encode(prompt)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 from .cmd_init import parse_sets
-from .options import force_option, seed_option
+from .options import FiniteFloat, force_option, seed_option
 
 
 @click.command("train")
@@ -13,7 +13,7 @@ from .options import force_option, seed_option
 @click.option("--corpus", default=None, help="Text file or folder (default: the Python standard library's .py files).")
 @click.option("--steps", default=2000, show_default=True, type=click.IntRange(1))
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1))
-@click.option("--lr", default=3e-3, show_default=True, type=float)
+@click.option("--lr", default=3e-3, show_default=True, type=FiniteFloat(0, min_open=True))
 @click.option("--warmup", default=100, show_default=True, type=click.IntRange(0))
 @click.option("--eval-every", default=250, show_default=True, type=click.IntRange(1))
 @click.option("--save-every", default=500, show_default=True, type=click.IntRange(1))

@@ -8,7 +8,52 @@ allow_pickle_option = click.option("--allow-pickle", is_flag=True,
                                    help="Allow a pickled .pt checkpoint (loaded with weights_only=True).")
 json_flag = click.option("--json", "as_json", is_flag=True, help="Print a JSON report instead of a table.")
 force_option = click.option("--force", is_flag=True, help="Overwrite the output if it exists.")
-seed_option = click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
+
+
+def _option_name(param: click.Parameter | None) -> str:
+    return max(param.opts, key=len) if param is not None and param.opts else "value"
+
+
+class FiniteFloat(click.ParamType):
+    """A float option that refuses nan and +-inf (nan passes every range comparison; inf makes a
+    loop run forever) and values below ``min``. A bad value is an ``InputError``: one line, exit 1,
+    raised while the options are parsed, so before a command writes anything."""
+
+    name = "float"
+
+    def __init__(self, min: float | None = None, min_open: bool = False) -> None:
+        self.min, self.min_open = min, min_open
+
+    def convert(self, value, param, ctx):
+        import math
+
+        from smlp_export.errors import InputError
+
+        v = click.FLOAT.convert(value, param, ctx)
+        name = _option_name(param)
+        if not math.isfinite(v):
+            raise InputError(f"{name} must be a finite number, got {value!r}")
+        if self.min is not None and (v < self.min or (self.min_open and v == self.min)):
+            raise InputError(f"{name} must be {'>' if self.min_open else '>='} {self.min:g}, got {value!r}")
+        return v
+
+
+class SeedType(click.ParamType):
+    """A seed both numpy (>= 0) and torch (< 2**64) accept; checked before any output."""
+
+    name = "integer"
+    MAX = 2**32 - 1
+
+    def convert(self, value, param, ctx):
+        from smlp_export.errors import InputError
+
+        v = click.INT.convert(value, param, ctx)
+        if not 0 <= v <= self.MAX:
+            raise InputError(f"{_option_name(param)} must be in [0, {self.MAX}], got {value!r}")
+        return v
+
+
+seed_option = click.option("--seed", type=SeedType(), default=0, show_default=True, help="Random seed.")
 
 
 def with_checkpoint(f):

@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -67,23 +66,25 @@ class _AtomicDir:
         self.target, self.overwrite = target, overwrite
 
     def __enter__(self) -> Path:
+        from .fsutil import clean_stale, temp_dir_for
+
         if self.target.exists() and not self.overwrite:
             raise CheckpointError(f"{self.target} already exists (use --force to overwrite)")
-        self.target.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.tmp-", dir=self.target.parent))
+        clean_stale(self.target)  # leftovers of writers that were killed
+        self.tmp = temp_dir_for(self.target)  # umask permissions, not mkdtemp's 0700
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return False
-        old = None
-        if self.target.exists():
-            old = self.target.parent / f".{self.target.name}.old-{os.getpid()}"
-            os.rename(self.target, old)
-        os.rename(self.tmp, self.target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        from .fsutil import publish_dir
+
+        try:
+            if exc_type is None:  # without overwrite, fails if target appeared meanwhile
+                publish_dir(self.tmp, self.target, overwrite=self.overwrite)
+        except FileExistsError:
+            raise CheckpointError(f"{self.target} already exists: another writer created it meanwhile "
+                                  "(use --force to overwrite)") from None
+        finally:
+            shutil.rmtree(self.tmp, ignore_errors=True)  # gone already after a successful publish
         return False
 
 
@@ -107,6 +108,9 @@ def save_checkpoint(
     target = Path(directory)
     with atomic_dir(target, overwrite) as tmp:
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        from .fsutil import set_default_mode
+
+        set_default_mode(tmp / WEIGHTS_FILE)  # safetensors writes 0600 whatever the umask
         (tmp / CONFIG_FILE).write_text(cfg.to_json() + "\n")
         (tmp / TOKENIZER_FILE).write_text(tok.to_json() + "\n")
         meta = dict(metadata or {})
@@ -216,6 +220,9 @@ def load_checkpoint(
     tok = _read_tokenizer(tpath)
     if tok.vocab_size != cfg.vocab_size:
         raise CheckpointError(f"{tpath}: vocab_size {tok.vocab_size} != config vocab_size {cfg.vocab_size}")
+    if tok.eos_token_id != cfg.eos_token_id:
+        # generation stops on the tokenizer's eos, training/validation use the config's: they must agree
+        raise CheckpointError(f"{tpath}: eos_token_id {tok.eos_token_id} != config eos_token_id {cfg.eos_token_id}")
     wpath = d / WEIGHTS_FILE
     tensors = _load_tensors(wpath, cfg)  # structure first: names the tensor or the truncation
     digest = sha256_file(wpath)
@@ -235,10 +242,9 @@ def _load_pickle(path: Path, allow_pickle: bool) -> torch.nn.Module:
     if not allow_pickle:
         raise CheckpointError(f"{path}: pickled checkpoints are refused (they can run code); "
                               "pass --allow-pickle to load it with torch.load(weights_only=True)")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"{path}: cannot load with weights_only=True ({str(e).splitlines()[0]})") from None
+    from .safe_load import load_weights_only
+
+    obj = load_weights_only(path)  # one line, never torch's advice to retry with weights_only=False
     if not isinstance(obj, dict) or "config" not in obj or "state_dict" not in obj:
         raise CheckpointError(f"{path}: expected a dict with 'config' and 'state_dict'")
     try:
@@ -247,9 +253,13 @@ def _load_pickle(path: Path, allow_pickle: bool) -> torch.nn.Module:
         raise CheckpointError(f"{path}: {e}") from None
     expected = _expected_state(cfg)
     sd = obj["state_dict"]
+    if not isinstance(sd, dict):
+        raise CheckpointError(f"{path}: 'state_dict' is a {type(sd).__name__}, expected a dict of tensors")
     for k, shape in expected.items():
         if k not in sd:
             raise CheckpointError(f"{path}: missing tensor {k}")
+        if not isinstance(sd[k], torch.Tensor) or sd[k].dtype not in FLOAT_DTYPES:
+            raise CheckpointError(f"{path}: {k} is not a float tensor")
         if tuple(sd[k].shape) != shape:
             raise CheckpointError(f"{path}: tensor {k} has shape {list(sd[k].shape)}, expected {list(shape)}")
         if not torch.isfinite(sd[k]).all():

@@ -91,6 +91,19 @@ class SMLPConfig:
         for name in ints:
             v = getattr(self, name)
             need(isinstance(v, int) and not isinstance(v, bool), f"{name} must be an integer, got {v!r}")
+        # Type and finiteness first, so every later comparison sees a real number and a bad value
+        # (a string, a bool, NaN/Infinity from JSON or `--set`) is named instead of crashing.
+        for name in ("partial_fraction", "layer_norm_eps", "spatial_init_eps"):
+            v = getattr(self, name)
+            need(isinstance(v, (int, float)) and not isinstance(v, bool),
+                 f"{name} must be a number, got {v!r}")
+            need(math.isfinite(v), f"{name} must be finite, got {v!r}")
+        for name in ("token_routing", "spatial_routing", "expert_activation"):
+            v = getattr(self, name)
+            need(isinstance(v, str), f"{name} must be a string, got {v!r}")
+        if self.eos_token_id is not None:
+            need(isinstance(self.eos_token_id, int) and not isinstance(self.eos_token_id, bool),
+                 f"eos_token_id must be an integer or null, got {self.eos_token_id!r}")
         for name in ("vocab_size", "d_model", "n_layers", "max_seq_len", "d_ffn", "n_token_experts",
                      "d_expert", "n_spatial_experts", "top_k"):
             need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
@@ -119,6 +132,7 @@ class SMLPConfig:
         need(isinstance(self.partial_fraction, (int, float)) and 0 < self.partial_fraction < 1,
              f"partial_fraction must be in (0, 1), got {self.partial_fraction!r}")
         need(self.layer_norm_eps > 0, f"layer_norm_eps must be > 0, got {self.layer_norm_eps}")
+        need(self.spatial_init_eps >= 0, f"spatial_init_eps must be >= 0, got {self.spatial_init_eps}")
         if self.eos_token_id is not None:
             need(0 <= self.eos_token_id < self.vocab_size,
                  f"eos_token_id {self.eos_token_id} outside the vocabulary [0, {self.vocab_size})")
@@ -170,4 +184,4 @@ PRESETS: dict[str, dict[str, Any]] = {
 def preset(name: str, **overrides: Any) -> SMLPConfig:
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-    return SMLPConfig(**{**PRESETS[name], **overrides})
+    return SMLPConfig.from_dict({**PRESETS[name], **overrides})  # names unknown fields

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from .errors import SMLPError
+from .fsutil import set_default_mode
 
 ENGINE_MANIFEST_FORMAT = 1
 DEFAULT_MAX_BATCH = 8
@@ -225,6 +226,7 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
+        set_default_mode(tmp)  # mkstemp made it 0600: a Triton server may run as another user
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

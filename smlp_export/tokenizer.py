@@ -21,7 +21,11 @@ class ByteTokenizer:
     kind = "byte"
 
     def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
+        try:
+            return list(text.encode("utf-8"))
+        except UnicodeEncodeError as e:  # lone surrogates (e.g. undecodable argv bytes)
+            raise InputError(f"text is not valid UTF-8 (character U+{ord(text[e.start]):04X} at "
+                             f"position {e.start})") from None
 
     def decode(self, ids: list[int] | Any, errors: str = "replace") -> str:
         ids = [int(i) for i in ids]
@@ -40,11 +44,16 @@ class ByteTokenizer:
     def from_dict(cls, d: dict[str, Any]) -> "ByteTokenizer":
         if not isinstance(d, dict) or d.get("type") != cls.kind:
             raise CheckpointError(f"tokenizer: unsupported tokenizer type {d.get('type') if isinstance(d, dict) else d!r}")
-        try:
-            eos = d["eos_token_id"]
-            tok = cls(vocab_size=int(d["vocab_size"]), eos_token_id=None if eos is None else int(eos))
-        except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"tokenizer: bad field {e}") from None
+        for name in ("vocab_size", "eos_token_id"):
+            if name not in d:
+                raise CheckpointError(f"tokenizer: missing field {name}")
+            v = d[name]
+            if name == "eos_token_id" and v is None:  # a vocabulary without EOS (e.g. converted gMLPs)
+                continue
+            # int() would silently truncate 257.5 (or read "257"): only a JSON integer is accepted
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise CheckpointError(f"tokenizer: {name} must be an integer, got {v!r}")
+        tok = cls(vocab_size=d["vocab_size"], eos_token_id=d["eos_token_id"])
         if tok.vocab_size < 256 or (tok.eos_token_id is not None and not 0 <= tok.eos_token_id < tok.vocab_size):
             raise CheckpointError("tokenizer: byte tokenizer needs vocab_size >= 256 and eos inside it")
         return tok

@@ -128,12 +128,7 @@ def train(cfg: SMLPConfig | None, out: str | os.PathLike, args: TrainArgs, *, re
     start_step, history, elapsed_before = 0, [], 0.0
     state_path = out / STATE_FILE
     if resume and state_path.exists():
-        st = torch.load(state_path, weights_only=True)
-        model.load_state_dict(st["model"])
-        opt.load_state_dict(st["optimizer"])
-        gen.set_state(st["generator"])
-        torch.set_rng_state(st["rng"])
-        start_step, history, elapsed_before = st["step"], list(st["history"]), st["elapsed"]
+        start_step, history, elapsed_before = _restore(state_path, model, opt, gen)
         log(f"resumed from {state_path} at step {start_step}")
     model.train()
     t0 = time.time()
@@ -201,6 +196,39 @@ def train(cfg: SMLPConfig | None, out: str | os.PathLike, args: TrainArgs, *, re
     model.eval()
     _save_into(model, out, meta)
     return meta
+
+
+def _restore(path: Path, model: SMLPForCausalLM, opt: torch.optim.Optimizer,
+             gen: torch.Generator) -> tuple[int, list, float]:
+    """Apply ``trainer_state.pt`` to model/optimizer/generators; (step, history, elapsed).
+
+    Every way the file can be wrong (not a weights-only file, missing entries, saved for another
+    config) is one ``CheckpointError``, raised before training starts.
+    """
+    from .errors import CheckpointError
+    from .safe_load import load_weights_only
+
+    st = load_weights_only(path)
+    keys = ("model", "optimizer", "generator", "rng", "step", "history", "elapsed")
+    if not isinstance(st, dict) or any(k not in st for k in keys):
+        missing = [k for k in keys if not isinstance(st, dict) or k not in st]
+        raise CheckpointError(f"{path}: not a trainer state (missing {', '.join(missing)})")
+    if not isinstance(st["step"], int) or isinstance(st["step"], bool) or st["step"] < 0:
+        raise CheckpointError(f"{path}: step must be a non-negative integer, got {st['step']!r}")
+    try:
+        model.load_state_dict(st["model"])
+    except Exception as e:  # noqa: BLE001 - torch's message lists every key over many lines
+        first = " ".join(str(e).split("\n", 2)[1:2]).strip() or type(e).__name__
+        raise CheckpointError(f"{path}: saved for a different model config than this run's "
+                              f"(--preset/--set must match the original run): {first}") from None
+    try:
+        opt.load_state_dict(st["optimizer"])
+        gen.set_state(st["generator"])
+        torch.set_rng_state(st["rng"])
+        return st["step"], list(st["history"]), float(st["elapsed"])
+    except Exception as e:  # noqa: BLE001
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: corrupt trainer state ({first})") from None
 
 
 def _save_into(model: SMLPForCausalLM, out: Path, meta: dict[str, Any]) -> None:

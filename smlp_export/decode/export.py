@@ -25,6 +25,7 @@ from typing import Any
 import onnx
 import onnx.inliner
 
+from ..fsutil import set_default_mode
 from .state import DecodeStep, state_names
 
 INPUT_IDS, POSITION, LOGITS = "input_ids", "position", "logits"
@@ -156,6 +157,7 @@ def export_decode_graph(model, path: Path, *, target: str = "ort", dtype: str = 
     os.close(fd)
     try:
         onnx.save(proto, tmp)
+        set_default_mode(tmp)  # mkstemp's 0600 would hide it from a server running as another user
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -105,7 +105,9 @@ def choose(logits: np.ndarray, temperature: float, top_k: int | None, rng: np.ra
     """logits [B, V] -> next ids [B] int64. temperature 0: greedy argmax (first max on ties)."""
     if temperature <= 0:
         return logits.argmax(axis=-1).astype(np.int64)
-    z = logits.astype(np.float64) / temperature
+    # subtract the max before dividing: a tiny temperature then gives -inf/0, never inf - inf = nan
+    z = logits.astype(np.float64)
+    z = (z - z.max(axis=-1, keepdims=True)) / temperature
     if top_k is not None and top_k < z.shape[-1]:
         kth = np.sort(z, axis=-1)[:, -top_k][:, None]
         z = np.where(z >= kth, z, -np.inf)
@@ -161,8 +163,10 @@ class Generator:
         """
         if max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if temperature < 0:
-            raise InputError(f"temperature must be >= 0, got {temperature}")
+        if not np.isfinite(temperature) or temperature < 0:  # nan would sample token 0 forever
+            raise InputError(f"temperature must be a finite number >= 0, got {temperature}")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise InputError(f"seed must be an integer >= 0, got {seed!r}")
         if top_k is not None and top_k < 1:
             raise InputError(f"top_k must be >= 1, got {top_k}")
         ids = np.asarray(prompt, dtype=np.int64)

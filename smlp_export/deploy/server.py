@@ -59,6 +59,11 @@ def local_tritonserver(repo: str | Path, *, timeout_s: float = 120.0) -> Iterato
         libs = [sysconfig.get_config_var("LIBDIR"), str(root.parent.parent / "nvidia_pytriton.libs")]
         env["LD_LIBRARY_PATH"] = os.pathsep.join(libs + [env.get("LD_LIBRARY_PATH", "")])
         env["PYTHONPATH"] = os.pathsep.join([sysconfig.get_paths()["purelib"], env.get("PYTHONPATH", "")])
+        # The stub's embedded Python finds its prefix (and so its site-packages) from the first
+        # `python3` on PATH, not from PYTHONPATH: put this interpreter's (the virtualenv's) first,
+        # so the served model imports this environment's onnxruntime even when the virtualenv was
+        # never activated (smlp run as .venv/bin/smlp).
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         http, grpc, metrics = _free_port(), _free_port(), _free_port()
         log = open(Path(tmp) / "server.log", "w+")
         proc = subprocess.Popen(

@@ -20,12 +20,12 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
 from ..checkpoint import atomic_dir
 from ..errors import SMLPError
+from ..fsutil import copy_file
 
 # ONNX TensorProto element type -> Triton data type
 _TRITON_TYPES = {1: "TYPE_FP32", 10: "TYPE_FP16", 16: "TYPE_BF16", 7: "TYPE_INT64", 6: "TYPE_INT32",
@@ -81,12 +81,15 @@ class TritonPythonModel:
         self.session = ort.InferenceSession(os.path.join(here, "model.onnx"), opts,
                                             providers=["CPUExecutionProvider"])
         self.inputs = [i.name for i in self.session.get_inputs()]
+        # scalars travel as [1] (config.pbtxt: dims [1], reshape []); the session wants rank 0
+        self.scalars = {i.name for i in self.session.get_inputs() if len(i.shape) == 0}
         self.outputs = [o.name for o in self.session.get_outputs()]
 
     def execute(self, requests):
         responses = []
         for request in requests:
             feed = {n: pb_utils.get_input_tensor_by_name(request, n).as_numpy() for n in self.inputs}
+            feed = {n: (v.reshape(()) if n in self.scalars else v) for n, v in feed.items()}
             try:
                 values = self.session.run(self.outputs, feed)
             except Exception as e:  # one clear error per request, never a crashed server
@@ -103,7 +106,9 @@ def config_pbtxt(name: str, inputs: list[dict], outputs: list[dict], *, instance
                  intra_op_threads: int, backend: str = "onnxruntime") -> str:
     """Triton ``config.pbtxt`` text for the onnxruntime (or python + ORT) backend."""
     def tensor(t: dict) -> str:
-        dims = ", ".join(str(d) for d in t["dims"])
+        # Triton has no scalar tensors for non-batching models (not even via reshape): a scalar
+        # (decode.onnx's position) travels as [1]; the python model reshapes it back to rank 0.
+        dims = ", ".join(str(d) for d in t["dims"]) or "1"
         return f'  {{\n    name: "{t["name"]}"\n    data_type: {t["data_type"]}\n    dims: [ {dims} ]\n  }}'
 
     return "\n".join([
@@ -141,12 +146,21 @@ def write_triton_repository(export_dir: str | Path, repo: str | Path, *, name: s
         raise SMLPError(f"{export_dir} failed parity validation (parity.json): refusing to deploy it")
     files = {f["name"]: f for f in manifest.get("files", [])}
     models = [("model.onnx", name)]
+    warnings: list[str] = []
     if (export_dir / "decode.onnx").is_file():
-        models.append(("decode.onnx", f"{name}_decode"))
+        if backend == "python":
+            models.append(("decode.onnx", f"{name}_decode"))
+        else:  # its scalar `position` input cannot be fed through Triton's onnxruntime backend
+            warnings.append("decode.onnx not deployed: Triton's onnxruntime backend cannot feed its scalar "
+                            "input `position`; use --backend python to serve it")
     record: dict[str, Any] = {"export_dir": str(export_dir.resolve()), "backend": backend,
                               "target": manifest.get("target"),
                               "dtype": manifest.get("dtype"), "checkpoint": manifest.get("checkpoint"),
-                              "parity_passed": None if parity is None else parity.get("passed"), "models": []}
+                              "parity_passed": None if parity is None else parity.get("passed"), "models": [],
+                              "warnings": warnings}
+    if parity is None:
+        record["warnings"].append(f"{export_dir} has no parity.json: it was never validated against PyTorch "
+                                  f"(run `smlp validate {export_dir}` first)")
     with atomic_dir(repo, overwrite=force) as tmp:
         for fname, mname in models:
             src = export_dir / fname
@@ -155,9 +169,10 @@ def write_triton_repository(export_dir: str | Path, repo: str | Path, *, name: s
                 raise SMLPError(f"{src}: sha256 does not match manifest.json (file changed after export)")
             inputs, outputs = graph_io(src)
             (tmp / mname / "1").mkdir(parents=True)
-            shutil.copy2(src, tmp / mname / "1" / "model.onnx")
+            # bytes only: copy2 would carry a 0600 source mode to a server running as another user
+            copy_file(src, tmp / mname / "1" / "model.onnx")
             for extra in export_dir.glob(f"{fname}.data"):  # external data, if the export has it
-                shutil.copy2(extra, tmp / mname / "1" / extra.name)
+                copy_file(extra, tmp / mname / "1" / extra.name)
             (tmp / mname / "config.pbtxt").write_text(config_pbtxt(
                 mname, inputs, outputs, instances=instances, kind="KIND_GPU" if gpu else "KIND_CPU",
                 intra_op_threads=intra_op_threads, backend=backend))

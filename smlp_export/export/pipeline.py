@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -162,14 +161,14 @@ def _validate(tmp: Path, checkpoint: Any, quick: bool) -> tuple[str, bool]:
     return ("passed" if report.passed else "failed"), bool(report.passed)
 
 
-def _publish(tmp: Path, out: Path) -> None:
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.rename(out, old)
-    os.rename(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+def _publish(tmp: Path, out: Path, force: bool) -> None:
+    from ..fsutil import publish_dir
+
+    try:  # without --force this fails if OUT appeared since the check above (a concurrent export)
+        publish_dir(tmp, out, overwrite=force)
+    except FileExistsError:
+        raise ExportError(f"{out} already exists: another export published it while this one ran "
+                          "(use --force to replace it)") from None
 
 
 def export_model(
@@ -233,8 +232,10 @@ def export_model(
         onnx.checker.check_model(proto, full_check=True)
     mark("check")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    from ..fsutil import clean_stale, temp_dir_for
+
+    clean_stale(out)  # .OUT.tmp-* / .OUT.old-* of earlier exports that were killed
+    tmp = temp_dir_for(out)  # ordinary (umask) permissions, unlike mkdtemp's 0700
     try:
         step("save")
         files = _save(proto, tmp)
@@ -265,10 +266,7 @@ def export_model(
             raise ExportError(f"parity check failed; the export is kept for inspection in {failed} "
                               f"(see {failed / PARITY_FILE}); {out} was not written")
         step("publish")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it 0700; OUT gets ordinary permissions
-        _publish(tmp, out)
+        _publish(tmp, out, force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -9,6 +9,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..fsutil import set_default_mode
+
 REPORT_FORMAT = 1
 PARITY_FILE = "parity.json"
 
@@ -51,6 +53,7 @@ class ParityReport:
         try:
             with os.fdopen(fd, "w") as f:
                 f.write(text)
+            set_default_mode(tmp)  # mkstemp made it 0600
             os.replace(tmp, target)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
