@@ -15,27 +15,13 @@ import textwrap
 
 import numpy as np
 import pytest
-import torch
 
 from smlp_export.decode.export import export_decode_graph
 
-from .conftest import ROUTING_MODES, micro_model
+from .conftest import ROUTING_MODES, mixing_model
 
 N_THREADS = 8
 ROUNDS = 4  # each thread generates this many times (different prompts each round)
-
-
-def mixing_model(seed: int = 0, **overrides):
-    """micro_model whose spatial weights mix tokens strongly: W ~ N(0, 1/n) on every causal row
-    (random init is U(-eps/n, eps/n): nearly no mixing, so a stale or foreign state barely shows)."""
-    m = micro_model(seed, **overrides)
-    g = torch.Generator().manual_seed(seed + 100)
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if name.endswith("spatial.weight") or name.endswith("smoe.weight"):
-                n = p.shape[-1]
-                p.copy_(torch.randn(p.shape, generator=g) / n ** 0.5)
-    return m
 
 
 @pytest.fixture(scope="module")
