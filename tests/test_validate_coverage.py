@@ -127,8 +127,14 @@ def test_quick_validation_reaches_every_expert(default_quick):
 
 
 @pytest.mark.parametrize("layer,expert", [("blocks.5", 0), ("blocks.2", 7)])
-def test_quick_catches_one_corrupt_expert(default_export, default_quick, tmp_path, layer, expert):
-    """x100 on one expert's fc2 (the issue's block 5 expert 0, and block 2's least-used expert)."""
+def test_quick_catches_one_corrupt_expert(default_export, tmp_path, monkeypatch, layer, expert):
+    """x100 on one expert's fc2 (the issue's block 5 expert 0, and block 2's least-used expert).
+
+    The base cases are cut to one token (1x1: one expert per layer) so that only the coverage
+    search can reach the corrupted expert: whatever the base cases, coverage must complete."""
+    import smlp_export.validate.parity as parity
+
+    monkeypatch.setattr(parity, "CASES_QUICK", ((1, 1),))
     bad = _copy(default_export, tmp_path / "bad")
 
     def corrupt(w):
@@ -138,6 +144,7 @@ def test_quick_catches_one_corrupt_expert(default_export, default_quick, tmp_pat
     _scale_init(bad / "model.onnx", f"model.{layer}.tmoe.w2", corrupt)
     rehash_manifest(bad)
     rep = run_validation(bad, "ort", quick=True, write=False)
+    assert rep.coverage["experts"]["complete"] and rep.coverage["fused_branch"]["complete"]
     assert not rep.passed and any(f.startswith("max_abs_err_rel") for f in rep.failures)
 
 
