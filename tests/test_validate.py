@@ -77,7 +77,7 @@ def test_flip_inside_noise_is_a_tie_outside_fails(dtype):
     """Margins at 0.5x and 2x the dtype's noise: a tie, then a real flip (a 10x wider band fails this)."""
     tol = TOLERANCES[dtype]
     scale = 10.0
-    noise = tol.noise(scale)
+    noise = tol.tie_ulps * tol.eps * scale  # from the table's fields, not from the code under test
     ref = np.array([[[scale, scale - 0.5 * noise, 0.0], [scale, scale - 2 * noise, 0.0]]])  # [B=1, T=2, E=3]
     got = ref[:, :, [1, 0, 2]]  # both positions flip to expert 1
     layer = LayerRouting("blocks.1.tmoe", "tmoe_logits", 1)
@@ -111,6 +111,7 @@ def test_each_bound_fails_just_past_it(dtype):
     ref = rng.normal(size=(2, 40, 50)).astype(np.float64)
     ref[0, 0, 0] = 20.0  # scale
     scale = 20.0
+    noise = tol.tie_ulps * tol.eps * scale  # from the table's fields, not from the code under test
     for factor, ok in ((1.7, False), (0.5, True)):
         got = ref.copy()
         got[1, 5, 7] += factor * tol.max_abs_err_rel * scale  # one logit, off by factor x the bound
@@ -121,7 +122,7 @@ def test_each_bound_fails_just_past_it(dtype):
     top = int(ref[pos].argmax())
     second = int(np.argsort(ref[pos])[-2])
     ref2 = ref.copy()
-    ref2[pos][second] = ref2[pos][top] - 2 * tol.noise(scale)
+    ref2[pos][second] = ref2[pos][top] - 2 * noise
     got = ref2.copy()
     got[pos][top], got[pos][second] = ref2[pos][second], ref2[pos][top]
     checks, m = _checked(tol, ref2, got)
@@ -138,7 +139,7 @@ def test_each_bound_fails_just_past_it(dtype):
         for i in range(1, n_flip + 1):
             p = np.unravel_index(i, big.shape[:2])
             t, s2 = int(big[p].argmax()), int(np.argsort(big[p])[-2])
-            ref3[p][s2] = ref3[p][t] - 2 * tol.noise(scale)
+            ref3[p][s2] = ref3[p][t] - 2 * noise
             got3[p] = ref3[p]
             got3[p][t], got3[p][s2] = ref3[p][s2], ref3[p][t]
         checks, m = _checked(tol, ref3, got3)
@@ -146,7 +147,7 @@ def test_each_bound_fails_just_past_it(dtype):
         assert 1.5 * (1 - tol.top1_min) < 1 - m["top1_agreement"] < 2 * (1 - tol.top1_min)
     # the same swap inside the tie band (0.5x noise) is a tie and does not count
     ref4 = ref.copy()
-    ref4[pos][second] = ref4[pos][top] - 0.5 * tol.noise(scale)
+    ref4[pos][second] = ref4[pos][top] - 0.5 * noise
     got4 = ref4.copy()
     got4[pos][top], got4[pos][second] = ref4[pos][second], ref4[pos][top]
     checks, m = _checked(tol, ref4, got4)
