@@ -34,3 +34,35 @@ def routed_model(request) -> SMLPForCausalLM:
 @pytest.fixture
 def micro_cfg() -> SMLPConfig:
     return preset("micro")
+
+
+def rehash_manifest(export_dir) -> None:
+    """Record the current size and sha256 of every file listed in export_dir/manifest.json.
+
+    For tests that plant an *exporter* bug (a wrong weight written with a consistent manifest):
+    validation refuses files whose checksum differs from the manifest, so such a test re-records it.
+    """
+    import hashlib
+    import json
+    from pathlib import Path
+
+    man = Path(export_dir) / "manifest.json"
+    m = json.loads(man.read_text())
+    for f in m["files"]:
+        p = Path(export_dir) / f["name"]
+        f["bytes"] = p.stat().st_size
+        f["sha256"] = hashlib.sha256(p.read_bytes()).hexdigest()
+    man.write_text(json.dumps(m, indent=2, sort_keys=True) + "\n")
+
+
+def mixing_model(seed: int = 0, **overrides) -> SMLPForCausalLM:
+    """micro_model whose spatial weights mix tokens strongly: W ~ N(0, 1/n) on every causal row
+    (random init is U(-eps/n, eps/n): almost no mixing, so a stale, foreign or corrupted state row
+    barely shows in the logits)."""
+    m = micro_model(seed, **overrides)
+    g = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.endswith("spatial.weight") or name.endswith("smoe.weight"):
+                p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
+    return m

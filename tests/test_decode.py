@@ -16,7 +16,7 @@ from smlp_export.decode.runtime import (STOP_EOS, STOP_MAX_NEW, STOP_MAX_SEQ, Or
 from smlp_export.decode.state import init_states, step
 from smlp_export.decode.validate import validate_decode
 
-from .conftest import ROUTING_MODES, micro_model
+from .conftest import ROUTING_MODES, micro_model, mixing_model
 
 # Step logits vs full-forward logits: only the summation order differs (the step multiplies the
 # causal rows of W over all n state rows, zeros included), so errors are a few ulps of the logits.
@@ -219,6 +219,29 @@ def test_ort_states_updated_in_place(exports):
     a = OrtGenerator(d).generate(prompt, 10, stop_on_eos=False)
     b = OrtGenerator(d, state_mode="copy").generate(prompt, 10, stop_on_eos=False)
     assert a.tokens == b.tokens
+
+
+@pytest.mark.parametrize("mode", ["base-deterministic", "topk2-partial"])
+def test_copy_and_inplace_states_on_mixing_weights(mode, tmp_path):
+    """Copy vs in-place states vs PyTorch full recompute, on spatial weights that really mix tokens
+    (W ~ N(0, 1/n)): a step that reads a stale or half-updated state changes the tokens here."""
+    m = mixing_model(**ROUTING_MODES[mode])
+    section = export_decode_graph(m, tmp_path / "decode.onnx", target="ort", dtype="fp32", opset=18)
+    (tmp_path / "manifest.json").write_text(json.dumps({"decode": section}))
+    prompts = _ids(3, 8, seed=4).numpy()
+    n_new = m.config.max_seq_len - 8  # to the end of the window
+    want = TorchFullGenerator(m).generate(prompts, n_new, stop_on_eos=False, record_logits=True)
+    for state_mode in ("inplace", "copy"):
+        got = OrtGenerator(tmp_path, state_mode=state_mode).generate(prompts, n_new, stop_on_eos=False,
+                                                                      record_logits=True)
+        assert got.tokens == want.tokens, state_mode
+        err = max(float(np.abs(a - b).max()) for a, b in zip(got.step_logits, want.step_logits))
+        assert err < 1e-4 * max(float(np.abs(b).max()) for b in want.step_logits), state_mode
+    # the weights do mix: dropping the state (a fresh generator per token) changes the logits a lot
+    with torch.no_grad():
+        full = m(torch.from_numpy(prompts)).numpy()
+        alone = m(torch.from_numpy(prompts[:, -1:])).numpy()
+    assert np.abs(full[:, -1] - alone[:, 0]).max() > 0.03 * np.abs(full[:, -1]).max()
 
 
 def test_ort_bad_inputs_are_clear_errors(exports):

@@ -65,7 +65,7 @@ def test_refuses_failed_parity_and_changed_files(export_dir, tmp_path):
     (bad / "parity.json").unlink()
     with open(bad / "model.onnx", "ab") as f:
         f.write(b"\0")
-    with pytest.raises(SMLPError, match="sha256 does not match"):
+    with pytest.raises(SMLPError, match="changed after export"):
         write_triton_repository(bad, tmp_path / "r")
     assert not (tmp_path / "r").exists()
 

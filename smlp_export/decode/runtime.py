@@ -16,6 +16,12 @@ stops, streaming callback, timings) lives once in ``Generator.generate``:
   reads the old state only through that ScatterND, so the aliasing is safe; parity tests check it.
   ``state_mode="copy"`` lets ONNX Runtime allocate fresh outputs each step (for comparison).
 
+Thread safety: one generator may be called from many threads at once. ``generate`` keeps all of a
+call's mutable state (states, IO binding, buffers, the token prefix) in a per-call *stream* object
+returned by ``_reset``; the generator itself only holds read-only things (the model, the ONNX
+Runtime session, whose ``run`` / ``run_with_iobinding`` are thread-safe). ``OrtDecoder.bind`` +
+``step_bound`` (one default stream on the decoder) are the single-threaded low-level API.
+
 Sampling happens in numpy float64 on float32 logits, so two backends with equal logits draw the
 same tokens for the same seed.
 """
@@ -123,18 +129,18 @@ class Generator:
     name = "generator"
     limits: ModelLimits
 
-    def _reset(self, batch: int) -> None:
+    def _reset(self, batch: int) -> Any:
+        """A fresh per-call stream (everything one generation mutates) for ``batch`` rows."""
         raise NotImplementedError
 
-    def _step(self, ids: np.ndarray, position: int) -> np.ndarray:
-        """ids [B, S] int64 at positions [position, position + S) -> logits [B, S, V] float32."""
+    def _step(self, stream: Any, ids: np.ndarray, position: int) -> np.ndarray:
+        """ids [B, S] int64 at positions [position, position + S) of ``stream`` -> logits [B, S, V] float32."""
         raise NotImplementedError
 
     def warmup(self) -> None:
         """One untimed throwaway step (lazy initialisation: torch's first custom-op call, ORT's arena),
         so the timings of the next ``generate`` measure generation, not start-up."""
-        self._reset(1)
-        self._step(np.zeros((1, self.limits.min_prompt_tokens), dtype=np.int64), 0)
+        self._step(self._reset(1), np.zeros((1, self.limits.min_prompt_tokens), dtype=np.int64), 0)
 
     def check_prompt(self, prompt: np.ndarray) -> None:
         lim = self.limits
@@ -179,9 +185,9 @@ class Generator:
         out: list[list[int]] = [[] for _ in range(B)]
         done = np.zeros(B, dtype=bool)
         recorded: list[np.ndarray] = []
-        self._reset(B)
+        stream = self._reset(B)  # per call: concurrent generate() calls never share mutable state
         t0 = time.perf_counter()
-        logits = self._step(ids, 0)[:, -1]
+        logits = self._step(stream, ids, 0)[:, -1]
         prefill = time.perf_counter() - t0
         pos, n_steps, reason = T, 0, STOP_MAX_NEW
         t1 = time.perf_counter()
@@ -203,7 +209,7 @@ class Generator:
             if pos + 1 >= lim.max_seq_len:  # the token just chosen sits at index pos: the window is full
                 reason = STOP_MAX_SEQ
                 break
-            logits = self._step(nxt[:, None], pos)[:, -1]
+            logits = self._step(stream, nxt[:, None], pos)[:, -1]
             pos += 1
             n_steps += 1
         return GenerationResult(T, out, reason, prefill, time.perf_counter() - t1, n_steps, recorded, lim.max_seq_len)
@@ -218,19 +224,18 @@ class TorchGenerator(Generator):
     def __init__(self, model) -> None:
         self.model = model.eval()
         self.limits = ModelLimits.of_config(model.config)
-        self.states: list = []
 
-    def _reset(self, batch: int) -> None:
+    def _reset(self, batch: int) -> list:
         from .state import init_states
 
-        self.states = init_states(self.model, batch)
+        return [init_states(self.model, batch)]  # a one-item box: _step replaces the states
 
-    def _step(self, ids: np.ndarray, position: int) -> np.ndarray:
+    def _step(self, stream: list, ids: np.ndarray, position: int) -> np.ndarray:
         import torch
 
         from .state import step
 
-        logits, self.states = step(self.model, torch.from_numpy(ids), position, self.states)
+        logits, stream[0] = step(self.model, torch.from_numpy(ids), position, stream[0])
         return logits.float().numpy()
 
 
@@ -242,18 +247,17 @@ class TorchFullGenerator(Generator):
     def __init__(self, model) -> None:
         self.model = model.eval()
         self.limits = ModelLimits.of_config(model.config)
-        self.ids: np.ndarray | None = None
 
-    def _reset(self, batch: int) -> None:
-        self.ids = np.zeros((batch, 0), dtype=np.int64)
+    def _reset(self, batch: int) -> list:
+        return [np.zeros((batch, 0), dtype=np.int64)]  # the prefix so far
 
-    def _step(self, ids: np.ndarray, position: int) -> np.ndarray:
+    def _step(self, stream: list, ids: np.ndarray, position: int) -> np.ndarray:
         import torch
 
-        assert self.ids is not None and self.ids.shape[1] == position
-        self.ids = np.concatenate([self.ids, ids], axis=1)
+        assert stream[0].shape[1] == position
+        stream[0] = np.concatenate([stream[0], ids], axis=1)
         with torch.no_grad():
-            logits = self.model(torch.from_numpy(self.ids))
+            logits = self.model(torch.from_numpy(stream[0]))
         return logits[:, position:].float().numpy()
 
 
@@ -303,8 +307,9 @@ def infer_decode_section(path: Path) -> dict[str, Any]:
 
 
 class OrtDecoder:
-    """One ``decode.onnx`` session. ``run`` is the checked functional step; ``bind`` + ``step_bound``
-    the IO-binding path that keeps states in preallocated buffers."""
+    """One ``decode.onnx`` session. ``run`` is the checked functional step (thread-safe);
+    ``new_stream(batch)`` an IO-bound stream that keeps states in preallocated buffers (one per
+    thread); ``bind`` + ``step_bound`` the same on one default stream (single-threaded)."""
 
     def __init__(self, path: str | Path, *, providers: Sequence[str] | None = None, threads: int | None = None) -> None:
         import onnxruntime as ort
@@ -321,9 +326,7 @@ class OrtDecoder:
         self.state_dtype = np.dtype(s["state_dtype"])
         self.limits = ModelLimits(int(s["vocab_size"]), int(s["max_seq_len"]), s.get("eos_token_id"),
                                   int(s.get("min_prompt_tokens", 1)))
-        self._binding = None
-        self._buffers: list[np.ndarray] = []
-        self._in_place = True
+        self._stream: BoundStream | None = None  # bind()'s default stream (single-threaded API)
 
     # -- checks ------------------------------------------------------------------------------
     def check(self, ids: np.ndarray, position: int, states: Sequence[np.ndarray] | None) -> None:
@@ -371,48 +374,77 @@ class OrtDecoder:
         return out[0], list(out[1:])
 
     # -- IO binding ---------------------------------------------------------------------------
+    def new_stream(self, batch: int, *, in_place: bool = True) -> "BoundStream":
+        """A fresh IO-bound stream (its own binding and state buffers) on this decoder's session.
+        Streams are independent: one per thread / per generation, any number at once."""
+        return BoundStream(self, batch, in_place=in_place)
+
     def bind(self, batch: int, *, in_place: bool = True) -> list[np.ndarray]:
-        """Preallocate zero states for ``batch`` rows and bind everything that does not change
-        between steps (states, position, logits output, a [batch, 1] ids buffer), so a decode step
-        only writes two small numpy buffers and runs. Returns the state buffers (numpy arrays sharing
+        """Single-threaded convenience: make ``new_stream(batch)`` this decoder's default stream
+        (used by ``step_bound`` / ``states``) and return its state buffers (numpy arrays sharing
         the memory ONNX Runtime reads and, with ``in_place``, writes)."""
+        self._stream = self.new_stream(batch, in_place=in_place)
+        return self._stream.buffers
+
+    def step_bound(self, ids: np.ndarray, position: int) -> np.ndarray:
+        """One step of the default stream; ids [B, S] int64 -> logits [B, S, V] float32 (checked)."""
+        if self._stream is None:
+            raise SMLPError("call bind(batch) before step_bound")
+        return self._stream.step(ids, position)
+
+    @property
+    def _values(self) -> list:
+        """The default stream's bound state values (OrtValues)."""
+        return self._stream.values if self._stream is not None else []
+
+    def states(self) -> list[np.ndarray]:
+        """The current bound state contents of the default stream."""
+        return self._stream.states() if self._stream is not None else []
+
+
+class BoundStream:
+    """One generation stream on an ``OrtDecoder``: an IO binding of its own with preallocated zero
+    states for ``batch`` rows, bound once with everything that does not change between steps
+    (states, position, logits output, a [batch, 1] ids buffer), so a decode step only writes two
+    small numpy buffers and runs. Everything mutable lives here, not on the decoder, so streams on
+    one session may run concurrently (a single stream is not meant for two threads at once)."""
+
+    def __init__(self, decoder: OrtDecoder, batch: int, *, in_place: bool = True) -> None:
         import onnxruntime as ort
 
         if batch < 1:
             raise InputError(f"batch must be >= 1, got {batch}")
-        self._binding = b = self.session.io_binding()
-        self._buffers = self.init_states(batch)
-        self._values = [ort.OrtValue.ortvalue_from_numpy(x) for x in self._buffers]  # shares memory (CPU)
-        self._in_place = in_place
+        self.decoder = decoder
+        self.binding = b = decoder.session.io_binding()
+        self.buffers = decoder.init_states(batch)
+        self.values = [ort.OrtValue.ortvalue_from_numpy(x) for x in self.buffers]  # shares memory (CPU)
+        self.in_place = in_place
         self._pos = np.zeros((), dtype=np.int64)
         self._ids1 = np.zeros((batch, 1), dtype=np.int64)
         self._ids1_value = ort.OrtValue.ortvalue_from_numpy(self._ids1)
-        self._logits1 = np.zeros((batch, 1, self.limits.vocab_size), dtype=np.float32)
+        self._logits1 = np.zeros((batch, 1, decoder.limits.vocab_size), dtype=np.float32)
         self._logits1_value = ort.OrtValue.ortvalue_from_numpy(self._logits1)
         self._decode_bound = False
         b.bind_ortvalue_input("position", ort.OrtValue.ortvalue_from_numpy(self._pos))
         b.bind_output("logits", "cpu")  # first: get_outputs() follows the binding order
         self._bind_states()
-        return self._buffers
 
     def _bind_states(self) -> None:
-        b = self._binding
-        for name, out_name, v in zip(self.state_names, self.state_out_names, self._values):
+        b, d = self.binding, self.decoder
+        for name, out_name, v in zip(d.state_names, d.state_out_names, self.values):
             b.bind_ortvalue_input(name, v)
-            if self._in_place:
+            if self.in_place:
                 b.bind_ortvalue_output(out_name, v)  # the same memory: ScatterND writes the new rows only
             else:
                 b.bind_output(out_name, "cpu")
 
-    def step_bound(self, ids: np.ndarray, position: int) -> np.ndarray:
-        """One step on the bound states; ids [B, S] int64 -> logits [B, S, V] float32 (checked)."""
-        if self._binding is None:
-            raise SMLPError("call bind(batch) before step_bound")
+    def step(self, ids: np.ndarray, position: int) -> np.ndarray:
+        """One step on this stream's states; ids [B, S] int64 -> logits [B, S, V] float32 (checked)."""
         ids = np.asarray(ids)
         if ids.ndim == 2 and ids.shape[0] != self._ids1.shape[0]:
             raise InputError(f"input_ids batch {ids.shape[0]} does not match the bound states' batch {self._ids1.shape[0]}")
-        self.check(ids, position, None)
-        b = self._binding
+        self.decoder.check(ids, position, None)
+        b = self.binding
         self._pos[()] = position
         if ids.shape[1] == 1:  # decode: write into bound buffers, no re-binding
             self._ids1[:] = ids
@@ -425,19 +457,19 @@ class OrtDecoder:
             b.bind_cpu_input("input_ids", np.ascontiguousarray(ids))
             b.bind_output("logits", "cpu")
             self._decode_bound = False
-        self.session.run_with_iobinding(b)
-        if self._in_place and self._decode_bound:
+        self.decoder.session.run_with_iobinding(b)
+        if self.in_place and self._decode_bound:
             return self._logits1.copy()
         outs = b.get_outputs()
-        if not self._in_place:
+        if not self.in_place:
             # ORT allocated new state outputs: they become the next step's inputs (no copy).
-            self._values = list(outs[1:])
+            self.values = list(outs[1:])
             self._bind_states()
         return self._logits1.copy() if self._decode_bound else outs[0].numpy()
 
     def states(self) -> list[np.ndarray]:
         """The current bound state contents."""
-        return [v.numpy() for v in self._values] if self._binding is not None else []
+        return [v.numpy() for v in self.values]
 
 
 class OrtGenerator(Generator):
@@ -453,8 +485,8 @@ class OrtGenerator(Generator):
         self.limits = self.decoder.limits
         self.state_mode = state_mode
 
-    def _reset(self, batch: int) -> None:
-        self.decoder.bind(batch, in_place=self.state_mode == "inplace")
+    def _reset(self, batch: int) -> BoundStream:
+        return self.decoder.new_stream(batch, in_place=self.state_mode == "inplace")
 
-    def _step(self, ids: np.ndarray, position: int) -> np.ndarray:
-        return self.decoder.step_bound(ids, position)
+    def _step(self, stream: BoundStream, ids: np.ndarray, position: int) -> np.ndarray:
+        return stream.step(ids, position)

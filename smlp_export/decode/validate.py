@@ -9,7 +9,13 @@ must reproduce). It reports:
   backends have produced the same tokens (after a divergence the sequences differ);
 - token-for-token agreement per prompt; a divergence is a *tie* when PyTorch's margin between its
   token and ONNX Runtime's token is below the dtype's noise (``smlp_export.validate.tolerances``:
-  the same table as full-graph validation), otherwise it fails.
+  the same table as full-graph validation), otherwise it fails;
+- a teacher-forced sweep over whole held-out windows of max_seq_len tokens: a short prefill, then
+  one decode step per position up to max_seq_len - 1 (greedy generation stops one position short
+  of the window end, and its prompts start late), each step's logits against PyTorch's full
+  forward at that position. Every row of every spatial weight is therefore used at least once.
+
+The dtype (tolerance table) is read from decode.onnx's weights, not from the manifest.
 
 Bounds come from the one per-dtype tolerance table (errors relative to the logits' scale).
 """
@@ -56,12 +62,15 @@ def validate_decode(export_dir: str | Path, model=None, *, n_prompts: int = 24, 
     from ..validate.tolerances import tolerance_for
     from .runtime import OrtGenerator, TorchFullGenerator
 
+    from ..validate.integrity import graph_dtype
+
     export_dir = Path(export_dir)
     ort_gen = OrtGenerator(export_dir, providers=providers)
     section = ort_gen.decoder.section
     ref = TorchFullGenerator(_reference_model(export_dir, section, model))
     cfg = ref.model.config
-    tol = tolerance_for(section.get("dtype", "fp32"))
+    dtype = graph_dtype(ort_gen.decoder.path)
+    tol = tolerance_for(dtype)
     if quick:
         n_prompts, max_new_tokens = min(n_prompts, 6), min(max_new_tokens, 12)
     lengths = _prompt_lengths(cfg.max_seq_len, cfg.prefix_len, n_lengths)
@@ -92,6 +101,7 @@ def validate_decode(export_dir: str | Path, model=None, *, n_prompts: int = 24, 
                 row.update(diverged_at=k, torch_token=r[k], ort_token=a[k], torch_margin=margin,
                            noise=noise, tie=margin < noise)
             rows.append(row)
+    sweep = _teacher_forced_sweep(ort_gen.decoder, ref.model, source, n_rows=2 if quick else 4)
     rel = max((r["max_abs_err_rel"] for r in rows), default=0.0)
     n_agree = sum(r["agree"] for r in rows)
     ties = [r for r in rows if not r["agree"] and r["tie"]]
@@ -100,11 +110,15 @@ def validate_decode(export_dir: str | Path, model=None, *, n_prompts: int = 24, 
         {"name": "step_logits_max_abs_err_rel", "value": rel, "bound": f"<= {tol.max_abs_err_rel:g}",
          "ok": rel <= tol.max_abs_err_rel},
         {"name": "greedy_divergences_outside_ties", "value": len(real), "bound": "== 0", "ok": not real},
+        {"name": "teacher_forced_max_abs_err_rel", "value": sweep["max_abs_err_rel"],
+         "bound": f"<= {tol.max_abs_err_rel:g}", "ok": sweep["max_abs_err_rel"] <= tol.max_abs_err_rel},
+        {"name": "teacher_forced_last_position", "value": sweep["last_position"],
+         "bound": f"== {cfg.max_seq_len - 1}", "ok": sweep["last_position"] == cfg.max_seq_len - 1},
     ]
     return {
         "passed": all(c["ok"] for c in checks),
         "file": str(ort_gen.decoder.path.name),
-        "target": section.get("target"), "dtype": section.get("dtype", "fp32"),
+        "target": section.get("target"), "dtype": dtype, "manifest_dtype": section.get("dtype"),
         "reference": "torch full recompute (every token recomputes the whole prefix)",
         "prompts": len(rows), "prompt_lengths": lengths, "max_new_tokens": max_new_tokens,
         "prompt_source": f"held-out text ({source or 'stdlib'})",
@@ -112,5 +126,34 @@ def validate_decode(export_dir: str | Path, model=None, *, n_prompts: int = 24, 
         "step_logits_max_abs_err": max_err, "step_logits_max_abs_err_rel": rel, "logits_scale": scale_all,
         "tolerances": tol.to_dict(), "checks": checks,
         "state_mode": ort_gen.state_mode,
+        "teacher_forced": sweep,
+        "positions_checked": [0, sweep["last_position"]],
         "rows": rows,
     }
+
+
+def _teacher_forced_sweep(decoder, model, source: str | None, n_rows: int) -> dict[str, Any]:
+    """Held-out windows [n_rows, max_seq_len]: prefill the first max(p, 1) tokens, then step one
+    token at a time through position max_seq_len - 1; every step's logits vs the PyTorch full
+    forward at the same positions. Errors relative to the scale of each row's reference logits."""
+    import torch
+
+    from ..data import heldout_windows
+
+    n = model.config.max_seq_len
+    first = max(1, model.config.prefix_len)
+    ids = heldout_windows(n_rows, n, source=source, offset=7, vocab_size=model.config.vocab_size).numpy()
+    with torch.no_grad():
+        want = model(torch.from_numpy(ids)).float().numpy().astype(np.float64)
+    stream = decoder.new_stream(n_rows)
+    got = [stream.step(ids[:, :first], 0)]
+    for t in range(first, n):
+        got.append(stream.step(ids[:, t:t + 1], t))
+    lg = np.concatenate(got, axis=1).astype(np.float64)  # [B, n, V]
+    err = np.abs(lg - want).max(axis=-1)  # [B, n]
+    scale = np.abs(want).max(axis=(1, 2))  # [B]
+    rel = err / np.where(scale > 0, scale, 1.0)[:, None]
+    worst = np.unravel_index(int(rel.argmax()), rel.shape)
+    return {"rows": n_rows, "prefill_tokens": first, "last_position": n - 1 if lg.shape[1] == n else lg.shape[1] - 1,
+            "max_abs_err": float(err.max()), "max_abs_err_rel": float(rel.max()),
+            "worst_position": int(worst[1]), "max_abs_err_rel_last_position": float(rel[:, -1].max())}

@@ -144,7 +144,9 @@ def write_triton_repository(export_dir: str | Path, repo: str | Path, *, name: s
     parity = json.loads(parity_path.read_text()) if parity_path.is_file() else None
     if parity is not None and not parity.get("passed", False):
         raise SMLPError(f"{export_dir} failed parity validation (parity.json): refusing to deploy it")
-    files = {f["name"]: f for f in manifest.get("files", [])}
+    from ..validate.integrity import verify_files
+
+    digests = verify_files(export_dir, manifest)  # one-line error for any file changed after export
     models = [("model.onnx", name)]
     warnings: list[str] = []
     if (export_dir / "decode.onnx").is_file():
@@ -164,9 +166,7 @@ def write_triton_repository(export_dir: str | Path, repo: str | Path, *, name: s
     with atomic_dir(repo, overwrite=force) as tmp:
         for fname, mname in models:
             src = export_dir / fname
-            digest = _sha256(src)
-            if fname in files and files[fname].get("sha256") not in (None, digest):
-                raise SMLPError(f"{src}: sha256 does not match manifest.json (file changed after export)")
+            digest = digests[fname]
             inputs, outputs = graph_io(src)
             (tmp / mname / "1").mkdir(parents=True)
             # bytes only: copy2 would carry a 0600 source mode to a server running as another user

@@ -16,8 +16,11 @@ from typing import Any
 import numpy as np
 
 from smlp_export.errors import CheckpointError, InputError, SMLPError
+from smlp_export.export.translations import AUTO_FUSED_MAX_TOKENS
 
 from .compare import LayerRouting, compare_logits, nll_sum
+from . import coverage
+from .integrity import graph_dtype, verify_files
 from .report import ParityReport
 from .tolerances import tolerance_for
 
@@ -30,6 +33,10 @@ CASES_QUICK: tuple[tuple[int, int | None], ...] = ((1, 1), (3, 77), (1, None))
 # onnx.reference is pure NumPy (slow): small cases only, still including T = 1 and an odd T.
 CASES_REFERENCE: tuple[tuple[int, int | None], ...] = ((1, 1), (3, 13), (2, 33), (1, 77))
 REQUIRED_MANIFEST_KEYS = ("target", "dtype", "checkpoint", "config")
+# ort target, ort_moe "auto": short held-out inputs through the fused branch (B * T <= 4 tokens).
+FUSED_SHAPES: tuple[tuple[int, int], ...] = ((1, 2), (1, 3), (1, 4), (2, 2), (4, 1))
+COVERAGE_SEQ = 64  # length of the windows searched for uncovered experts
+COVERAGE_OFFSET = 10_000  # where in the held-out stream the search starts (wraps around)
 
 
 def read_manifest(export_dir: Path) -> dict[str, Any]:
@@ -154,54 +161,86 @@ def run_validation(export_dir: str | Path, backend: str = "ort", *, checkpoint: 
     if backend not in BACKENDS:
         raise InputError(f"unknown validation backend {backend!r}; choose from {', '.join(BACKENDS)}")
     manifest = read_manifest(export_dir)
-    dtype, target = manifest["dtype"], manifest["target"]
+    digests = verify_files(export_dir, manifest)  # refuse files that changed after export
+    target = manifest["target"]
+    onnx_path = export_dir / MODEL_FILE
+    # The tolerance table follows what the graph computes in, never the manifest's label.
+    dtype = graph_dtype(onnx_path)
     tol = tolerance_for(dtype)
     model, ckpt = _load_reference_model(manifest, checkpoint, export_dir)
     cfg = model.config
-    onnx_path = export_dir / MODEL_FILE
     source = data.corpus_source_of(model)
     base = CASES_REFERENCE if backend == "reference" else (CASES_QUICK if quick else CASES_FULL)
     shapes = case_shapes(base, cfg.max_seq_len)
     layers = _routing_layers(manifest, cfg)
     p = cfg.prefix_len
+    cov = coverage.new_coverage(cfg, [(layer.name, layer.kind, layer.k) for layer in layers])
+    fused_max = AUTO_FUSED_MAX_TOKENS if (target, manifest.get("ort_moe")) == ("ort", "auto") else 0
+    fused_cov = coverage.token_layers(cov) if fused_max else None
 
     ref_runner = TorchRunner(model)
     ref_runner.load()
     runner = _make_backend(backend, onnx_path, providers)
     rows: list[dict[str, Any]] = []
     failures: list[str] = []
+    if dtype != manifest["dtype"]:
+        failures.append(f"dtype: manifest.json says {manifest['dtype']!r} but {MODEL_FILE} computes in {dtype} "
+                        f"(validated with the {dtype} tolerances)")
     nll_t = nll_b = 0.0
     n_tok = 0
-    offset = 0
-    try:
-        for b, t in tqdm(shapes, desc=f"parity {backend}", unit="case", disable=not progress, leave=False):
-            win = data.heldout_windows(b, t + 1, source, offset=offset, vocab_size=cfg.vocab_size).numpy()
-            offset += b
-            ids, tgt = win[:, :t], win[:, 1:]
-            case = f"{b}x{t}"
-            ref, got = ref_runner.run(ids), runner.run(ids)
-            if "logits" not in got:
-                raise SMLPError(f"{onnx_path} has no output 'logits' (outputs: {', '.join(got)})")
-            if got["logits"].shape != ref["logits"].shape:
-                failures.append(f"case {case}: logits shape {got['logits'].shape} != torch {ref['logits'].shape}")
+
+    def run_case(case: str, ids: np.ndarray, tgt: np.ndarray | None) -> None:
+        """Compare one batch; tgt None = synthetic input (no perplexity tokens)."""
+        nonlocal nll_t, nll_b, n_tok
+        b, t = ids.shape
+        ref, got = ref_runner.run(ids), runner.run(ids)
+        if "logits" not in got:
+            raise SMLPError(f"{onnx_path} has no output 'logits' (outputs: {', '.join(got)})")
+        if got["logits"].shape != ref["logits"].shape:
+            failures.append(f"case {case}: logits shape {got['logits'].shape} != torch {ref['logits'].shape}")
+            return
+        row = {"case": case, "batch": b, "seq": t, **compare_logits(ref["logits"], got["logits"], tol)}
+        for layer in layers:
+            key = ROUTER_PREFIX + layer.name
+            if key not in got or key not in ref:
+                msg = f"router output {key} missing from the {'backend' if key not in got else 'torch model'}"
+                if msg not in failures:
+                    failures.append(msg)
                 continue
-            row = {"case": case, "batch": b, "seq": t, **compare_logits(ref["logits"], got["logits"], tol)}
-            for layer in layers:
-                key = ROUTER_PREFIX + layer.name
-                if key not in got or key not in ref:
-                    msg = f"router output {key} missing from the {'backend' if key not in got else 'torch model'}"
-                    if msg not in failures:
-                        failures.append(msg)
-                    continue
-                if got[key].shape != ref[key].shape:
-                    failures.append(f"case {case}: {key} shape {got[key].shape} != torch {ref[key].shape}")
-                    continue
-                layer.add(case, ref[key], got[key], tol)
+            if got[key].shape != ref[key].shape:
+                failures.append(f"case {case}: {key} shape {got[key].shape} != torch {ref[key].shape}")
+                continue
+            layer.add(case, ref[key], got[key], tol)
+        cov.add(ref, ROUTER_PREFIX)
+        cov.add_deterministic(b, cfg.spatial_channels // cfg.n_spatial_experts)
+        if fused_cov is not None and b * t <= fused_max:
+            fused_cov.add(ref, ROUTER_PREFIX)
+        if tgt is not None:
             a, n = nll_sum(ref["logits"], tgt, p)
             c, _ = nll_sum(got["logits"], tgt, p)
             nll_t, nll_b, n_tok = nll_t + a, nll_b + c, n_tok + n
             row.update({"ppl_tokens": n, "nll_torch": a, "nll_backend": c})
-            rows.append(row)
+        else:
+            row.update({"ppl_tokens": 0, "synthetic": True})
+        rows.append(row)
+
+    try:
+        offset = 0
+        for b, t in tqdm(shapes, desc=f"parity {backend}", unit="case", disable=not progress, leave=False):
+            win = data.heldout_windows(b, t + 1, source, offset=offset, vocab_size=cfg.vocab_size).numpy()
+            offset += b
+            run_case(f"{b}x{t}", win[:, :t], win[:, 1:])
+        if fused_cov is not None:
+            # Many short inputs through the fused branch: fixed shapes, then a search for every expert.
+            for b, t in FUSED_SHAPES:
+                win = data.heldout_windows(b, t + 1, source, offset=offset, vocab_size=cfg.vocab_size).numpy()
+                offset += b
+                run_case(f"fused {b}x{t}", win[:, :t], win[:, 1:])
+            _cover(run_case, ref_runner, fused_cov, source, cfg.vocab_size, fused_max, "fused ",
+                   coverage.SHORT_SCAN_WINDOWS, batch_rows=False)
+        L = min(cfg.max_seq_len, COVERAGE_SEQ)
+        _cover(run_case, ref_runner, cov, source, cfg.vocab_size, L, "coverage ", coverage.SCAN_WINDOWS,
+               batch_rows=True)
     finally:
         backend_meta = runner.metadata()
         runner.close()
@@ -210,6 +249,16 @@ def run_validation(export_dir: str | Path, backend: str = "ort", *, checkpoint: 
 
     metrics = _metrics(rows, layers, nll_t, nll_b, n_tok)
     checks = _checks(metrics, rows, tol, p)
+    cov_report = {"experts": cov.to_dict(), "fused_branch": None if fused_cov is None else
+                  {"max_tokens": fused_max, **fused_cov.to_dict()}}
+    for name, c in (("expert_coverage", cov), ("fused_branch_expert_coverage", fused_cov)):
+        if c is not None:
+            d = c.to_dict()
+            checks.append({"name": name, "value": f"{d['experts_hit']}/{d['experts']}", "limit": "every expert",
+                           "ok": d["complete"]})
+            if not d["complete"]:
+                failures.append(f"{name}: no validation input reaches experts {d['missing']} (held-out and "
+                                "synthetic search exhausted): their weights are unchecked")
     failures += [f"{c['name']} = {c['value']} (limit {c['limit']})" for c in checks if not c["ok"]]
     decode = None
     if manifest.get("decode"):
@@ -228,11 +277,12 @@ def run_validation(export_dir: str | Path, backend: str = "ort", *, checkpoint: 
         passed=not failures, backend=backend, target=target, dtype=dtype, tolerances=tol.to_dict(),
         metrics=metrics, checks=checks, failures=failures, cases=rows, checkpoint=ckpt,
         # The file name, not the path: validation runs inside export's temp dir before it is renamed.
-        model={"path": MODEL_FILE, "sha256": _sha256(onnx_path)}, backend_metadata=backend_meta,
+        model={"path": MODEL_FILE, "sha256": digests[MODEL_FILE], "files_sha256": digests,
+               "manifest_dtype": manifest["dtype"], "graph_dtype": dtype}, backend_metadata=backend_meta,
         reference={**ref_meta, "onnx": _md.version("onnx"), "numpy": np.__version__},
         corpus={"source": source, "split": "held-out", "ppl_from_position": p,
                 "windows": "consecutive held-out windows of seq + 1 tokens (input + next-token targets)"},
-        time_s=round(time.perf_counter() - t0, 3), quick=quick, decode=decode,
+        time_s=round(time.perf_counter() - t0, 3), quick=quick, decode=decode, coverage=cov_report,
         extra={"plugin_attributes": plugins} if plugins is not None else {})
     if write:
         report.write(export_dir)
@@ -253,6 +303,39 @@ def _check_plugin_attributes(export_dir: Path, manifest: dict, cfg) -> dict[str,
     return {"passed": all(r["passed"] for r in out.values()),
             "failures": [f"{name}: {line}" for name, r in out.items() for line in r["failures"]],
             "files": out}
+
+
+def _cover(run_case, ref_runner, cov, source: str, vocab: int, L: int, label: str, n_windows: int, *,
+           batch_rows: bool) -> None:
+    """Add cases until ``cov`` is complete: held-out windows of L tokens first, then synthetic ones.
+    batch_rows: the picked windows run as one batch [n, L]; else one case each ([1, L]: the fused
+    branch only runs for at most L = 4 tokens per call)."""
+    from smlp_export import data
+    from smlp_export.runners.torch_runner import ROUTER_PREFIX
+
+    def run(ids):
+        return ref_runner.run(ids)
+
+    for kind in ("held-out", "synthetic"):
+        if cov.complete():
+            return
+        if kind == "held-out":
+            def windows(i: int) -> np.ndarray:
+                return data.heldout_windows(n_windows, L + 1, source, vocab_size=vocab,
+                                            offset=COVERAGE_OFFSET // (L + 1) + i * n_windows).numpy()
+        else:
+            def windows(i: int) -> np.ndarray:
+                return coverage.synthetic_windows(vocab, n_windows, L + 1, i)
+        picked, _ = coverage.search(run, ROUTER_PREFIX, cov, windows, coverage.MAX_SCANS)
+        if not picked:
+            continue
+        w = np.stack(picked)
+        tgt = (lambda x: x[:, 1:]) if kind == "held-out" else (lambda x: None)
+        if batch_rows:
+            run_case(f"{label}{kind} {len(w)}x{L}", w[:, :L], tgt(w))
+        else:
+            for j in range(len(w)):
+                run_case(f"{label}{kind} #{j} 1x{L}", w[j:j + 1, :L], tgt(w[j:j + 1]))
 
 
 def _validate_decode(export_dir: Path, model: Any, backend: str, quick: bool,

@@ -36,6 +36,7 @@ class ParityReport:
     time_s: float
     quick: bool = False
     decode: dict[str, Any] | None = None  # decode.onnx parity when the export has one (see decode/validate.py)
+    coverage: dict[str, Any] | None = None  # experts reached per MoE layer (validate/coverage.py)
     format_version: int = REPORT_FORMAT
     extra: dict[str, Any] = field(default_factory=dict)
 
