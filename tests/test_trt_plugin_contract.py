@@ -4,9 +4,10 @@
 ``tensorrt.plugin`` layer's semantics, and plays the ONNX parser + builder (fields encoded as
 onnx-tensorrt encodes them: INT -> int32[1], STRING -> bytes + NUL, numpy >= 2.4 scalar rules).
 Every plugin folder x fp32/fp16/bf16 x every mode is registered, created from parser-encoded
-fields, asked for its output types / shapes / formats, and (``triton`` marker) run through
-``aot_impl`` down to the kernel name, the real Triton PTX (sm_90, and sm_80), the launch parameters
-and the int32 scalar args, evaluated at concrete shapes.
+fields, asked for its output types / shapes / formats (the grouped GEMM's ``@autotune``: exactly its
+type combinations, each with tactics 1-3), and (``triton`` marker) run through ``aot_impl`` for every
+dtype and tactic down to the kernel name, the real Triton PTX (sm_90, and sm_80), the tactic's
+tiles, the launch parameters and the int32 scalar args, evaluated at concrete shapes.
 
 Set ``SMLP_TRT_PLUGIN_SRC`` to a directory with NVIDIA's ``tensorrt/plugin/*.py`` to run the same
 tests on the real Python layer over the bindings double (see tests/trt_double/__init__.py).
