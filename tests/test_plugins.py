@@ -123,7 +123,8 @@ def test_register_declares_contract_signature_to_tensorrt(folder, monkeypatch):
 
     fake = types.SimpleNamespace(TensorDesc=type("TensorDesc", (), {}), KernelLaunchParams=type("KLP", (), {}),
                                  SymIntExprs=type("SIE", (), {}), register=recorder("register"),
-                                 aot_impl=recorder("aot_impl"), op=types.SimpleNamespace())
+                                 aot_impl=recorder("aot_impl"), autotune=recorder("autotune"),
+                                 AutoTuneCombination=type("ATC", (), {}), op=types.SimpleNamespace())
     monkeypatch.setattr(mod, "import_trtp", lambda: fake)
     mod.register()
     for kind in ("register", "aot_impl"):

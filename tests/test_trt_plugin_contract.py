@@ -4,9 +4,10 @@
 ``tensorrt.plugin`` layer's semantics, and plays the ONNX parser + builder (fields encoded as
 onnx-tensorrt encodes them: INT -> int32[1], STRING -> bytes + NUL, numpy >= 2.4 scalar rules).
 Every plugin folder x fp32/fp16/bf16 x every mode is registered, created from parser-encoded
-fields, asked for its output types / shapes / formats, and (``triton`` marker) run through
-``aot_impl`` down to the kernel name, the real Triton PTX (sm_90, and sm_80), the launch parameters
-and the int32 scalar args, evaluated at concrete shapes.
+fields, asked for its output types / shapes / formats (the grouped GEMM's ``@autotune``: exactly its
+type combinations, each with tactics 1-3), and (``triton`` marker) run through ``aot_impl`` for every
+dtype and tactic down to the kernel name, the real Triton PTX (sm_90, and sm_80), the tactic's
+tiles, the launch parameters and the int32 scalar args, evaluated at concrete shapes.
 
 Set ``SMLP_TRT_PLUGIN_SRC`` to a directory with NVIDIA's ``tensorrt/plugin/*.py`` to run the same
 tests on the real Python layer over the bindings double (see tests/trt_double/__init__.py).
@@ -14,6 +15,7 @@ tests on the real Python layer over the bindings double (see tests/trt_double/__
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import math
 import re
@@ -212,20 +214,22 @@ def test_constant_reads_shape_expr_constant_value_method(trt):
 
 # ----------------------------------------------------------------------------- AOT
 _PTX_CACHE: dict = {}
-COMPILED: list = []  # (kernel, dtype, arch, constexprs, num_warps, ptx_version) of every compile asked for
+# (kernel, dtype, arch, constexprs, num_warps, ptx_version, num_stages) of every compile asked for
+COMPILED: list = []
 
 
-def _key(kernel, dtype, arch, constexprs, num_warps=4, ptx_version=80) -> tuple:
-    return (kernel, dtype, arch, tuple(sorted(constexprs.items())), num_warps, ptx_version)
+def _key(kernel, dtype, arch, constexprs, num_warps=4, ptx_version=80, num_stages=3) -> tuple:
+    return (kernel, dtype, arch, tuple(sorted(constexprs.items())), num_warps, ptx_version, num_stages)
 
 
 def _cached_compile(real):
     """compile_ptx with a per-session cache (a miss compiles for real)."""
-    def compile_ptx(kernel, dtype, arch, constexprs, num_warps=4, ptx_version=80):
-        key = _key(kernel, dtype, arch, constexprs, num_warps, ptx_version)
+    def compile_ptx(kernel, dtype, arch, constexprs, num_warps=4, ptx_version=80, num_stages=3):
+        key = _key(kernel, dtype, arch, constexprs, num_warps, ptx_version, num_stages)
         COMPILED.append(key)
         if key not in _PTX_CACHE:
-            _PTX_CACHE[key] = real(kernel, dtype, arch, constexprs, num_warps=num_warps, ptx_version=ptx_version)
+            _PTX_CACHE[key] = real(kernel, dtype, arch, constexprs, num_warps=num_warps, ptx_version=ptx_version,
+                                   num_stages=num_stages)
         return _PTX_CACHE[key]
     return compile_ptx
 
@@ -244,42 +248,59 @@ def ptx_prewarmed():
 
     asked = []
 
-    def record(kernel, dtype, arch, constexprs, num_warps=4, ptx_version=80):
-        asked.append(_key(kernel, dtype, arch, constexprs, num_warps, ptx_version))
+    def record(kernel, dtype, arch, constexprs, num_warps=4, ptx_version=80, num_stages=3):
+        asked.append(_key(kernel, dtype, arch, constexprs, num_warps, ptx_version, num_stages))
         raise _Asked
 
     with pytest.MonkeyPatch.context() as mp:
-        for case, dtype, arch in AOT_MATRIX:
+        for case, dtype, arch, tactic in AOT_MATRIX:
             trt = trt_double.install(mp)
             build_engine.register_plugins()
             mp.setattr(_common, "gpu_arch", lambda: arch)
             mp.setattr(aot, "compile_ptx", record)
             with pytest.raises(_Asked):
-                build_plugin(trt, node_for(case), inputs_for(case, DTYPES[dtype]))
+                build_plugin(trt, node_for(case), inputs_for(case, DTYPES[dtype]), tactic=tactic)
     todo = sorted({k for k in asked if k not in _PTX_CACHE})
-    specs = [aot.plugin_spec(k[0], k[1], k[2], dict(k[3]), k[4], k[5]) for k in todo]
+    specs = [aot.plugin_spec(k[0], k[1], k[2], dict(k[3]), k[4], k[5], k[6]) for k in todo]
     _PTX_CACHE.update(zip(todo, aot.compile_specs(specs)))
 
 
-AOT_MATRIX = [(case, dtype, 90) for case in CASES for dtype in sorted(DTYPES)]
+# The grouped GEMM's custom tactics (its @autotune); the spatial plugins offer none: TensorRT's default 0.
+GEMM_TACTICS = (1, 2, 3)
+TACTICS_OF = {"SMLPSpatialMoE": (0,), "SMLPSpatialMoEPartial": (0,), "SMLPGroupedExpertGemm": GEMM_TACTICS}
+# (case, dtype, arch, tactic); every dtype x every tactic on the gelu case, other activations on the decode
+# tactic (the activation changes one constexpr, not the tiles)
+AOT_MATRIX = [(case, dtype, 90, t) for case in CASES for dtype in sorted(DTYPES)
+              for t in (TACTICS_OF[case.op_type] if case.mode == "gelu" else TACTICS_OF[case.op_type][:1])]
 # sm_80 (A100): every plugin and dtype, one mode each (the arch changes the PTX, not the plugin glue)
-AOT_MATRIX += [(case, dtype, 80) for case in CASES if case.mode in ("topk2", "deterministic", "partial", "gelu")
-               for dtype in sorted(DTYPES)]
+AOT_MATRIX += [(case, dtype, 80, TACTICS_OF[case.op_type][-1]) for case in CASES
+               if case.mode in ("topk2", "deterministic", "partial", "gelu") for dtype in sorted(DTYPES)]
+
+# What each grouped GEMM tactic must compile for the cases' weight [N=72, K=40] (written out from
+# configs.grouped_gemm_blocks' documented regimes, BLOCK_N / BLOCK_K capped at next_pow2(72) = 128 /
+# next_pow2(40) = 64): (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), grid_x = cdiv(72, BLOCK_N).
+GEMM_TILES = {
+    (1, "fp32"): (16, 16, 64, 4, 4), (1, "fp16"): (16, 16, 64, 4, 4), (1, "bf16"): (16, 16, 64, 4, 4),  # decode
+    (2, "fp32"): (64, 64, 32, 4, 4), (2, "fp16"): (64, 64, 64, 4, 4), (2, "bf16"): (64, 64, 64, 4, 4),  # small
+    (3, "fp32"): (128, 128, 32, 8, 3), (3, "fp16"): (128, 128, 64, 8, 3), (3, "bf16"): (128, 128, 64, 8, 3),
+}
 
 
 @pytest.mark.triton
-@pytest.mark.parametrize("case,dtype,arch", AOT_MATRIX,
-                         ids=[f"{c.op_type}-{c.mode}-{d}-sm{a}" for c, d, a in AOT_MATRIX])
-def test_aot_impl_kernel_ptx_launch_and_scalar_args(trt, monkeypatch, ptx_prewarmed, case, dtype, arch):
+@pytest.mark.parametrize("case,dtype,arch,tactic", AOT_MATRIX,
+                         ids=[f"{c.op_type}-{c.mode}-{d}-sm{a}-t{t}" for c, d, a, t in AOT_MATRIX])
+def test_aot_impl_kernel_ptx_launch_and_scalar_args(trt, monkeypatch, ptx_prewarmed, case, dtype, arch, tactic):
     from smlp_export.kernels import aot
 
     monkeypatch.setattr(_common, "gpu_arch", lambda: arch)
     monkeypatch.setattr(aot, "compile_ptx", _cached_compile(aot.compile_ptx))
     node = node_for(case)
     before = len(COMPILED)
-    res = build_plugin(trt, node, inputs_for(case, DTYPES[dtype]))
+    res = build_plugin(trt, node, inputs_for(case, DTYPES[dtype]), tactic=tactic)
     assert len(COMPILED) == before + 1
-    kernel, kdtype, karch, constexprs, num_warps, _ = COMPILED[-1]
+    # the tactics TensorRT is offered for the configured combination, and the one this kernel is for
+    assert sorted(res.tactics) == [t for t in TACTICS_OF[case.op_type] if t] and res.tactic == tactic
+    kernel, kdtype, karch, constexprs, num_warps, _, num_stages = COMPILED[-1]
     constexprs = dict(constexprs)
     ck = _PTX_CACHE[COMPILED[-1]]
     # the kernel the contract names, compiled for this build's dtype and GPU
@@ -304,6 +325,11 @@ def test_aot_impl_kernel_ptx_launch_and_scalar_args(trt, monkeypatch, ptx_prewar
     assert ev["shared_mem"] == ck.shared
     grid = (ev["grid_x"], ev["grid_y"], ev["grid_z"])
     assert grid == expected_grid(case, constexprs)
+    if case.op_type == "SMLPGroupedExpertGemm":  # the tactic's tiles, warps, stages, and the grid they need
+        bm, bn, bk, warps, stages = GEMM_TILES[(tactic, dtype)]
+        assert (constexprs["BLOCK_M"], constexprs["BLOCK_N"], constexprs["BLOCK_K"]) == (bm, bn, bk)
+        assert (num_warps, num_stages) == (warps, stages) and ck.num_warps == warps
+        assert grid == (math.ceil(72 / bn), 4, 1)
 
 
 def expected_grid(case: Case, cx: dict) -> tuple:
@@ -343,6 +369,145 @@ def test_grouped_gemm_activation_codes_match_the_kernels():
     gg = plugin_module("SMLPGroupedExpertGemm")
     assert {k: v for k, v in gg.ACTIVATIONS.items() if k != "identity"} == ACTIVATIONS
     assert gg.ACTIVATIONS["identity"] == 4 and set(gg.ACTIVATIONS) == set(GEMM_ACTIVATIONS)
+
+
+# ----------------------------------------------------------------------------- autotune: types, formats, tactics
+GEMM_CASE = next(c for c in CASES if c.op_type == "SMLPGroupedExpertGemm" and c.mode == "gelu")
+
+
+def _offered(trt, case: Case, dtype) -> tuple:
+    """(plugin, [(types, formats) per offered combination]) as TensorRT's builder sees them."""
+    plugin = import_plugin(trt, node_for(case))
+    ins = inputs_for(case, dtype)
+    outs = plugin.get_output_data_types([t for t, _ in ins], [len(s) for _, s in ins])
+    b = trt.IExprBuilder()
+    dims = [trt.DimsExprs([trt.runtime_dim(x) if isinstance(x, str) else b.constant(x) for x in shape])
+            for _, shape in ins]
+    plugin.get_output_shapes(dims, [], b)
+    probe = []
+    for t, shape in [*ins, (outs[0], ("M", 72))]:
+        d = trt.DynamicPluginTensorDesc()
+        d.desc.dims = trt.Dims(-1 if isinstance(x, str) else x for x in shape)
+        d.desc.type, d.desc.format = t, trt.TensorFormat.LINEAR
+        probe.append(d)
+    flat = plugin.get_supported_format_combinations(probe, len(ins))
+    nio = len(probe)
+    assert len(flat) % nio == 0
+    groups = [flat[i:i + nio] for i in range(0, len(flat), nio)]
+    return plugin, probe, [(tuple(d.type for d in g), tuple(d.format for d in g)) for g in groups]
+
+
+@pytest.mark.parametrize("network_dtype", sorted(DTYPES))
+def test_grouped_gemm_offers_exactly_the_supported_combinations_with_its_tactics(trt, network_dtype):
+    """x / weight / bias / output all fp32, all fp16 or all bf16, offsets int32, LINEAR: three
+    combinations whatever the network's dtype, each with tactics 1-3 (decode, small, large prefill)."""
+    plugin, probe, offered = _offered(trt, GEMM_CASE, DTYPES[network_dtype])
+    lin = (trt.TensorFormat.LINEAR,) * 5
+    assert sorted(offered, key=str) == sorted([((d, DT.INT32, d, d, d), lin) for d in DTYPES.values()], key=str)
+    for types_, _ in offered:
+        for d, t in zip(probe, types_):
+            d.desc.type = t
+        plugin.configure_plugin(probe[:4], probe[4:])
+        assert sorted(plugin.get_valid_tactics()) == list(GEMM_TACTICS)
+
+
+@pytest.mark.parametrize("what,inputs", [
+    ("offsets fp32", ((DT.HALF, ("M", 40)), (DT.FLOAT, (5,)), (DT.HALF, (4, 72, 40)), (DT.HALF, (4, 72)))),
+    ("offsets int64", ((DT.HALF, ("M", 40)), (DT.INT64, (5,)), (DT.HALF, (4, 72, 40)), (DT.HALF, (4, 72)))),
+    ("weight fp32, x fp16", ((DT.HALF, ("M", 40)), (DT.INT32, (5,)), (DT.FLOAT, (4, 72, 40)), (DT.HALF, (4, 72)))),
+    ("bias bf16, x fp16", ((DT.HALF, ("M", 40)), (DT.INT32, (5,)), (DT.HALF, (4, 72, 40)), (DT.BF16, (4, 72)))),
+])
+def test_grouped_gemm_unsupported_type_combination_is_not_offered(trt, what, inputs):
+    """The builder finds no combination for these network types: nothing reaches aot_impl."""
+    node = node_for(GEMM_CASE)
+    with pytest.raises(ParserError, match="no supported format combination"):
+        build_plugin(trt, node, list(inputs))
+
+
+def test_grouped_gemm_tile_config_per_tactic():
+    """Tactic -> tiles at the H200 audit shape (d=4096, f=14336, bf16) and the default tactic 0."""
+    gg = plugin_module("SMLPGroupedExpertGemm")
+    up = {t: gg.tile_config(t, 14336, 4096, "bfloat16").as_dict() for t in GEMM_TACTICS}
+    # decode: 16-row tile, BLOCK_N shrunk until one expert gives >= 264 programs (2 per SM on 132 SMs)
+    assert up[1] == {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4}
+    assert math.ceil(14336 / up[1]["BLOCK_N"]) >= 264
+    assert up[2] == {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4}
+    assert up[3] == {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3}
+    # 0 = TensorRT's default tactic (only set when no custom tactic is offered): the small-prefill tiles
+    assert gg.tile_config(0, 14336, 4096, "bfloat16") == gg.tile_config(2, 14336, 4096, "bfloat16")
+    with pytest.raises(ValueError, match="tactic 4 was never offered"):
+        gg.tile_config(4, 14336, 4096, "bfloat16")
+
+
+def test_autotune_combination_expansion_follows_tensorrt(trt):
+    """AutoTuneCombination semantics (the double's, or NVIDIA's with SMLP_TRT_PLUGIN_SRC): '|' dependent,
+    '*' independent, single options everywhere, FP32 / FP16 / DataType names, one layout for all."""
+    A = trt.plugin.AutoTuneCombination
+    F, H, B, I = DT.FLOAT, DT.HALF, DT.BF16, DT.INT32
+    got = [c.types for c in A("FP32|FP16, FP32|FP16, FP32*FP16", "LINEAR", [1, 2])._get_combinations()]
+    assert got == [[F, F, F], [H, H, F], [F, F, H], [H, H, H]]  # TensorRT's documented example, in order
+    combos = A("FP32|FP16|BF16, INT32, FP32|FP16|BF16", "LINEAR", [3, 1])._get_combinations()
+    assert [c.types for c in combos] == [[F, I, F], [H, I, H], [B, I, B]]
+    assert all(c.layouts == [trt.TensorFormat.LINEAR] * 3 and list(c.tactics) == [3, 1] for c in combos)
+    c = A()
+    c.pos([0, 2], "FP16|BF16")
+    c.pos([1], "INT32")
+    c.tactics([5])
+    assert [x.types for x in c._get_combinations()] == [[H, I, H], [B, I, B]]
+    with pytest.raises(ValueError, match="already specified"):
+        c.pos([1], "INT64")
+    with pytest.raises(ValueError, match="illegal dependent lengths"):
+        A("FP32|FP16, FP32|FP16|BF16")._get_combinations()
+    with pytest.raises(ValueError, match="both"):
+        A("FP32|FP16, FP32*FP16|BF16")._get_combinations()
+    with pytest.raises(AttributeError):
+        A("FP64, FP32")._get_combinations()
+
+
+def test_autotune_declaration_rules(trt):
+    """@autotune: names (inputs, a subset of the fields in order, outputs) and return annotation checked."""
+    trtp = trt.plugin
+    qn = CONTRACTS["SMLPGroupedExpertGemm"].qualified_name
+    D, L = trtp.TensorDesc, list[trtp.AutoTuneCombination]
+    tensors = {"x": D, "offsets": D, "weight": D, "bias": D}
+
+    def declared(params: dict, ret=L):
+        def fn(*args):
+            return []
+        fn.__signature__ = inspect.Signature([inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                                annotation=a) for n, a in params.items()],
+                                             return_annotation=ret)
+        return fn
+
+    fine = declared({**tensors, "activation": _fields.FIELD_ANNOTATIONS[str], "outputs": tuple[D]})
+    no_outputs = declared(tensors)
+    wrong_return = declared({**tensors, "outputs": tuple[D]}, ret=int)
+    unknown_attr = declared({**tensors, "k": int, "outputs": tuple[D]})
+    wrong_field_type = declared({**tensors, "activation": int, "outputs": tuple[D]})
+    tactic_param = declared({**tensors, "outputs": tuple[D], "tactic": int})
+    trtp.autotune(qn)(fine)
+    for bad in (no_outputs, wrong_return, unknown_attr, wrong_field_type, tactic_param):
+        with pytest.raises(ValueError):
+            trtp.autotune(qn)(bad)
+
+
+@pytest.mark.triton
+def test_builder_times_every_tactic_of_the_configured_combination(trt, monkeypatch, ptx_prewarmed):
+    """The timing pass: each offered tactic set in turn, each with its own kernel / launch; the engine keeps
+    the one the builder picks (the double picks by ``pick``: it cannot time)."""
+    from smlp_export.kernels import aot
+
+    monkeypatch.setattr(_common, "gpu_arch", lambda: 90)
+    monkeypatch.setattr(aot, "compile_ptx", _cached_compile(aot.compile_ptx))
+    res = build_plugin(trt, node_for(GEMM_CASE), inputs_for(GEMM_CASE, DT.HALF), pick=max)
+    assert sorted(res.per_tactic) == list(GEMM_TACTICS) and res.tactic == 3 and res is res.per_tactic[3]
+    for t, b in res.per_tactic.items():
+        assert b.tactic == t and b.combination[0] == (DT.HALF, DT.INT32, DT.HALF, DT.HALF, DT.HALF)
+        assert bindings.evaluate(b.launch["grid_x"], GEMM_CASE.env) == math.ceil(72 / GEMM_TILES[(t, "fp16")][1])
+        assert bindings.evaluate(b.launch["block_x"], GEMM_CASE.env) == 32 * GEMM_TILES[(t, "fp16")][3]
+    assert len({b.ptx for b in res.per_tactic.values()}) == 3  # three different kernels
+    with pytest.raises(ParserError, match="tactic 0 not offered"):
+        build_plugin(trt, node_for(GEMM_CASE), inputs_for(GEMM_CASE, DT.HALF), tactic=0)
 
 
 # ----------------------------------------------------------------------------- build_engine end to end

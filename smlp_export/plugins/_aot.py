@@ -14,11 +14,14 @@ def check_no_scratch(ck: object, op_type: str) -> None:
                            "cannot provide it")
 
 
-def aot_compile(op_type: str, kernel: str, dtype: object, constexprs: dict[str, int], num_warps: int):
-    """PTX of a plugin kernel for the build GPU (``smlp_export.kernels.aot``), checked scratch-free."""
+def aot_compile(op_type: str, kernel: str, dtype: object, constexprs: dict[str, int], num_warps: int,
+                num_stages: int | None = None):
+    """PTX of a plugin kernel for the build GPU (``smlp_export.kernels.aot``), checked scratch-free.
+    ``num_stages``: software-pipelining depth (None: ``compile_ptx``'s default)."""
     from smlp_export.kernels.aot import compile_ptx
 
+    stages = {} if num_stages is None else {"num_stages": num_stages}
     ck = compile_ptx(kernel, _common.trt_dtype_name(dtype), arch=_common.gpu_arch(), constexprs=constexprs,
-                     num_warps=num_warps)
+                     num_warps=num_warps, **stages)
     check_no_scratch(ck, op_type)
     return ck

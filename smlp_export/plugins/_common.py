@@ -53,10 +53,11 @@ def contract(op_type: str) -> PluginContract:
     return CONTRACTS[op_type]
 
 
-def check_signature(fn: Callable, c: PluginContract, trailing: tuple[str, ...] = ()) -> None:
-    """tensorrt.plugin matches parameters by name and order: inputs, then fields, then ``trailing``."""
+def check_signature(fn: Callable, c: PluginContract, trailing: tuple[str, ...] = (), fields: bool = True) -> None:
+    """tensorrt.plugin matches parameters by name and order: inputs, then fields (all of them; none when
+    ``fields`` is False, as the smlp autotune functions take), then ``trailing``."""
     got = tuple(inspect.signature(fn).parameters)
-    want = tuple(c.inputs) + tuple(c.attributes) + trailing
+    want = tuple(c.inputs) + (tuple(c.attributes) if fields else ()) + trailing
     if got != want:
         raise ValueError(f"{c.op_type}: plugin function {fn.__name__} takes {got}, contract needs {want}")
 
@@ -81,11 +82,14 @@ def constant(expr: object, what: str) -> int:
     raise ValueError(f"{what} must be a build-time constant dimension")
 
 
-def _annotate(fn: Callable, trtp, c: PluginContract, aot: bool = False) -> Callable:
+def _annotate(fn: Callable, trtp, c: PluginContract, aot: bool = False, autotune: bool = False) -> Callable:
     """tensorrt.plugin reads the parameter annotations; set them from the contract's field types."""
     ann: dict = {name: trtp.TensorDesc for name in c.inputs}
-    ann.update({name: FIELD_ANNOTATIONS[t] for name, t in c.attributes.items()})
-    if aot:
+    ann.update({name: FIELD_ANNOTATIONS[t] for name, t in c.attributes.items()
+                if name in inspect.signature(fn).parameters})
+    if autotune:  # (inputs, outputs) -> list[AutoTuneCombination]
+        ann.update({"outputs": tuple[trtp.TensorDesc], "return": list[trtp.AutoTuneCombination]})
+    elif aot:
         ann.update({"outputs": tuple[trtp.TensorDesc], "tactic": int})
         ann["return"] = tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymIntExprs]
     else:
@@ -102,20 +106,26 @@ def registered(trtp, c: PluginContract) -> object | None:
         return None
 
 
-def register_aot(trtp, c: PluginContract, desc: Callable, aot: Callable) -> None:
-    """Check both functions against the contract, annotate them, register descriptor + AOT impl.
+def register_aot(trtp, c: PluginContract, desc: Callable, aot: Callable, autotune: Callable | None = None) -> None:
+    """Check the functions against the contract, annotate them, register descriptor + AOT impl (+ the
+    optional ``@autotune`` function: ``(inputs..., outputs) -> list[AutoTuneCombination]``, offering
+    type/format combinations and custom tactics; ``aot`` then gets the tactic TensorRT set).
 
     Idempotent: ``tensorrt.plugin.register`` raises for a name it already holds, so a second call in
     the same process (two engine builds, a re-imported module) keeps the first registration.
     """
     check_signature(desc, c)
     check_signature(aot, c, ("outputs", "tactic"))
+    if autotune is not None:
+        check_signature(autotune, c, ("outputs",), fields=False)
     plugin_def = registered(trtp, c)
     if plugin_def is None:
         trtp.register(c.qualified_name)(decoding(_annotate(desc, trtp, c), c))
         plugin_def = registered(trtp, c)
     if getattr(plugin_def, "aot_impl_func", None) is None:
         trtp.aot_impl(c.qualified_name)(decoding(_annotate(aot, trtp, c, aot=True), c))
+    if autotune is not None and getattr(plugin_def, "autotune_func", None) is None:
+        trtp.autotune(c.qualified_name)(_annotate(autotune, trtp, c, autotune=True))
 
 
 def gpu_arch() -> int:

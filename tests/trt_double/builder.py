@@ -8,12 +8,16 @@
 - :func:`import_plugin`: the creator looked up by (op_type, plugin_version = "1", plugin_namespace
   = ""), plugin created in the BUILD phase with no AOT/JIT preference (no network flag set).
 - :func:`build_plugin`: the builder's calls, in order: output types (fake shapes), output shapes
-  (symbolic), supported format combinations (one must match the network's input types), configure,
-  valid tactics / set tactic (0 when none), launch parameters + extra args, kernel.
+  (symbolic), supported format combinations (the first whose input types are the network's is
+  configured: a strongly typed network, no reformatting inserted), configure, valid tactics, then
+  per tactic (TensorRT's default 0 when none is offered) set tactic, launch parameters + extra args,
+  kernel: the builder's timing pass asks for every tactic's kernel. The double cannot time kernels:
+  ``pick`` stands in for "fastest" (default: the smallest tactic), or ``tactic=`` builds one only.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -70,7 +74,9 @@ class PluginBuild:
     kernel_name: str
     ptx: bytes
     combination: tuple  # (types, formats) of inputs + outputs
-    tactics: list = field(default_factory=list)
+    tactics: list = field(default_factory=list)  # what get_valid_tactics offered for that combination
+    tactic: int = 0  # the tactic this build's kernel / launch parameters are for
+    per_tactic: dict = field(default_factory=dict)  # tactic -> PluginBuild, every tactic the builder tried
 
 
 class _Launch:
@@ -101,8 +107,13 @@ def _dyn_desc(trt, dtype, shape, fmt):
     return d
 
 
-def build_plugin(trt, node: onnx.NodeProto, inputs: list[tuple[object, tuple]]) -> PluginBuild:
-    """``inputs``: (DataType, shape) per plugin input, a shape entry being an int or a runtime-dim name."""
+def build_plugin(trt, node: onnx.NodeProto, inputs: list[tuple[object, tuple]], tactic: int | None = None,
+                 pick: Callable[[list[int]], int] = min) -> PluginBuild:
+    """``inputs``: (DataType, shape) per plugin input, a shape entry being an int or a runtime-dim name.
+
+    ``tactic``: build only that one (ParserError unless the configured combination offers it, or it is
+    0 and none is offered); None: every offered tactic, the returned build being ``pick(tactics)``'s
+    (all of them in ``per_tactic``)."""
     plugin = import_plugin(trt, node)
     if not isinstance(plugin, trt.IPluginV3QuickAOTBuild):
         raise ParserError(f"{node.op_type}: plugin is not an AOT plugin")
@@ -136,7 +147,25 @@ def build_plugin(trt, node: onnx.NodeProto, inputs: list[tuple[object, tuple]]) 
     desc = io(types_, formats)
     plugin.configure_plugin(desc[:nin], desc[nin:])
     tactics = plugin.get_valid_tactics()
-    plugin.set_tactic(tactics[0] if tactics else 0)
+    # AutoTuneCombination: "Each custom tactic must be a positive integer"; 0 is TensorRT's default tactic
+    if any(not isinstance(t, int) or isinstance(t, bool) or t <= 0 for t in tactics):
+        raise ParserError(f"{node.op_type}: custom tactics must be positive integers, got {tactics}")
+    candidates = list(tactics) or [0]
+    if tactic is not None and tactic not in candidates:
+        raise ParserError(f"{node.op_type}: tactic {tactic} not offered for this combination ({candidates})")
+    builds = {t: _build_tactic(trt, node, plugin, t, in_dims, desc, nin, builder, out_types, out_dims,
+                               types_, formats, tactics)
+              for t in ([tactic] if tactic is not None else candidates)}
+    chosen_tactic = tactic if tactic is not None else pick(candidates)
+    res = builds[chosen_tactic]
+    res.per_tactic = builds
+    return res
+
+
+def _build_tactic(trt, node, plugin, tactic, in_dims, desc, nin, builder, out_types, out_dims, types_, formats,
+                  tactics) -> PluginBuild:
+    """One tactic of the timing pass: set it, ask for launch parameters + extra args, then the kernel."""
+    plugin.set_tactic(tactic)
     launch, setter = _Launch(), _SymSetter()
     plugin.get_launch_params(in_dims, desc, nin, launch, setter, builder)
     lp = {}
@@ -154,7 +183,7 @@ def build_plugin(trt, node: onnx.NodeProto, inputs: list[tuple[object, tuple]]) 
     name, ptx = plugin.get_kernel([d.desc for d in desc[:nin]], [d.desc for d in desc[nin:]])
     return PluginBuild(list(out_types), [list(d) for d in out_dims], lp, extra,
                        name.decode() if isinstance(name, bytes) else name, ptx, (tuple(types_), tuple(formats)),
-                       tactics)
+                       list(tactics), tactic)
 
 
 # ----------------------------------------------------------------------------- network / parser / builder

@@ -24,11 +24,28 @@ It reproduces the semantics the smlp plugins depend on, as read in NVIDIA's publ
   ``SymInt32`` (an int put into ``SymIntExprs`` becomes a plain ``SymIntExpr`` and is refused).
 - ``ShapeExpr``: ``is_constant`` property, ``constant_value()`` METHOD, arithmetic through TensorRT's
   expression builder; ``KernelLaunchParams`` wraps every field in ``SymInt32``.
-- Format combinations: without ``@autotune`` (none of the smlp plugins declares one) one combination,
-  the network's input types + the declared output types, all LINEAR, tactic set empty.
+- ``@autotune`` (``_lib.py``, ``_validate.py``, ``_autotune.py``): parameter names exactly (tensors,
+  a subset of the registered attributes in registration order, ``outputs``); annotated tensors /
+  attributes / ``outputs`` checked as for ``aot_impl``; return annotation ``AutoTuneCombination`` or
+  ``list[AutoTuneCombination]`` (optional). ``AutoTuneCombination(io_types, layouts, tactics)``: comma-
+  separated per I/O position (inputs then outputs); ``A|B`` = dependent options (all '|' positions pick
+  the same index; their lengths must agree), ``A*B`` = independent options (cross product), a single
+  option holds for every combination; ``FP32`` / ``FP16`` or any ``trt.DataType`` name (unknown name:
+  AttributeError from ``getattr``), formats by ``trt.TensorFormat`` name; one layout string = every
+  position; ``pos()`` / ``tactics()`` for the index-wise form (``pos`` takes an iterable of indices).
+- Format combinations: ``get_supported_format_combinations`` calls the autotune function (inputs'
+  descriptors with the network's dtypes, shape, format; the autotune attributes' RAW values; the
+  output descriptors), expands every combination, merges duplicates (union of their tactics) and
+  returns them flattened, ``len(I/O)`` descriptors per combination. Without an autotune function, or
+  when it returns an empty list: one combination, the network's input types + the declared output
+  types, all LINEAR, tactic set empty. ``configure_plugin`` records the combination TensorRT picked;
+  ``get_valid_tactics`` returns ITS tactics (an unoffered combination fails an assert), in set order;
+  an empty list means TensorRT's default tactic 0. ``aot_impl`` receives whatever ``set_tactic`` set.
 """
 from __future__ import annotations
 
+import builtins
+import copy
 import inspect
 import types
 import typing
@@ -365,9 +382,104 @@ class Tensor:
     """Runtime tensor of the JIT path (not used by AOT plugins)."""
 
 
+# ---------------------------------------------------------------- autotune combinations
+def _str_to_data_type(name: str):
+    if name == "FP32":
+        return trt.DataType.FLOAT
+    if name == "FP16":
+        return trt.DataType.HALF
+    return getattr(trt.DataType, name)  # an unknown name raises AttributeError (as in TensorRT)
+
+
+def _onesided(variants: list) -> list[list]:
+    """Per-position options -> the list of combinations (types or formats), in TensorRT's order:
+    the dependent ('|') combinations first, then each independent ('*') position's further options."""
+    width = 0
+    for v in variants:
+        opts = v.split("|")
+        if len(opts) > 1:
+            if "*" in v:
+                raise ValueError(f"Type/Format '{v}' contains both '|' and '*'")
+            if width > 1 and width != len(opts):
+                raise ValueError(f"Type/Format combinations {variants} contain illegal dependent lengths")
+        width = builtins.max(width, len(opts))
+    combos = [[None] * len(variants) for _ in range(width)]
+    for j, v in enumerate(variants):
+        opts = v.split("|")
+        if len(opts) == 1:
+            first = v.split("*")[0]
+            for c in combos:
+                c[j] = first
+        else:
+            for k, o in enumerate(opts):
+                combos[k][j] = o
+    for j, v in enumerate(variants):
+        if "*" in v:
+            extra = []
+            for o in v.split("*")[1:]:
+                for c in combos:
+                    n = copy.deepcopy(c)
+                    n[j] = o
+                    extra.append(n)
+            combos.extend(extra)
+    return combos
+
+
+class _TypeFormatCombination:
+    def __init__(self, num: int = 0):
+        self.types, self.layouts, self.tactics = [None] * num, [None] * num, []
+
+    def __hash__(self):
+        return hash((tuple(self.types), tuple(self.layouts)))
+
+    def __eq__(self, other):
+        return (isinstance(other, _TypeFormatCombination) and self.types == other.types
+                and self.layouts == other.layouts)
+
+    def __repr__(self):
+        return f"{{{self.types}, {self.layouts}, tactics={self.tactics}}}"
+
+
 class AutoTuneCombination:
-    def __init__(self, *args, **kwargs):
-        raise NotImplementedError("the smlp plugins declare no autotune; the double does not model it")
+    def __init__(self, io_types: str | None = None, layouts: str | None = None, tactics=None):
+        if io_types is not None:
+            self.io_types = [s.strip() for s in io_types.split(",")]
+            self.layouts = [s.strip() for s in (layouts if layouts is not None else "LINEAR").split(",")]
+            if len(self.layouts) > 1:
+                assert len(self.io_types) == len(self.layouts)
+            if len(self.io_types) > len(self.layouts):
+                assert len(self.layouts) == 1
+                self.layouts = [self.layouts[0]] * len(self.io_types)
+        else:
+            self.io_types, self.layouts = [], []
+        self.combinations = []
+        self._tactics = tactics
+
+    def pos(self, pos, io_types: str, layouts: str = "LINEAR") -> None:
+        top = builtins.max(pos)  # an iterable of indices (a bare int raises TypeError, as in TensorRT)
+        if top >= len(self.io_types):
+            self.io_types.extend([None] * (top + 1 - len(self.io_types)))
+            self.layouts.extend([None] * (top + 1 - len(self.layouts)))
+        for p in pos:
+            if self.io_types[p] is not None:
+                raise ValueError(f"Type(s) for position {p} already specified")
+            if self.layouts[p] is not None:
+                raise ValueError(f"Layout(s) for position {p} already specified")
+            self.io_types[p], self.layouts[p] = io_types, layouts
+
+    def tactics(self, tactics) -> None:
+        self._tactics = tactics
+
+    def _get_combinations(self) -> list:
+        self.combinations = []
+        for t in _onesided(self.io_types):
+            for f in _onesided(self.layouts):
+                c = _TypeFormatCombination(len(self.io_types))
+                c.types = [_str_to_data_type(x) for x in t]
+                c.layouts = [getattr(trt.TensorFormat, x) for x in f]
+                c.tactics = self._tactics
+                self.combinations.append(c)
+        return self.combinations
 
 
 # ---------------------------------------------------------------- registration
@@ -408,6 +520,7 @@ class PluginDef:
         self.input_tensor_names: list[str] = []
         self.input_attrs: dict[str, object] = {}
         self.aot_impl_attr_names: list[str] = []
+        self.autotune_attr_names = None
         self.num_outputs = 0
 
 
@@ -513,7 +626,8 @@ class _TemplatePluginCreator(trt.IPluginCreatorV3Quick):
             if not aot:
                 raise ValueError(f"AOT implementation requested, but not defined for '{desc.plugin_id}'")
             plg = _TemplateAOTPlugin(name, namespace, desc.num_outputs)
-            plg.init(desc.register_func, attrs, desc.aot_impl_attr_names, desc.aot_impl_func)
+            plg.init(desc.register_func, attrs, desc.aot_impl_attr_names, desc.aot_impl_func,
+                     desc.autotune_attr_names, desc.autotune_func)
             return plg
         if aot and jit and qpcr not in (R.PREFER_JIT, R.STRICT_JIT):
             raise ValueError(f"Plugin '{desc.plugin_id}' has both AOT and JIT implementations; set a preference")
@@ -526,11 +640,14 @@ class _TemplateAOTPlugin(trt.IPluginV3, trt.IPluginV3QuickCore, trt.IPluginV3Qui
         self.plugin_name, self.plugin_namespace, self.plugin_version = name, namespace, "1"
         self.num_outputs = num_outputs
         self.kernel_map, self.supported_combs, self.curr_comb = {}, {}, None
-        self._tactic = None
+        self.autotune_combs = []
+        # no _tactic until set_tactic: TensorRT always sets one (0 = default) before launch parameters
 
-    def init(self, register_function, attrs, aot_impl_attr_names, aot_impl_function):
+    def init(self, register_function, attrs, aot_impl_attr_names, aot_impl_function, autotune_attr_names,
+             autotune_function):
         self.register_function, self.attrs = register_function, attrs
         self.aot_impl_attr_names, self.aot_impl_function = aot_impl_attr_names, aot_impl_function
+        self.autotune_attr_names, self.autotune_function = autotune_attr_names, autotune_function
 
     def get_capability_interface(self, kind):
         return self
@@ -577,18 +694,42 @@ class _TemplateAOTPlugin(trt.IPluginV3, trt.IPluginV3QuickCore, trt.IPluginV3Qui
             SymIntExpr._exprBuilder = None
 
     def get_supported_format_combinations(self, in_out, num_inputs):
-        combo = []
-        for j in range(len(in_out)):
-            d = trt.PluginTensorDesc()
-            d.type = self.input_types[j] if j < num_inputs else self.output_descs[j - num_inputs].dtype
-            d.format = trt.TensorFormat.LINEAR
-            combo.append(d)
-        self.supported_combs = {(tuple(d.type for d in combo), tuple(d.format for d in combo)): set()}
-        return combo
+        if self.autotune_function is not None:
+            vals = [self.attrs[k] for k in self.autotune_attr_names]
+            for i, d in enumerate(in_out):
+                desc = self.input_descs[i] if i < num_inputs else self.output_descs[i - num_inputs]
+                desc._immutable = False
+                desc.shape, desc.format, desc.scale = Shape(d.desc.dims), d.desc.format, d.desc.scale
+                desc._immutable = True
+            self.autotune_combs = self.autotune_function(*self.input_descs, *vals, self.output_descs)
+        if len(self.autotune_combs) == 0:
+            combo = []
+            c = _TypeFormatCombination(len(in_out))
+            for j in range(len(in_out)):
+                d = trt.PluginTensorDesc()
+                d.type = self.input_types[j] if j < num_inputs else self.output_descs[j - num_inputs].dtype
+                d.format = trt.TensorFormat.LINEAR
+                c.types[j], c.layouts[j] = d.type, d.format
+                combo.append(d)
+            self.supported_combs[c] = set()
+            return combo
+        flat, self.supported_combs = [], {}
+        for c in [x for atc in self.autotune_combs for x in atc._get_combinations()]:
+            tactics = set(c.tactics) if c.tactics is not None else set()
+            if c in self.supported_combs:
+                self.supported_combs[c].update(tactics)
+                continue
+            self.supported_combs[c] = tactics
+            for t, f in zip(c.types, c.layouts):
+                d = trt.PluginTensorDesc()
+                d.type, d.format = t, f
+                flat.append(d)
+        return flat
 
     def configure_plugin(self, inputs, outputs):
-        self.curr_comb = (tuple(d.desc.type for d in list(inputs) + list(outputs)),
-                          tuple(d.desc.format for d in list(inputs) + list(outputs)))
+        self.curr_comb = _TypeFormatCombination()
+        self.curr_comb.types = [d.desc.type for d in list(inputs) + list(outputs)]
+        self.curr_comb.layouts = [d.desc.format for d in list(inputs) + list(outputs)]
 
     def get_valid_tactics(self):
         tactics = self.supported_combs.get(self.curr_comb)
@@ -731,5 +872,49 @@ def impl(plugin_id: str):
     return deco
 
 
+def _check_param_annotation(d: PluginDef, name: str, a, what: str) -> bool:
+    """True when ``name`` is an annotated attribute (checked against the registration)."""
+    if name == "outputs":
+        if typing.get_origin(a) is not tuple or not all(_is_desc(x, TensorDesc) for x in typing.get_args(a)):
+            raise ValueError(f"'outputs' should be of type Tuple[TensorDesc]. Received {a}.")
+        return False
+    if _is_desc(a, TensorDesc):
+        if name not in d.input_tensor_names:
+            raise ValueError(f"Unexpected tensor '{name}' specified in {what} function")
+        return False
+    if name not in d.input_attrs:
+        raise ValueError(f"Unexpected attribute '{name}' specified in {what} function")
+    if a != d.input_attrs[name]:
+        raise ValueError(f"Attribute '{name}' has a type annotation different from the one at registration")
+    return True
+
+
 def autotune(plugin_id: str):
-    raise NotImplementedError("the smlp plugins declare no autotune; the double does not model it")
+    def deco(fn):
+        if plugin_id not in QDP_REGISTRY:
+            raise ValueError(f"Plugin {plugin_id} is not registered")
+        d = QDP_REGISTRY[plugin_id]
+        sig = inspect.signature(fn)
+        attr_names = []
+        for name, p in sig.parameters.items():
+            if p.annotation is p.empty:
+                if name in d.input_attrs:
+                    attr_names.append(name)
+            elif _check_param_annotation(d, name, p.annotation, "autotune"):
+                attr_names.append(name)
+        want = "(" + ", ".join(d.input_tensor_names + [n for n in d.input_attrs if n in attr_names]
+                               + ["outputs"]) + ")"
+        if f"({', '.join(sig.parameters)})" != want:
+            raise ValueError(f"Specified autotune function signature {sig} is not consistent with {want}")
+        ret = sig.return_annotation
+        if ret is not sig.empty:
+            if typing.get_origin(ret) is list:
+                ok = all(_is_desc(x, AutoTuneCombination) for x in typing.get_args(ret))
+            else:
+                ok = _is_desc(ret, AutoTuneCombination)
+            if not ok:
+                raise ValueError(f"Return argument is of type {ret}. Return types can only be "
+                                 "AutoTuneCombination or List[AutoTuneCombination].")
+        d.autotune_func, d.autotune_attr_names = fn, attr_names
+        return fn
+    return deco
