@@ -10,7 +10,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 import types
 from pathlib import Path
 
@@ -19,10 +18,10 @@ import pytest
 import torch
 
 from smlp_cli.main import main
-from smlp_export import CheckpointError, ConfigError, SMLPConfig, load_checkpoint, preset, save_checkpoint
+from smlp_export import CheckpointError, ConfigError, load_checkpoint, preset, save_checkpoint
 from smlp_export import fsutil
 from smlp_export.checkpoint import TOKENIZER_FILE
-from smlp_export.errors import InputError, SMLPError
+from smlp_export.errors import InputError
 
 from .conftest import micro_model
 
