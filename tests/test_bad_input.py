@@ -260,7 +260,7 @@ def test_resume_with_bad_state_is_one_line(trained, tmp_path, capsys, defect, me
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     code, _, err = run_cli(capsys, "train", "--preset", "micro", *extra, "--corpus", corpus, "--steps", "2",
                            "--batch-size", "2", "--threads", "1", "--resume", "-o", out)
-    line = one_error_line(err.split("\n", 1)[-1] if err.startswith("Using") else err)
+    line = one_error_line(err)
     assert code == 1 and re.search(message, line) and "weights_only=False" not in line, err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing touched
 
