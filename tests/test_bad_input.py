@@ -450,6 +450,13 @@ def test_generate_torch_backend_on_an_export_whose_checkpoint_changed(exported, 
     assert code == 1 and "--backend ort" in one_error_line(err) and "metadata.json" not in err
 
 
+def test_export_given_where_a_checkpoint_is_needed(exported, capsys):
+    code, _, err = run_cli(capsys, "inspect", exported / "out", "--no-heldout")
+    line = one_error_line(err)
+    assert code == 1 and "is an export directory, not a checkpoint" in line and "metadata.json" not in line
+    assert str((exported / "ckpt").resolve()) in line
+
+
 # ---- deploy -------------------------------------------------------------------------------------------
 def test_deploy_check_with_onnxruntime_backend_refused_before_writing(exported, tmp_path, capsys):
     code, _, err = run_cli(capsys, "deploy", exported / "out", "-o", tmp_path / "repo", "--check")
