@@ -210,6 +210,10 @@ def load_checkpoint(
         raise CheckpointError(f"checkpoint {d} does not exist")
     if not d.is_dir():
         raise CheckpointError(f"checkpoint {d} is not a directory (expected config.json + model.safetensors)")
+    from .export.origin import export_hint, is_export_dir
+
+    if is_export_dir(d):  # say so, instead of "missing metadata.json"
+        raise CheckpointError(f"{d} is an export directory, not a checkpoint: {export_hint(d)}")
     meta = _read_json(d / METADATA_FILE)
     if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
         got = meta.get("format_version") if isinstance(meta, dict) else None

@@ -10,7 +10,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 import types
 from pathlib import Path
 
@@ -19,10 +18,10 @@ import pytest
 import torch
 
 from smlp_cli.main import main
-from smlp_export import CheckpointError, ConfigError, SMLPConfig, load_checkpoint, preset, save_checkpoint
+from smlp_export import CheckpointError, ConfigError, load_checkpoint, preset, save_checkpoint
 from smlp_export import fsutil
 from smlp_export.checkpoint import TOKENIZER_FILE
-from smlp_export.errors import InputError, SMLPError
+from smlp_export.errors import InputError
 
 from .conftest import micro_model
 
@@ -261,7 +260,7 @@ def test_resume_with_bad_state_is_one_line(trained, tmp_path, capsys, defect, me
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     code, _, err = run_cli(capsys, "train", "--preset", "micro", *extra, "--corpus", corpus, "--steps", "2",
                            "--batch-size", "2", "--threads", "1", "--resume", "-o", out)
-    line = one_error_line(err.split("\n", 1)[-1] if err.startswith("Using") else err)
+    line = one_error_line(err)
     assert code == 1 and re.search(message, line) and "weights_only=False" not in line, err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing touched
 
@@ -449,6 +448,13 @@ def test_generate_torch_backend_on_an_export_whose_checkpoint_changed(exported, 
     (out / "manifest.json").write_text(json.dumps(man))
     code, text, err = run_cli(capsys, "generate", out, "--prompt", "def ", "--max-new-tokens", "2")
     assert code == 1 and "--backend ort" in one_error_line(err) and "metadata.json" not in err
+
+
+def test_export_given_where_a_checkpoint_is_needed(exported, capsys):
+    code, _, err = run_cli(capsys, "inspect", exported / "out", "--no-heldout")
+    line = one_error_line(err)
+    assert code == 1 and "is an export directory, not a checkpoint" in line and "metadata.json" not in line
+    assert str((exported / "ckpt").resolve()) in line
 
 
 # ---- deploy -------------------------------------------------------------------------------------------

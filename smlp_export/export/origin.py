@@ -42,6 +42,15 @@ def checkpoint_of_export(out: str | os.PathLike) -> tuple[str, str | None]:
     return str(path), entry.get("weights_sha256")
 
 
+def export_hint(out: str | os.PathLike) -> str:
+    """What to pass instead of the export ``out`` where a checkpoint is needed."""
+    try:
+        path = json.loads((Path(out) / MANIFEST_FILE).read_text())["checkpoint"]["path"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+        path = None
+    return f"pass the checkpoint it was made from ({path})" if path else "pass the checkpoint it was made from"
+
+
 def load_checkpoint_of_export(out: str | os.PathLike, *, allow_pickle: bool = False):
     """Load the checkpoint ``out`` was exported from, refusing one whose weights changed since."""
     from ..checkpoint import load_checkpoint
