@@ -12,7 +12,9 @@ the two places where half precision is known to break:
   (the sparse block's input, not a LayerNorm output), so the centroids stay float32 and the
   product runs in float32 (``TokenMoE.forward`` casts ``x`` to the centroids' dtype). The logits
   reach the MoE op rounded to the compute dtype (one element type per node contract); the router
-  output the validator compares is the float32 affinity.
+  output the validator compares is the float32 affinity. The partial spatial router's product
+  and softmax run in float32 too (``ops.spatial_moe.route_channels``; its weights stay in the
+  compute dtype, the op contract having one element type).
 
 Everything else (embedding, projections, experts, spatial weights, the residual adds) runs in the
 compute dtype. ``fp32`` casts everything to float32 (a half checkpoint exported as fp32).

@@ -7,7 +7,7 @@
   ``router.blocks.{i}.tmoe`` [batch, seq, E_t] (token-router logits) and, for partial spatial
   routing, ``router.blocks.{i}.smoe`` [batch, c, E_s] (channel-router probabilities), in block
   order. With ``dtype="fp16"`` / ``"bf16"`` the graph computes in that dtype, except LayerNorms and
-  the token router (float32, ``smlp_export.precision``), and casts its outputs to float32 at the
+  the routers (float32, ``smlp_export.precision``), and casts its outputs to float32 at the
   very end (one Cast per output): callers get one output type for every export, and downstream
   softmax / sampling over 257 logits does not run in half precision.
 
@@ -70,7 +70,7 @@ def _trace(model, target: str, dtype: str, opset: int, names: list[str], ort_moe
     m = copy.deepcopy(model).eval()
     from ..precision import to_compute_dtype
 
-    m = to_compute_dtype(m, dtype)  # fp16/bf16: mixed precision (LayerNorms + token router fp32)
+    m = to_compute_dtype(m, dtype)  # fp16/bf16: mixed precision (LayerNorms + routers fp32)
     wrapped = _Wrapper.make(m, names)
     # T = 2 as the example: T = 1 would let torch specialise size-1 broadcasts.
     ids = torch.zeros(2, min(2, cfg.max_seq_len), dtype=torch.long)
