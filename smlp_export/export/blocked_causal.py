@@ -93,7 +93,14 @@ def block_causal_matmuls(model: onnx.ModelProto, n: int, block: int) -> int:
 
 
 def default_block(n: int) -> int:
-    """The export's block size for max_seq_len ``n`` (0 = dense products); see docs/benchmarks.md."""
+    """The export's block size for max_seq_len ``n``: 0, dense products, for every n.
+
+    Measured (benchmarks/cpu_real_shapes.py, d=1024, n=1024, C=256, ONNX Runtime CPU, 1 thread):
+    blocked is ~10 % faster at T = 1024, what the FLOP count predicts (the spatial products are
+    ~1/4 of a block's multiply-adds there, and C=256 skips 3/8 of them), but 0-7 % slower or equal
+    at T <= 512 (Slice / Concat copies for a saving of <= 3.5 %). With no win below T = n on a
+    machine whose load moves timings by more than that, the default stays dense;
+    ``build_onnx(..., causal_block=C)`` builds the blocked graph."""
     return 0
 
 
