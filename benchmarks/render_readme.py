@@ -201,7 +201,15 @@ def cpu_real_shapes(rep: dict, path: Path, out: Path) -> list[str]:
         lines.append(f"| {r['batch']} | {r['seq']} | {r['gemm_gflops']:.0f} | " + " | ".join(
             f"{r['backends'][n]['p50_ms']:.0f} ({r['backends'][n]['gflops']:.0f}, "
             f"{r['backends'][n]['fraction_of_gemm'] * 100:.0f}%)" for n in names) + " |")
-    return lines + ["", _blocked_line(rep), "", *_goals(rep), *_img(path, out)]
+    e = rep["config"]["model"]["n_token_experts"]
+    notes = ["Notes. Token experts: the FLOPs per token do not depend on E (top-1), but each expert's GEMMs "
+             f"get B*T/E rows; this run used E={e} (the command line says why if it differs from 16: the export "
+             "path before the low-memory work peaks at ~14x the fp32 weights, too much next to other jobs on a "
+             "shared machine). B=8, T=1024 is left out: one eager call is 8192 tokens x ~0.2 GFLOP, ~20 s at one "
+             "thread unloaded and minutes under load. The fractions are ratios measured in the same rounds, "
+             "but the GEMM rate itself swings with the load (compare it with the machine's unloaded rate), so "
+             "read differences under ~10 % as noise."]
+    return lines + ["", _blocked_line(rep), "", *notes, "", *_goals(rep), *_img(path, out)]
 
 
 SECTIONS = {"exported_vs_eager": exported_vs_eager, "experts_scaling": experts_scaling, "moe_layer": moe_layer,

@@ -93,15 +93,15 @@ def block_causal_matmuls(model: onnx.ModelProto, n: int, block: int) -> int:
 
 
 def default_block(n: int) -> int:
-    """The export's block size for max_seq_len ``n``: 0, dense products, for every n.
+    """The export's block size for max_seq_len ``n``: 256 rows for n >= 1024, else 0 (dense).
 
-    Measured (benchmarks/cpu_real_shapes.py, d=1024, n=1024, C=256, ONNX Runtime CPU, 1 thread):
-    blocked is ~10 % faster at T = 1024, what the FLOP count predicts (the spatial products are
-    ~1/4 of a block's multiply-adds there, and C=256 skips 3/8 of them), but 0-7 % slower or equal
-    at T <= 512 (Slice / Concat copies for a saving of <= 3.5 %). With no win below T = n on a
-    machine whose load moves timings by more than that, the default stays dense;
-    ``build_onnx(..., causal_block=C)`` builds the blocked graph."""
-    return 0
+    Measured side by side (benchmarks/cpu_real_shapes.py, d=1024, n=1024, C=256, ONNX Runtime
+    CPU, 1 thread, a heavily loaded 2-core machine): p50 dense / blocked = 1.10x at B=1, T=1024
+    and 1.18x at B=8, T=512, in line with the FLOP count (at T=1024 the spatial products are ~1/4
+    of a block's multiply-adds and C=256 skips 3/8 of them); 0.93-1.02x at T <= 512, B=1, where
+    the saving is <= 3.5 % and at T <= C the executed products are identical (differences there
+    are the machine's noise). Below n = 1024 the triangle is too small to pay for the extra nodes."""
+    return 256 if n >= 1024 else 0
 
 
 __all__ = ["block_causal_matmuls", "default_block"]
