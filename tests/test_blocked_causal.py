@@ -73,3 +73,20 @@ def test_only_causal_operands_are_rewritten() -> None:
 def test_block_at_least_n_changes_nothing() -> None:
     proto = _matmul_graph(np.tril(np.ones((8, 8), np.float32)), trilu=False)
     assert block_causal_matmuls(proto, 8, 8) == 0 and block_causal_matmuls(proto, 8, 0) == 0
+
+
+def test_default_blocks_long_models_only() -> None:
+    """n >= 1024 exports blocked by default (measured faster there, docs/export.md); parity at long T."""
+    model = micro_model(seed=4, max_seq_len=1024)
+    proto = build_onnx(model, target="ort", dtype="fp32", opset=18)
+    blocks = [n for n in proto.graph.node if n.op_type == "MatMul" and ".blk" in n.output[0]]
+    assert len(blocks) == 3 * 4  # 3 spatial products, 1024 / 256 row blocks each
+    sess = _session(proto)
+    for T in (3, 700):
+        ids = torch.randint(0, 257, (1, T), generator=torch.Generator().manual_seed(T))
+        with torch.no_grad():
+            want = model(ids).numpy()
+        got = sess.run(None, {"input_ids": ids.numpy()})[0]
+        assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max(), f"T={T}"
+    short = build_onnx(micro_model(seed=4), target="ort", dtype="fp32", opset=18)  # n = 32
+    assert not any(".blk" in n.output[0] for n in short.graph.node)
