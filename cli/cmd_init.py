@@ -28,18 +28,21 @@ def parse_sets(pairs: tuple[str, ...]) -> dict:
 @click.option("--preset", "preset_name", default="tiny", show_default=True, help="Base architecture (tiny, micro).")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a config field (repeatable).")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Checkpoint directory to create.")
+@click.option("--dtype", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16", "bf16"]),
+              help="dtype of the saved weights (fp16/bf16 load and export as half, never inflated).")
 @seed_option
 @force_option
-def init(preset_name: str, sets: tuple[str, ...], output: str, seed: int, force: bool) -> None:
+def init(preset_name: str, sets: tuple[str, ...], output: str, dtype: str, seed: int, force: bool) -> None:
     """Create a randomly initialised checkpoint (for trying architectures and for tests)."""
     import torch
 
     from smlp_export import SMLPForCausalLM, preset, save_checkpoint
+    from smlp_export.precision import COMPUTE_DTYPES
 
     cfg = preset(preset_name, **parse_sets(sets))
     torch.manual_seed(seed)
     model = SMLPForCausalLM(cfg)
     save_checkpoint(model, output, metadata={"kind": "random-init", "preset": preset_name, "seed": seed},
-                    overwrite=force)
+                    dtype=COMPUTE_DTYPES[dtype], overwrite=force)
     click.echo(f"wrote {output}: {model.num_parameters():,} parameters "
                f"({model.num_active_parameters():,} active per token), sparse blocks {cfg.sparse_layer_ids()}")

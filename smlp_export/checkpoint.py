@@ -192,6 +192,25 @@ def _load_tensors(wpath: Path, cfg: SMLPConfig) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def _model_from_tensors(cfg: SMLPConfig, tensors: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """The model built around the loaded tensors themselves, in the checkpoint's dtype.
+
+    Built on the meta device (nothing allocated, no random init) and then given the tensors
+    (``assign=True``): a fp16/bf16 checkpoint is never inflated to float32. A half checkpoint
+    becomes a mixed-precision model (``smlp_export.precision``: LayerNorms and token-router
+    centroids cast up to float32, < 0.1 % of the weights at d=1024), the form that is exported."""
+    from .model import SMLPForCausalLM
+    from .precision import TORCH_TO_NAME, to_compute_dtype
+
+    with torch.device("meta"):
+        model = SMLPForCausalLM(cfg)
+    model.load_state_dict(tensors, strict=True, assign=True)
+    dtype = next(iter(tensors.values())).dtype
+    if dtype != torch.float32:
+        to_compute_dtype(model, TORCH_TO_NAME[dtype])
+    return model
+
+
 def load_checkpoint(
     path_or_name: str | os.PathLike | None = None, *, allow_pickle: bool = False
 ) -> torch.nn.Module:
@@ -199,10 +218,9 @@ def load_checkpoint(
 
     The returned ``SMLPForCausalLM`` carries ``.tokenizer`` and ``.checkpoint_info``
     (path, metadata, weights sha256). A pickled ``.pt`` file is refused unless ``allow_pickle`` is
-    set, and then read with ``torch.load(weights_only=True)``.
+    set, and then read with ``torch.load(weights_only=True)``. The model's dtype is the
+    checkpoint's (fp16 / bf16 checkpoints load as mixed-precision half models, not inflated).
     """
-    from .model import SMLPForCausalLM
-
     d = resolve(path_or_name)
     if d.is_file() and d.suffix in (".pt", ".pth", ".bin"):
         return _load_pickle(d, allow_pickle)
@@ -232,8 +250,7 @@ def load_checkpoint(
     digest = sha256_file(wpath)
     if meta.get("weights_sha256") not in (None, digest):
         raise CheckpointError(f"{wpath}: sha256 does not match metadata.json (file corrupt or replaced)")
-    model = SMLPForCausalLM(cfg)
-    model.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=True)
+    model = _model_from_tensors(cfg, tensors)
     model.eval()
     model.tokenizer = tok
     model.checkpoint_info = {"path": str(d), "metadata": meta, "weights_sha256": digest}

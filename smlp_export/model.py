@@ -115,13 +115,14 @@ class TokenMoE(nn.Module):
     def forward(self, x: torch.Tensor, routing: dict | None = None, name: str = "") -> torch.Tensor:
         B, T, d = x.shape
         flat = x.reshape(B * T, d)
-        logits = F.linear(flat, self.centroids)  # [N, E]
+        # [N, E]; float32 under mixed precision (centroids kept fp32: smlp_export.precision)
+        logits = F.linear(flat.to(self.centroids.dtype), self.centroids)
         h = self.norm(flat)
         cfg = self.cfg
         if routing is not None:
             routing[name] = logits.reshape(B, T, -1)
         if not self.training:
-            y = torch.ops.smlp.token_moe(h, logits, self.w1, self.b1, self.w2, self.b2,
+            y = torch.ops.smlp.token_moe(h, logits.to(h.dtype), self.w1, self.b1, self.w2, self.b2,
                                          cfg.token_routing, cfg.top_k, cfg.expert_activation)
         elif cfg.token_routing == "base":
             # Base Layers: balanced assignment in training, gate = sigmoid(affinity of the chosen expert).

@@ -41,7 +41,11 @@ def route_channels(z2: torch.Tensor, router_weight: torch.Tensor
     # Pad by p, then keep the first p rows: no branch on T, so torch.export does not bake the
     # T < p (or T >= p) case of the example input into the exported graph.
     v = F.pad(z2, (0, 0, 0, p))[:, :p, :]
-    logits = torch.einsum("bpc,pe->bce", v, router_weight)
+    # [B, c, p] @ [p, E] in at least float32 whatever the model dtype (a router: in bf16 a 1-ulp logit
+    # error moves a sharp softmax by several percent); a MatMul, not einsum: ONNX Einsum has no
+    # bfloat16 type (opset <= 23)
+    dt = torch.promote_types(v.dtype, torch.float32)  # fp16/bf16 -> fp32; fp32/fp64 unchanged
+    logits = torch.matmul(v.transpose(1, 2).to(dt), router_weight.to(dt))
     probs = torch.softmax(logits.float(), dim=-1).to(z2.dtype)
     gate, expert = probs.max(dim=-1)
     return expert, gate, probs

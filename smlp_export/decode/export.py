@@ -54,8 +54,10 @@ def _trace(model, target: str, dtype: str, opset: int) -> onnx.ModelProto:
 
     cfg = model.config
     m = copy.deepcopy(model).eval()
-    tdt = torch.float16 if dtype == "fp16" else torch.float32
-    m = m.to(tdt)
+    from ..precision import COMPUTE_DTYPES, to_compute_dtype
+
+    tdt = COMPUTE_DTYPES[dtype]
+    m = to_compute_dtype(m, dtype)  # same mixed precision as model.onnx
     wrapped = _wrapper(m, dtype)
     names = state_names(m)
     B, S = 2, 2  # not 1: size-1 example dims get specialised
@@ -126,7 +128,7 @@ def decode_manifest(model, *, target: str, dtype: str, opset: int, file: str = "
     """The ``manifest["decode"]`` section: file, I/O names, state names / shapes / dtype, rules."""
     cfg = model.config
     names = state_names(model)
-    state_dtype = "float16" if dtype == "fp16" else "float32"
+    state_dtype = {"fp16": "float16", "bf16": "bfloat16"}.get(dtype, "float32")
     return {
         "file": file,
         "target": target,

@@ -110,7 +110,8 @@ def partial_smoe_step(z2: torch.Tensor, state: torch.Tensor, rows: torch.Tensor,
     B, S, c = z2.shape
     p = router.shape[0]
     new = _update(state, rows, z2)
-    logits = torch.einsum("bpc,pe->bce", new[:, :p, :], router)
+    dt = torch.promote_types(z2.dtype, torch.float32)  # as ops.route_channels: fp32 router product
+    logits = torch.matmul(new[:, :p, :].transpose(1, 2).to(dt), router.to(dt))  # [B, c, E]
     probs = torch.softmax(logits.float(), dim=-1).to(z2.dtype)
     gate, expert = probs.max(dim=-1)  # [B, c]
     w = _masked_rows(weight, rows)  # [E, S, n]

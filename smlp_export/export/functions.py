@@ -178,13 +178,18 @@ def token_moe_function(*, routing: str, k: int, activation_name: str, elem: int,
     keeps the Loop and default-domain ops only (one body for any E, any runtime)."""
     b = _Builder(prefix="tm_")
     hidden, logits, w1, b1, w2, b2 = TOKEN_MOE_NODE.inputs
-    vals, ids = b.op("TopK", logits, b.ints(k), axis=-1, largest=1, sorted=1, n_out=2)  # [N, k]
+    # ONNX TopK has no bfloat16 kernel type (opset <= 23): a bf16 body ranks the logits in
+    # float32 (exact: every bf16 value is a float32) and casts the gates back.
+    ranked = b.op("Cast", logits, to=TensorProto.FLOAT) if elem == TensorProto.BFLOAT16 else logits
+    vals, ids = b.op("TopK", ranked, b.ints(k), axis=-1, largest=1, sorted=1, n_out=2)  # [N, k]
     if routing == "base":  # Base Layers: greedy top-1, gate = sigmoid(affinity)
         gates = b.op("Sigmoid", vals)
     elif routing == "topk":  # softmax over the k largest logits
         gates = b.op("Softmax", vals, axis=-1)
     else:
         raise ValueError(f"unknown routing {routing!r}")
+    if ranked != logits:
+        gates = b.op("CastLike", gates, hidden)
     flat_e = b.op("Reshape", ids, b.ints(-1))  # [M = N k], row r = token r // k, slot r % k
     n_exp = b.dim(w1, 0)
     order, inverse, starts, ends = _sort_by_expert(b, flat_e, n_exp)
@@ -249,10 +254,17 @@ def spatial_moe_partial_function(*, elem: int, opset: int) -> FunctionProto:
     missing = b.op("Sub", p, b.dim(v, 1))
     pads = b.op("Concat", b.ints(0, 0, 0, 0), missing, b.ints(0), axis=0)
     v = b.op("Pad", v, pads)  # [B, p, c]
-    logits = b.op("MatMul", b.op("Transpose", v, perm=[0, 2, 1]), router)  # [B, c, E]
-    # torch computes this softmax in float32 whatever the model dtype; so does the body.
-    probs = b.op("CastLike", b.op("Softmax", b.op("Cast", logits, to=TensorProto.FLOAT), axis=-1), logits)
-    gate, expert = b.op("TopK", probs, b.ints(1), axis=-1, largest=1, sorted=1, n_out=2)  # [B, c, 1]
+    # [B, c, E]; torch computes the router product and its softmax in float32 whatever the model
+    # dtype (route_channels); so does the body.
+    vt = b.op("Cast", b.op("Transpose", v, perm=[0, 2, 1]), to=TensorProto.FLOAT)
+    logits = b.op("MatMul", vt, b.op("Cast", router, to=TensorProto.FLOAT))
+    probs32 = b.op("Softmax", logits, axis=-1)
+    if elem == TensorProto.BFLOAT16:  # TopK has no bfloat16 type: rank the float32 probabilities
+        gate, expert = b.op("TopK", probs32, b.ints(1), axis=-1, largest=1, sorted=1, n_out=2)
+        gate = b.op("CastLike", gate, z2)
+    else:
+        probs = b.op("CastLike", probs32, z2)
+        gate, expert = b.op("TopK", probs, b.ints(1), axis=-1, largest=1, sorted=1, n_out=2)  # [B, c, 1]
     cols = b.op("Reshape", b.op("Transpose", z2, perm=[0, 2, 1]), b.op("Concat", b.ints(-1), t, axis=0))  # [B c, T]
     flat_e = b.op("Reshape", expert, b.ints(-1))
     n_exp = b.dim(weight, 0)
@@ -290,7 +302,7 @@ def functions_for(cfg, *, elem: int, opset: int, op_types: set[str], unroll: boo
 
 
 def onnx_elem_type(dtype: str) -> int:
-    return {"fp32": TensorProto.FLOAT, "fp16": TensorProto.FLOAT16}[dtype]
+    return {"fp32": TensorProto.FLOAT, "fp16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16}[dtype]
 
 
 __all__ = ["TOKEN_MOE_NODE", "functions_for", "token_moe_function", "spatial_moe_function", "spatial_moe_partial_function",

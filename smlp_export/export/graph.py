@@ -6,9 +6,10 @@
 - output ``logits`` float32 [batch, seq, vocab] and the router outputs the validator compares:
   ``router.blocks.{i}.tmoe`` [batch, seq, E_t] (token-router logits) and, for partial spatial
   routing, ``router.blocks.{i}.smoe`` [batch, c, E_s] (channel-router probabilities), in block
-  order. With ``dtype="fp16"`` the graph computes in float16 and casts its outputs to float32 at
-  the very end (one Cast per output): callers get one output type for every export, and
-  downstream softmax / sampling over 257 logits does not run in half precision.
+  order. With ``dtype="fp16"`` / ``"bf16"`` the graph computes in that dtype, except LayerNorms and
+  the routers (float32, ``smlp_export.precision``), and casts its outputs to float32 at the
+  very end (one Cast per output): callers get one output type for every export, and downstream
+  softmax / sampling over 257 logits does not run in half precision.
 
 The graph is made deterministic (node metadata with stack traces stripped, symbolic dims renamed
 to ``batch`` / ``seq``), so the same checkpoint and options give byte-identical files.
@@ -67,8 +68,9 @@ def _trace(model, target: str, dtype: str, opset: int, names: list[str], ort_moe
 
     cfg = model.config
     m = copy.deepcopy(model).eval()
-    if dtype == "fp16":
-        m = m.half()
+    from ..precision import to_compute_dtype
+
+    m = to_compute_dtype(m, dtype)  # fp16/bf16: mixed precision (LayerNorms + routers fp32)
     wrapped = _Wrapper.make(m, names)
     # T = 2 as the example: T = 1 would let torch specialise size-1 broadcasts.
     ids = torch.zeros(2, min(2, cfg.max_seq_len), dtype=torch.long)
@@ -195,11 +197,13 @@ def _auto_token_moe(model: onnx.ModelProto, elem: int, max_tokens: int = AUTO_FU
 
 
 def build_onnx(model, *, target: str, dtype: str, opset: int, ir_version: int = 10,
-               ort_moe: str = "fused") -> onnx.ModelProto:
+               ort_moe: str = "fused", causal_block: int | None = None) -> onnx.ModelProto:
     """The finished, checked-ready ONNX model of ``model`` (an SMLPForCausalLM in eval mode).
 
     ``ort_moe`` (ort target): "fused" com.microsoft.MoE, "loop" (the portable formulation) or
-    "auto" (an If per layer: fused for at most ``AUTO_FUSED_MAX_TOKENS`` tokens, else loop)."""
+    "auto" (an If per layer: fused for at most ``AUTO_FUSED_MAX_TOKENS`` tokens, else loop).
+    ``causal_block`` (ort / portable): rows per block of the blocked-causal spatial products
+    (``blocked_causal.py``); 0 = dense products, None = ``default_block(max_seq_len)``."""
     names = [n for n, _ in routing_layout(model)]
     proto = _trace(model, target, dtype, opset, names, ort_moe)
     if target == "ort" and ort_moe == "auto":
@@ -219,6 +223,11 @@ def build_onnx(model, *, target: str, dtype: str, opset: int, ir_version: int = 
         from .optimize import optimize_ort
 
         optimize_ort(proto)  # exact rewrites: pre-masked weights, fused GELU, split weights
+    if target in ("ort", "portable"):
+        from .blocked_causal import block_causal_matmuls, default_block
+
+        n = model.config.max_seq_len
+        block_causal_matmuls(proto, n, default_block(n) if causal_block is None else causal_block)
     _drop_unused_opsets(proto)
     _clean(proto)
     _rename_dims(proto)

@@ -49,6 +49,9 @@ def check_options(target: str, dtype: str, opset: int, ort_moe: str = "auto") ->
         raise ExportError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
     if dtype not in DTYPES:
         raise ExportError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if dtype == "bf16" and target == "ort" and ort_moe == "fused":
+        raise ExportError("--ort-moe fused cannot be used with --dtype bf16: ONNX Runtime's "
+                          "com.microsoft.MoE has no bfloat16 CPU kernel (use loop or auto)")
     if opset < MIN_OPSET:
         raise ExportError(f"opset {opset} is too old: the export needs opset >= {MIN_OPSET} "
                           "(LayerNormalization, Reduce*/Split with axes inputs)")
@@ -157,7 +160,10 @@ def _validate(tmp: Path, checkpoint: Any, quick: bool) -> tuple[str, bool]:
     except ImportError:
         # Only while the validator is being developed: the summary says "skipped", never "passed".
         return "skipped (smlp_export.validate not available)", True
-    report = run_validation(tmp, "ort", checkpoint=checkpoint, quick=quick)
+    from ..precision import validation_backend
+
+    manifest = json.loads((tmp / MANIFEST_FILE).read_text())
+    report = run_validation(tmp, validation_backend(manifest["dtype"]), checkpoint=checkpoint, quick=quick)
     return ("passed" if report.passed else "failed"), bool(report.passed)
 
 
@@ -196,6 +202,8 @@ def export_model(
     from .graph import build_onnx, node_counts
 
     check_options(target, dtype, opset, ort_moe)
+    if dtype == "bf16" and ort_moe == "auto":
+        ort_moe = "loop"  # com.microsoft.MoE has no bfloat16 CPU kernel (precision.py)
     out = Path(out)
     if out.exists() and not force:
         raise ExportError(f"{out} already exists (use --force to replace it)")

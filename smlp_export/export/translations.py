@@ -26,7 +26,7 @@ from . import contract
 from .functions import TOKEN_MOE_NODE
 
 TARGETS = ("ort", "tensorrt", "portable")
-DTYPES = ("fp32", "fp16")
+DTYPES = ("fp32", "fp16", "bf16")
 MIN_OPSET = 18  # LayerNormalization (17) and Reduce*/Split with axes as inputs (18)
 MSFT_DOMAIN = "com.microsoft"
 # model expert activation -> com.microsoft.MoE activation_type (ORT's "gelu" is tanh-approximated)

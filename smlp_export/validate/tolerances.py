@@ -48,6 +48,11 @@ TOLERANCES: dict[str, Tolerance] = {
     # through a fifth of all decisions as "ties". Top-1 may move on near-ties (99.5 % required).
     "fp16": Tolerance("fp16", float(np.finfo(np.float16).eps), 16 * float(np.finfo(np.float16).eps),
                       0.995, 5e-3, 4.0),
+    # bf16: eps 2^-7 (8 mantissa bits, fp32's exponent range). Same derivation in ulps as fp16:
+    # the error bound is 16 ulps of the scale (1.25e-1) and the tie noise 4 ulps (3.1e-2); the
+    # default model measures ~1.2 ulps (logits) per case (docs/validation.md). The perplexity
+    # bound scales with eps like the errors do: fp16's 5e-3 times eps_bf16 / eps_fp16 = 8 -> 4e-2.
+    "bf16": Tolerance("bf16", 2.0 ** -7, 16 * 2.0 ** -7, 0.995, 4e-2, 4.0),
 }
 
 
