@@ -1,7 +1,15 @@
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# Triton reads TRITON_INTERPRET when a kernel module is imported (at collection, by whichever test
+# file imports it first): without a GPU the interpreter is the only way to run the kernels, so set
+# it here, before any test module, not only in the kernel test files.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from smlp_export import SMLPConfig, SMLPForCausalLM, preset
 
