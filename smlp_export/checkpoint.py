@@ -216,8 +216,9 @@ def load_checkpoint(
     digest = sha256_file(wpath)
     if meta.get("weights_sha256") not in (None, digest):
         raise CheckpointError(f"{wpath}: sha256 does not match metadata.json (file corrupt or replaced)")
-    model = SMLPForCausalLM(cfg)
-    model.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=True)
+    with torch.device("meta"):  # no random init to overwrite: the model holds the loaded tensors (1x)
+        model = SMLPForCausalLM(cfg)
+    model.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=True, assign=True)
     model.eval()
     model.tokenizer = tok
     model.checkpoint_info = {"path": str(d), "metadata": meta, "weights_sha256": digest}
