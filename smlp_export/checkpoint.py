@@ -208,6 +208,9 @@ def load_checkpoint(
         raise CheckpointError(f"{d / METADATA_FILE}: unknown checkpoint format_version {got!r} "
                               f"(this version reads {FORMAT_VERSION})")
     cfg = read_config(d)
+    from .memory import require
+
+    require(cfg, "load", checkpoint_dtype=str(meta.get("dtype", "float32")), what=f"loading {d}")
     tok = ByteTokenizer.from_dict(_read_json(d / TOKENIZER_FILE))
     if tok.vocab_size != cfg.vocab_size:
         raise CheckpointError(f"{d / TOKENIZER_FILE}: vocab_size {tok.vocab_size} != config vocab_size {cfg.vocab_size}")

@@ -61,9 +61,10 @@ def _trace(model, target: str, dtype: str, opset: int) -> onnx.ModelProto:
     wrapped = _wrapper(m, dtype)
     names = state_names(m)
     B, S = 2, 2  # not 1: size-1 example dims get specialised
-    ids = torch.zeros(B, S, dtype=torch.long)
-    pos = torch.tensor(0, dtype=torch.long)
-    states = tuple(torch.zeros(B, cfg.max_seq_len, cfg.spatial_channels, dtype=tdt) for _ in names)
+    meta = torch.device("meta")  # example inputs on the twin's device (only shapes are traced)
+    ids = torch.zeros(B, S, dtype=torch.long, device=meta)
+    pos = torch.tensor(0, dtype=torch.long, device=meta)
+    states = tuple(torch.zeros(B, cfg.max_seq_len, cfg.spatial_channels, dtype=tdt, device=meta) for _ in names)
     batch, new = torch.export.Dim("batch", min=1), torch.export.Dim.DYNAMIC
     dyn = ({0: batch, 1: new}, None, tuple({0: batch} for _ in names))  # *states is one varargs entry
     from ..export.graph import dynamo_export

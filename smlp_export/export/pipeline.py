@@ -220,7 +220,8 @@ def export_model(
         from .weights import open_checkpoint
 
         # the weights stay in the checkpoint file until save writes them (weights.py)
-        model = open_checkpoint(checkpoint, allow_pickle=allow_pickle)
+        model = open_checkpoint(checkpoint, allow_pickle=allow_pickle, dtype=dtype,
+                                memory_op="export+validate" if validate else "export")
         in_memory = False
     from .weights import source_for
 

@@ -435,12 +435,15 @@ def finish_placeholders(proto: onnx.ModelProto, recipes: dict[str, Recipe]) -> N
 _ST_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 
-def open_checkpoint(path_or_name: Any = None, *, allow_pickle: bool = False):
+def open_checkpoint(path_or_name: Any = None, *, allow_pickle: bool = False, memory_op: str = "export",
+                    dtype: str = "fp32"):
     """A checkpoint as a meta-device ``SMLPForCausalLM`` whose ``weight_source`` reads its
     safetensors file on demand: every check ``load_checkpoint`` makes before building the model
     (format, config, tokenizer, tensor names / shapes / dtypes, sha256), no weight in memory.
     Non-finite values are caught when each tensor is read (``compute``). A pickled checkpoint is
-    loaded whole (``load_checkpoint``) and exported from its state dict."""
+    loaded whole (``load_checkpoint``) and exported from its state dict. Before any module is
+    built, ``memory.require(cfg, memory_op, dtype=dtype)`` refuses a model this machine cannot
+    export (``memory_op``: "export" or "export+validate")."""
     from ..checkpoint import (FORMAT_VERSION, METADATA_FILE, TOKENIZER_FILE, WEIGHTS_FILE, _expected_state,
                               _read_json, load_checkpoint, read_config, resolve, sha256_file)
     from ..errors import CheckpointError
@@ -459,6 +462,10 @@ def open_checkpoint(path_or_name: Any = None, *, allow_pickle: bool = False):
         raise CheckpointError(f"{d / METADATA_FILE}: unknown checkpoint format_version {got!r} "
                               f"(this version reads {FORMAT_VERSION})")
     cfg = read_config(d)
+    from ..memory import require
+
+    require(cfg, memory_op, dtype=dtype, checkpoint_dtype=str(meta.get("dtype", "float32")),
+            what=f"exporting {d}")
     tok = ByteTokenizer.from_dict(_read_json(d / TOKENIZER_FILE))
     if tok.vocab_size != cfg.vocab_size:
         raise CheckpointError(f"{d / TOKENIZER_FILE}: vocab_size {tok.vocab_size} != config vocab_size {cfg.vocab_size}")
