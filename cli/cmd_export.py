@@ -42,7 +42,7 @@ def export(checkpoint, allow_pickle, output, target, dtype, opset, validate, qui
     from smlp_export.export.pipeline import check_options, export_model
 
     check_options(target, dtype, opset, ort_moe)  # fail before the progress bar appears
-    stages = ["load", "trace + translate", "check", "save"] + (["decode graph"] if decode else []) \
+    stages = ["load", "trace + translate", "save", "check"] + (["decode graph"] if decode else []) \
         + (["validate"] if validate else []) + ["publish"]
     bar = tqdm(total=len(stages), desc="export", unit="stage", leave=False, disable=None)
 

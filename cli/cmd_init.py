@@ -25,7 +25,7 @@ def parse_sets(pairs: tuple[str, ...]) -> dict:
 
 
 @click.command("init")
-@click.option("--preset", "preset_name", default="tiny", show_default=True, help="Base architecture (tiny, micro).")
+@click.option("--preset", "preset_name", default="tiny", show_default=True, help="Base architecture: tiny, micro, small, 100m, 350m, 1.5b, 3.5b, 9.4b (docs/model.md).")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a config field (repeatable).")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Checkpoint directory to create.")
 @click.option("--dtype", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16", "bf16"]),
@@ -38,8 +38,10 @@ def init(preset_name: str, sets: tuple[str, ...], output: str, dtype: str, seed:
 
     from smlp_export import SMLPForCausalLM, preset, save_checkpoint
     from smlp_export.precision import COMPUTE_DTYPES
+    from smlp_export.memory import require
 
     cfg = preset(preset_name, **parse_sets(sets))
+    require(cfg, "init", what="smlp init")  # before allocating: a clear error, not an OOM kill
     torch.manual_seed(seed)
     model = SMLPForCausalLM(cfg)
     save_checkpoint(model, output, metadata={"kind": "random-init", "preset": preset_name, "seed": seed},

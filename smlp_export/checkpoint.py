@@ -238,6 +238,9 @@ def load_checkpoint(
         raise CheckpointError(f"{d / METADATA_FILE}: unknown checkpoint format_version {got!r} "
                               f"(this version reads {FORMAT_VERSION})")
     cfg = read_config(d)
+    from .memory import require
+
+    require(cfg, "load", checkpoint_dtype=str(meta.get("dtype", "float32")), what=f"loading {d}")
     tpath = tokenizer_path(d)
     tok = _read_tokenizer(tpath)
     if tok.vocab_size != cfg.vocab_size:

@@ -178,6 +178,23 @@ PRESETS: dict[str, dict[str, Any]] = {
     # For tests: seconds to build and run.
     "micro": dict(d_model=32, n_layers=3, n_sparse=2, max_seq_len=32, d_ffn=64,
                   n_token_experts=4, d_expert=64, n_spatial_experts=4),
+    # n = 1024 shapes by size (docs/model.md, "Presets", says which values are the paper's).
+    # small: ~221 M parameters (~80 M active per token), what a 2-core CPU can benchmark.
+    "small": dict(d_model=768, n_layers=12, n_sparse=2, max_seq_len=1024, d_ffn=3072,
+                  n_token_experts=16, d_expert=3072, n_spatial_experts=8),
+    # Export-scaling benchmark shapes (benchmarks/export_scaling.py): ~108 M, ~372 M, ~1.51 B.
+    "100m": dict(d_model=768, n_layers=8, n_sparse=2, max_seq_len=1024, d_ffn=3072,
+                 n_token_experts=6, d_expert=3072, n_spatial_experts=8),
+    "350m": dict(d_model=1024, n_layers=12, n_sparse=2, max_seq_len=1024, d_ffn=4096,
+                 n_token_experts=16, d_expert=4096, n_spatial_experts=8),
+    "1.5b": dict(d_model=1024, n_layers=12, n_sparse=2, max_seq_len=1024, d_ffn=4096,
+                 n_token_experts=84, d_expert=4096, n_spatial_experts=8),
+    # The paper's scales (~3.5 B and ~9.4 B parameters; d = 1024 / n = 1024 / 64 experts from
+    # the paper, layers, sparse blocks, widths and spatial experts ours): 3.50 B and 9.30 B.
+    "3.5b": dict(d_model=1024, n_layers=24, n_sparse=6, max_seq_len=1024, d_ffn=4096,
+                 n_token_experts=64, d_expert=4096, n_spatial_experts=16),
+    "9.4b": dict(d_model=2048, n_layers=24, n_sparse=4, max_seq_len=1024, d_ffn=8192,
+                 n_token_experts=64, d_expert=8192, n_spatial_experts=16),
 }
 
 

@@ -16,8 +16,8 @@ every target. No range check lives in the graph: the runtime checks position / s
 """
 from __future__ import annotations
 
-import copy
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -52,8 +52,11 @@ def _trace(model, target: str, dtype: str, opset: int) -> onnx.ModelProto:
 
     from ..export.translations import translation_table
 
+    from ..export.weights import meta_twin, source_for
+
     cfg = model.config
-    m = copy.deepcopy(model).eval()
+    source = source_for(model)
+    m = meta_twin(model)  # traced without data (export/weights.py)
     from ..precision import COMPUTE_DTYPES, to_compute_dtype
 
     tdt = COMPUTE_DTYPES[dtype]
@@ -61,9 +64,10 @@ def _trace(model, target: str, dtype: str, opset: int) -> onnx.ModelProto:
     wrapped = _wrapper(m, dtype)
     names = state_names(m)
     B, S = 2, 2  # not 1: size-1 example dims get specialised
-    ids = torch.zeros(B, S, dtype=torch.long)
-    pos = torch.tensor(0, dtype=torch.long)
-    states = tuple(torch.zeros(B, cfg.max_seq_len, cfg.spatial_channels, dtype=tdt) for _ in names)
+    meta = torch.device("meta")  # example inputs on the twin's device (only shapes are traced)
+    ids = torch.zeros(B, S, dtype=torch.long, device=meta)
+    pos = torch.tensor(0, dtype=torch.long, device=meta)
+    states = tuple(torch.zeros(B, cfg.max_seq_len, cfg.spatial_channels, dtype=tdt, device=meta) for _ in names)
     batch, new = torch.export.Dim("batch", min=1), torch.export.Dim.DYNAMIC
     dyn = ({0: batch, 1: new}, None, tuple({0: batch} for _ in names))  # *states is one varargs entry
     from ..export.graph import dynamo_export
@@ -71,7 +75,7 @@ def _trace(model, target: str, dtype: str, opset: int) -> onnx.ModelProto:
     return dynamo_export(wrapped, (ids, pos, *states), dyn, opset=opset,
                          table=translation_table(target, dtype, opset),
                          input_names=[INPUT_IDS, POSITION, *names],
-                         output_names=[LOGITS, *[OUT_PREFIX + n for n in names]])
+                         output_names=[LOGITS, *[OUT_PREFIX + n for n in names]], source=source)
 
 
 def _finish(proto: onnx.ModelProto, model, target: str, dtype: str, opset: int, ir_version: int) -> onnx.ModelProto:
@@ -111,16 +115,22 @@ def _finish(proto: onnx.ModelProto, model, target: str, dtype: str, opset: int, 
 
 
 def build_decode_onnx(model, *, target: str = "ort", dtype: str = "fp32", opset: int = 18,
-                      ir_version: int = 10) -> onnx.ModelProto:
-    """The checked decode graph of ``model`` (SMLPForCausalLM) for one export target."""
+                      ir_version: int = 10, lazy: bool = False) -> onnx.ModelProto:
+    """The checked decode graph of ``model`` (SMLPForCausalLM) for one export target.
+
+    ``lazy``: large initializers stay placeholders for ``weights.write_model`` (then unchecked:
+    check the written file)."""
     from ..export.translations import DTYPES, TARGETS
+    from ..export.weights import materialize, source_for
 
     if target not in TARGETS:
         raise ValueError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     proto = _finish(_trace(model, target, dtype, opset), model, target, dtype, opset, ir_version)
-    onnx.checker.check_model(proto)
+    if not lazy:
+        materialize(proto, source_for(model))
+        onnx.checker.check_model(proto)
     return proto
 
 
@@ -152,16 +162,25 @@ def export_decode_graph(model, path: Path, *, target: str = "ort", dtype: str = 
     """Write ``decode.onnx`` to ``path`` (atomically: temp file + rename) and return its manifest
     section (store it as ``manifest["decode"]``). ``model``: an SMLPForCausalLM (any mode; a copy
     is put in eval mode)."""
+    from ..export.weights import lazy_bytes, source_for, write_model
+
     path = Path(path)
-    proto = build_decode_onnx(model, target=target, dtype=dtype, opset=opset)
+    proto = build_decode_onnx(model, target=target, dtype=dtype, opset=opset, lazy=True)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".decode-", suffix=".onnx", dir=path.parent)
-    os.close(fd)
+    tmpdir = Path(tempfile.mkdtemp(prefix=".decode-", dir=path.parent))
     try:
-        onnx.save(proto, tmp)
-        set_default_mode(tmp)  # mkstemp's 0600 would hide it from a server running as another user
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return decode_manifest(model, target=target, dtype=dtype, opset=opset, file=path.name)
+        # large weights go to <name>.data beside it, one tensor at a time (export/weights.py);
+        # the threshold is the one model.onnx uses
+        from ..export.pipeline import EXTERNAL_DATA_THRESHOLD
+
+        big = lazy_bytes(proto) > EXTERNAL_DATA_THRESHOLD
+        names = write_model(proto, tmpdir / path.name, source_for(model), external=big)
+        onnx.checker.check_model(str(tmpdir / path.name))
+        for n in reversed(names):  # the .onnx last: a decode.onnx that exists is complete
+            os.replace(tmpdir / n, path.parent / n)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    section = decode_manifest(model, target=target, dtype=dtype, opset=opset, file=path.name)
+    if len(names) > 1:
+        section["data_file"] = names[1]
+    return section

@@ -17,7 +17,6 @@ to ``batch`` / ``seq``), so the same checkpoint and options give byte-identical 
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
 import logging
 from typing import Any
@@ -66,8 +65,11 @@ def _trace(model, target: str, dtype: str, opset: int, names: list[str], ort_moe
     """torch.export with dynamic batch/seq, then the dynamo ONNX exporter with our translations."""
     import torch
 
+    from .weights import meta_twin, source_for
+
     cfg = model.config
-    m = copy.deepcopy(model).eval()
+    source = source_for(model)
+    m = meta_twin(model)  # traced without data; weights come from `source` (weights.py)
     from ..precision import to_compute_dtype
 
     m = to_compute_dtype(m, dtype)  # fp16/bf16: mixed precision (LayerNorms + routers fp32)
@@ -79,13 +81,19 @@ def _trace(model, target: str, dtype: str, opset: int, names: list[str], ort_moe
     dyn = {0: torch.export.Dim.DYNAMIC, 1: torch.export.Dim.DYNAMIC}
     return dynamo_export(wrapped, (ids,), (dyn,), opset=opset,
                          table=translation_table(target, dtype, opset, ort_moe=ort_moe),
-                         input_names=["input_ids"], output_names=["logits", *[f"router.{n}" for n in names]])
+                         input_names=["input_ids"], output_names=["logits", *[f"router.{n}" for n in names]],
+                         source=source)
 
 
 def dynamo_export(module, args: tuple, dynamic_shapes: Any, *, opset: int, table: dict,
-                  input_names: list[str], output_names: list[str]) -> onnx.ModelProto:
+                  input_names: list[str], output_names: list[str], source=None) -> onnx.ModelProto:
     """torch.export + torch.onnx.export(dynamo=True) with the smlp translation table, with the
-    exporter's progress chatter silenced (shared by model.onnx and decode.onnx)."""
+    exporter's progress chatter silenced (shared by model.onnx and decode.onnx).
+
+    ``source`` (a ``weights.WeightSource``): ``module`` holds meta tensors, traced without data;
+    small initializers are read from ``source`` and large ones stay placeholders (``weights.py``),
+    with the exporter's optimisation (constant folding, fusions) run here so that it never reads
+    a placeholder."""
     import torch
 
     quiet = io.StringIO()
@@ -96,12 +104,32 @@ def dynamo_export(module, args: tuple, dynamic_shapes: Any, *, opset: int, table
         with torch.no_grad(), contextlib.redirect_stdout(quiet):
             ep = torch.export.export(module, args, dynamic_shapes=dynamic_shapes, strict=False)
             program = torch.onnx.export(
-                ep, args, dynamo=True, opset_version=opset, optimize=True, verbose=False,
+                ep, args, dynamo=True, opset_version=opset, optimize=source is None, verbose=False,
                 custom_translation_table=table, input_names=input_names, output_names=output_names,
             )
+            if source is not None:
+                return _optimize_lazy(program.model, source)
     finally:
         logger.setLevel(level)
     return program.model_proto
+
+
+def _optimize_lazy(model, source) -> onnx.ModelProto:
+    """What ``torch.onnx.export(optimize=True)`` runs (onnxscript's optimizer, then its ONNX
+    fusions), after giving the meta-traced graph its weights, folding nothing that reads a
+    placeholder."""
+    import onnx_ir as ir
+    import onnxscript.optimizer
+    import onnxscript.rewriter.onnx_fusions
+
+    from . import weights
+
+    recipes = weights.lazify_ir(model, source)
+    onnxscript.optimizer.optimize_ir(model, should_fold=weights.should_fold(recipes))
+    onnxscript.rewriter.onnx_fusions.fuse(model)
+    proto = ir.serde.serialize_model(model)
+    weights.finish_placeholders(proto, recipes)
+    return proto
 
 
 def _all_graphs(g: onnx.GraphProto):
@@ -197,13 +225,15 @@ def _auto_token_moe(model: onnx.ModelProto, elem: int, max_tokens: int = AUTO_FU
 
 
 def build_onnx(model, *, target: str, dtype: str, opset: int, ir_version: int = 10,
-               ort_moe: str = "fused", causal_block: int | None = None) -> onnx.ModelProto:
+               ort_moe: str = "fused", causal_block: int | None = None, lazy: bool = False) -> onnx.ModelProto:
     """The finished, checked-ready ONNX model of ``model`` (an SMLPForCausalLM in eval mode).
 
     ``ort_moe`` (ort target): "fused" com.microsoft.MoE, "loop" (the portable formulation) or
     "auto" (an If per layer: fused for at most ``AUTO_FUSED_MAX_TOKENS`` tokens, else loop).
     ``causal_block`` (ort / portable): rows per block of the blocked-causal spatial products
-    (``blocked_causal.py``); 0 = dense products, None = ``default_block(max_seq_len)``."""
+    (``blocked_causal.py``); 0 = dense products, None = ``default_block(max_seq_len)``.
+    ``lazy``: large initializers stay placeholders (``weights.py``) for ``weights.write_model``
+    to fill from ``weights.source_for(model)`` one at a time; else they hold their data."""
     names = [n for n, _ in routing_layout(model)]
     proto = _trace(model, target, dtype, opset, names, ort_moe)
     if target == "ort" and ort_moe == "auto":
@@ -232,6 +262,10 @@ def build_onnx(model, *, target: str, dtype: str, opset: int, ir_version: int = 
     _clean(proto)
     _rename_dims(proto)
     proto.ir_version = ir_version  # ONNX Runtime 1.31 refuses IR > 13
+    if not lazy:
+        from .weights import materialize, source_for
+
+        materialize(proto, source_for(model))
     return proto
 
 

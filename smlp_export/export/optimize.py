@@ -26,6 +26,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from .weights import derive, is_lazy
+
 MSFT_DOMAIN = "com.microsoft"
 
 
@@ -46,7 +48,8 @@ class _Graph:
 
     def const(self, name: str) -> np.ndarray | None:
         if name in self.init:
-            return numpy_helper.to_array(self.init[name])
+            # a placeholder weight (weights.py) has no data yet: never a known constant
+            return None if is_lazy(self.init[name]) else numpy_helper.to_array(self.init[name])
         p = self.producer.get(name)
         if p is not None and p.op_type == "Constant" and p.domain in ("", "ai.onnx"):
             for a in p.attribute:
@@ -127,10 +130,9 @@ def _premask_trilu(g: _Graph, new_init: list[onnx.TensorProto]) -> tuple[set[str
             x = s.input[0]
         if not chain or x not in g.init:
             continue
-        w = numpy_helper.to_array(g.init[x])
-        if w.ndim < 2:
+        if len(g.init[x].dims) < 2:
             continue
-        masked = numpy_helper.from_array(np.tril(w), f"{x}.tril")
+        masked = derive(g.init[x], f"{x}.tril", "tril")
         if masked.name not in {t.name for t in new_init}:
             new_init.append(masked)
         first = chain[-1]
@@ -206,15 +208,15 @@ def _split_weights(g: _Graph, new_init: list[onnx.TensorProto]) -> tuple[set[str
         b_name, mm = _other(add, mm_out), g.producer[mm_out]
         if b_name not in g.init or mm.input[1] not in g.init:
             continue
-        w, b = numpy_helper.to_array(g.init[mm.input[1]]), numpy_helper.to_array(g.init[b_name])
-        out = w.shape[-1]
-        if w.ndim != 2 or b.shape != (out,) or out % 2 or _attr(n, "axis", 0) not in (-1, 2):
+        w, b = g.init[mm.input[1]], g.init[b_name]  # dims only: either may be a placeholder
+        out = w.dims[-1] if w.dims else 0
+        if len(w.dims) != 2 or list(b.dims) != [out] or out % 2 or _attr(n, "axis", 0) not in (-1, 2):
             continue
         h = out // 2
         nodes = []
         for i, z in enumerate(n.output):
-            wi = numpy_helper.from_array(np.ascontiguousarray(w[:, i * h:(i + 1) * h]), f"{mm.input[1]}.part{i}")
-            bi = numpy_helper.from_array(np.ascontiguousarray(b[i * h:(i + 1) * h]), f"{b_name}.part{i}")
+            wi = derive(w, f"{mm.input[1]}.part{i}", "slice", 1, i * h, (i + 1) * h)
+            bi = derive(b, f"{b_name}.part{i}", "slice", 0, i * h, (i + 1) * h)
             # the exporter shares identical initializers between blocks: add each split once
             new_init += [t for t in (wi, bi) if t.name not in {u.name for u in new_init}]
             nodes += [helper.make_node("MatMul", [mm.input[0], wi.name], [f"{z}.mm"]),

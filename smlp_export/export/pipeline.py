@@ -27,7 +27,9 @@ MANIFEST_FILE = "manifest.json"
 PARITY_FILE = "parity.json"
 DECODE_FILE = "decode.onnx"
 IR_VERSION = 10  # ONNX Runtime 1.31 refuses IR > 13; 10 is what onnx 1.16+ readers all take
-EXTERNAL_DATA_THRESHOLD = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GiB limit, with headroom
+# Weights above this go to model.onnx.data (written one tensor at a time, never all in memory);
+# below it they are embedded in model.onnx (one file; at most 2x this in memory while saving).
+EXTERNAL_DATA_THRESHOLD = 128 * 1024**2
 DEFAULT_OPSET = 18
 
 
@@ -142,25 +144,19 @@ def build_manifest(model, proto, *, target: str, dtype: str, opset: int, checkpo
     }
 
 
-def _save(proto, directory: Path) -> list[dict[str, Any]]:
-    """Write model.onnx (external data beyond 2 GiB) and return its file entries."""
-    import onnx
+def _save(proto, directory: Path, source) -> list[dict[str, Any]]:
+    """Write model.onnx (+ model.onnx.data for large weights), computing each placeholder
+    weight from ``source`` one tensor at a time (``weights.write_model``); return the file entries."""
+    from .weights import lazy_bytes, write_model
 
-    path = directory / MODEL_FILE
-    big = proto.ByteSize() > EXTERNAL_DATA_THRESHOLD
-    onnx.save_model(proto, str(path), save_as_external_data=big, all_tensors_to_one_file=True,
-                    location=DATA_FILE, size_threshold=1024)
-    names = [MODEL_FILE] + ([DATA_FILE] if big else [])
+    big = lazy_bytes(proto) > EXTERNAL_DATA_THRESHOLD
+    names = write_model(proto, directory / MODEL_FILE, source, external=big, data_name=DATA_FILE)
     return [{"name": n, "bytes": (directory / n).stat().st_size, "sha256": _sha256(directory / n)} for n in names]
 
 
 def _validate(tmp: Path, checkpoint: Any, quick: bool) -> tuple[str, bool]:
-    try:
-        from ..validate import run_validation  # type: ignore[attr-defined]
-    except ImportError:
-        # Only while the validator is being developed: the summary says "skipped", never "passed".
-        return "skipped (smlp_export.validate not available)", True
     from ..precision import validation_backend
+    from ..validate import run_validation
 
     manifest = json.loads((tmp / MANIFEST_FILE).read_text())
     report = run_validation(tmp, validation_backend(manifest["dtype"]), checkpoint=checkpoint, quick=quick)
@@ -222,23 +218,23 @@ def export_model(
     step("load")
     if hasattr(checkpoint, "config") and hasattr(checkpoint, "forward"):
         model, in_memory = checkpoint, True
+        model.eval()
     else:
-        from ..checkpoint import load_checkpoint
+        from .weights import open_checkpoint
 
-        model = load_checkpoint(checkpoint, allow_pickle=allow_pickle)
+        # the weights stay in the checkpoint file until save writes them (weights.py)
+        model = open_checkpoint(checkpoint, allow_pickle=allow_pickle, dtype=dtype,
+                                memory_op="export+validate" if validate else "export")
         in_memory = False
-    model.eval()
+    from .weights import source_for
+
+    source = source_for(model)  # build_onnx traces a meta twin; save reads the weights from here
     mark("load")
 
     step("trace + translate")
-    proto = build_onnx(model, target=target, dtype=dtype, opset=opset, ir_version=IR_VERSION, ort_moe=ort_moe)
+    proto = build_onnx(model, target=target, dtype=dtype, opset=opset, ir_version=IR_VERSION, ort_moe=ort_moe,
+                       lazy=True)
     mark("trace + translate")
-
-    step("check")
-    big = proto.ByteSize() > EXTERNAL_DATA_THRESHOLD
-    if not big:
-        onnx.checker.check_model(proto, full_check=True)
-    mark("check")
 
     from ..fsutil import clean_stale, temp_dir_for
 
@@ -246,19 +242,22 @@ def export_model(
     tmp = temp_dir_for(out)  # ordinary (umask) permissions, unlike mkdtemp's 0700
     try:
         step("save")
-        files = _save(proto, tmp)
-        if big:  # a > 2 GiB model can only be checked from its file
-            onnx.checker.check_model(str(tmp / MODEL_FILE), full_check=True)
+        files = _save(proto, tmp, source)
+        mark("save")
+        step("check")
+        # checked from the file: the in-memory graph holds placeholders, the file holds the data
+        onnx.checker.check_model(str(tmp / MODEL_FILE), full_check=True)
         manifest = build_manifest(model, proto, target=target, dtype=dtype, opset=opset,
                                   checkpoint=checkpoint, files=files, ort_moe=ort_moe)
-        mark("save")
+        mark("check")
         if decode:
             step("decode graph")
             from ..decode.export import export_decode_graph
 
             manifest["decode"] = export_decode_graph(model, tmp / DECODE_FILE, target=target, dtype=dtype, opset=opset)
-            d = tmp / DECODE_FILE
-            manifest["files"].append({"name": DECODE_FILE, "bytes": d.stat().st_size, "sha256": _sha256(d)})
+            for name in [DECODE_FILE] + ([manifest["decode"]["data_file"]] if "data_file" in manifest["decode"] else []):
+                d = tmp / name
+                manifest["files"].append({"name": name, "bytes": d.stat().st_size, "sha256": _sha256(d)})
             mark("decode graph")
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         parity, ok = "skipped (--no-validate)", True

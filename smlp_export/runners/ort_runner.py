@@ -53,12 +53,15 @@ class OrtRunner(Runner):
 
     def __init__(self, path: str | os.PathLike, *, providers: Sequence[str] | None = None,
                  intra_op_threads: int | None = None, inter_op_threads: int = 1,
-                 graph_optimization: str = "all"):
+                 graph_optimization: str = "all", session_config: dict[str, str] | None = None):
         self.path = resolve_onnx(path)
         self.providers = list(providers or ["CPUExecutionProvider"])
         self.intra_op_threads = intra_op_threads or len(os.sched_getaffinity(0))
         self.inter_op_threads = inter_op_threads
         self.graph_optimization = graph_optimization
+        # SessionOptions config entries, e.g. {"session.disable_prepacking": "1"} (validation of
+        # large models: no second, prepacked copy of every weight)
+        self.session_config = dict(session_config or {})
         self.session: Any = None
         self._output_types: dict[str, str] = {}
 
@@ -86,6 +89,8 @@ class OrtRunner(Runner):
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.graph_optimization_level = levels[self.graph_optimization]
         so.log_severity_level = 3  # the CUDA-fallback warning is checked below instead
+        for k, v in sorted(self.session_config.items()):
+            so.add_session_config_entry(k, v)
         try:
             self.session = ort.InferenceSession(str(self.path), so, providers=self.providers)
         except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
@@ -112,6 +117,7 @@ class OrtRunner(Runner):
                 "providers": self.session.get_providers() if self.session is not None else None,
                 "intra_op_threads": self.intra_op_threads, "inter_op_threads": self.inter_op_threads,
                 "execution_mode": "sequential", "graph_optimization": self.graph_optimization,
+                "session_config": self.session_config,
                 "output_types": self._output_types}
 
     def close(self) -> None:

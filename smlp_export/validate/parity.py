@@ -128,6 +128,9 @@ def _make_backend(backend: str, onnx_path: Path, providers: list[str] | None):
     if backend not in BACKENDS:
         raise InputError(f"unknown validation backend {backend!r}; choose from {', '.join(BACKENDS)}")
     kwargs = {"providers": providers} if backend == "ort" and providers else {}
+    if backend == "ort" and (onnx_path.parent / f"{onnx_path.name}.data").is_file():
+        # a large (external-data) model: no prepacked second copy of the weights (docs/export.md)
+        kwargs["session_config"] = {"session.disable_prepacking": "1"}
     runner = get_runner(backend, onnx_path, **kwargs)
     try:
         runner.load()

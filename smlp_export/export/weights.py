@@ -1,0 +1,533 @@
+"""Low-memory weights for the exporter: trace without data, write each initializer once.
+
+An export used to hold the checkpoint several times over (the loaded model, its deep copy, the
+exporter's tensors, the serialized ``ModelProto``, the inliner's copy, the rewrites' NumPy arrays):
+11x the weight bytes at 350 M parameters. Here nothing of a large weight exists in memory until
+the file is written, and then one tensor at a time:
+
+1. the model is traced on the ``meta`` device (shapes only; ``meta_twin``);
+2. after the ONNX conversion each large initializer becomes a *placeholder*: a ``TensorProto``
+   with its dims and element type, ``data_location = EXTERNAL`` and an ``external_data`` entry
+   ``smlp.recipe`` (JSON) saying how to compute it from the checkpoint: the source tensor, the
+   element type to cast to, then ``transpose`` / ``tril`` / ``slice`` steps. The exporter's
+   folding of ``Transpose(weight)`` and ``optimize.py``'s pre-masked causal weights and split
+   ``proj_in`` weights extend the recipe (``derive``) instead of computing arrays;
+3. ``write_model`` computes each placeholder from the checkpoint (read one tensor at a time; a
+   ``safe_open`` per read, so the file's pages are unmapped again and never pile up in the
+   process) and streams it into ``model.onnx.data`` (external data, 4 KiB-aligned offsets so ONNX
+   Runtime can map it) or, for a small model, into the ``.onnx`` file itself.
+
+Small tensors (``<= SMALL_NUMEL`` elements) are real from the start: the exporter folds and
+deduplicates them exactly as it does for an eager model, and they cost nothing.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Protocol
+
+import numpy as np
+import onnx
+from onnx import TensorProto, numpy_helper
+
+from ..errors import SMLPError
+
+RECIPE_KEY = "smlp.recipe"
+LAZY_LOCATION = "smlp-lazy"
+# The exporter deduplicates initializers of at most 1024 elements by content (onnx_ir's
+# DeduplicateInitializersPass): those must hold real data, so "small" is at least that.
+SMALL_NUMEL = 1024
+ALIGN = 4096  # external data offsets: page-aligned, so ONNX Runtime may memory-map them
+
+
+class WeightError(SMLPError):
+    """A placeholder without recipe, or a recipe naming a tensor the source lacks."""
+
+
+# ---------------------------------------------------------------------------------------------
+# sources: where the checkpoint tensors come from
+# ---------------------------------------------------------------------------------------------
+class WeightSource(Protocol):
+    """Named checkpoint tensors, read on demand (state-dict names of an SMLPForCausalLM)."""
+
+    def keys(self) -> list[str]: ...
+
+    def get(self, name: str) -> "Any":  # torch.Tensor, CPU, the checkpoint's own dtype
+        ...
+
+
+class SafetensorsSource:
+    """Tensors of one ``model.safetensors`` file, each read when asked for.
+
+    Every read opens the file with ``safetensors.safe_open`` (memory-mapped) and closes it again,
+    so only the tensor asked for is copied into memory and the mapping never accumulates the whole
+    file in the process's resident set (mapped file pages count as RSS while mapped).
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        from safetensors import safe_open
+
+        self.path = Path(path)
+        with safe_open(str(self.path), framework="pt") as f:
+            self._keys = sorted(f.keys())
+
+    def keys(self) -> list[str]:
+        return list(self._keys)
+
+    def get(self, name: str):
+        from safetensors import safe_open
+
+        with safe_open(str(self.path), framework="pt") as f:
+            return f.get_tensor(name)
+
+
+class StateDictSource:
+    """Tensors of a model in memory (no copy)."""
+
+    def __init__(self, model) -> None:
+        self._sd = {k: v.detach() for k, v in model.state_dict().items()}
+
+    def keys(self) -> list[str]:
+        return sorted(self._sd)
+
+    def get(self, name: str):
+        return self._sd[name].cpu()
+
+
+def source_for(model) -> WeightSource:
+    """The cheapest source of ``model``'s weights: its safetensors file when the model was loaded
+    from a checkpoint directory and still holds those weights, else its own state dict."""
+    return getattr(model, "weight_source", None) or StateDictSource(model)
+
+
+def meta_twin(model):
+    """An ``SMLPForCausalLM`` of the same config on the meta device (no data), carrying the
+    original's ``tokenizer`` / ``checkpoint_info`` / ``weight_source``, in eval mode."""
+    import torch
+
+    from ..model import SMLPForCausalLM
+
+    with torch.device("meta"):
+        twin = SMLPForCausalLM(model.config)
+    for attr in ("tokenizer", "checkpoint_info", "weight_source"):
+        if hasattr(model, attr):
+            setattr(twin, attr, getattr(model, attr))
+    return twin.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# recipes
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Recipe:
+    """``ops`` applied in order to ``source`` cast to ``elem`` (an ONNX TensorProto data type)."""
+
+    source: str
+    elem: int
+    ops: tuple[tuple[Any, ...], ...] = ()
+
+    def to_json(self) -> str:
+        return json.dumps({"source": self.source, "elem": self.elem, "ops": [list(o) for o in self.ops]},
+                          sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> "Recipe":
+        d = json.loads(text)
+        return cls(d["source"], int(d["elem"]), tuple(tuple(_untuple(x) for x in o) for o in d["ops"]))
+
+    def then(self, *op: Any) -> "Recipe":
+        return Recipe(self.source, self.elem, (*self.ops, tuple(op)))
+
+
+def _untuple(x: Any) -> Any:
+    return tuple(x) if isinstance(x, list) else x
+
+
+def _apply_shape(dims: list[int], op: tuple[Any, ...]) -> list[int]:
+    kind = op[0]
+    if kind == "transpose":
+        return [dims[p] for p in op[1]]
+    if kind == "tril":
+        return list(dims)
+    if kind == "slice":
+        _, axis, start, stop = op
+        out = list(dims)
+        out[axis] = stop - start
+        return out
+    raise WeightError(f"unknown recipe step {kind!r}")
+
+
+def placeholder(name: str, dims: Iterable[int], recipe: Recipe) -> TensorProto:
+    """A data-less initializer that ``write_model`` will compute from ``recipe``."""
+    t = TensorProto()
+    t.name = name
+    t.data_type = recipe.elem
+    t.dims.extend(int(d) for d in dims)
+    t.data_location = TensorProto.EXTERNAL
+    for k, v in (("location", LAZY_LOCATION), (RECIPE_KEY, recipe.to_json())):
+        e = t.external_data.add()
+        e.key, e.value = k, v
+    return t
+
+
+def recipe_of(t: TensorProto) -> Recipe | None:
+    """The recipe of a placeholder, None for an initializer that holds data."""
+    if t.data_location != TensorProto.EXTERNAL:
+        return None
+    for e in t.external_data:
+        if e.key == RECIPE_KEY:
+            return Recipe.from_json(e.value)
+    return None
+
+
+def is_lazy(t: TensorProto) -> bool:
+    return recipe_of(t) is not None
+
+
+def derive(t: TensorProto, name: str, *op: Any) -> TensorProto:
+    """A new initializer ``name`` = one step (``("transpose", perm)``, ``("tril",)``,
+    ``("slice", axis, start, stop)``) applied to ``t``: a placeholder with a longer recipe if ``t``
+    is one, else computed now with NumPy (small tensors)."""
+    r = recipe_of(t)
+    if r is not None:
+        return placeholder(name, _apply_shape(list(t.dims), op), r.then(*op))
+    out = numpy_helper.from_array(np.ascontiguousarray(_apply_numpy(numpy_helper.to_array(t), op)), name)
+    return out
+
+
+def _apply_numpy(a: np.ndarray, op: tuple[Any, ...]) -> np.ndarray:
+    kind = op[0]
+    if kind == "transpose":
+        return np.transpose(a, op[1])
+    if kind == "tril":
+        return np.tril(a)
+    if kind == "slice":
+        _, axis, start, stop = op
+        return np.take(a, np.arange(start, stop), axis=axis)
+    raise WeightError(f"unknown recipe step {kind!r}")
+
+
+def _apply_torch(x, op: tuple[Any, ...]):
+    import torch
+
+    kind = op[0]
+    if kind == "transpose":
+        return x.permute(*op[1])
+    if kind == "tril":
+        return torch.tril(x)
+    if kind == "slice":
+        _, axis, start, stop = op
+        return x.narrow(axis, start, stop - start)
+    raise WeightError(f"unknown recipe step {kind!r}")
+
+
+def compute(recipe: Recipe, source: WeightSource):
+    """The tensor a recipe describes (torch, contiguous), read from ``source``."""
+    import torch
+
+    try:
+        x = source.get(recipe.source)
+    except KeyError:
+        raise WeightError(f"checkpoint has no tensor {recipe.source!r}") from None
+    x = x.to(torch_dtype(recipe.elem))
+    for op in recipe.ops:
+        x = _apply_torch(x, op)
+    return x.contiguous()
+
+
+def torch_dtype(elem: int):
+    import torch
+
+    table = {TensorProto.FLOAT: torch.float32, TensorProto.FLOAT16: torch.float16,
+             TensorProto.BFLOAT16: torch.bfloat16, TensorProto.DOUBLE: torch.float64}
+    if elem not in table:
+        raise WeightError(f"unsupported weight element type {TensorProto.DataType.Name(elem)}")
+    return table[elem]
+
+
+def _raw_bytes(x) -> memoryview:
+    import torch
+
+    return memoryview(x.reshape(-1).view(torch.uint8).numpy())
+
+
+# ---------------------------------------------------------------------------------------------
+# graphs
+# ---------------------------------------------------------------------------------------------
+def _all_graphs(g: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    yield g
+    for n in g.node:
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                yield from _all_graphs(a.g)
+            for sg in a.graphs:
+                yield from _all_graphs(sg)
+
+
+def lazy_initializers(model: onnx.ModelProto) -> list[TensorProto]:
+    return [t for g in _all_graphs(model.graph) for t in g.initializer if is_lazy(t)]
+
+
+def lazy_bytes(model: onnx.ModelProto) -> int:
+    """Bytes the placeholders will take once written."""
+    total = 0
+    for t in lazy_initializers(model):
+        total += int(np.prod(list(t.dims), dtype=np.int64)) * _itemsize(t.data_type)
+    return total
+
+
+def _itemsize(elem: int) -> int:
+    return int(onnx.helper.tensor_dtype_to_np_dtype(elem).itemsize) if elem != TensorProto.BFLOAT16 else 2
+
+
+def materialize(model: onnx.ModelProto, source: WeightSource) -> onnx.ModelProto:
+    """Fill every placeholder with its data in place (for callers that want an in-memory model)."""
+    for t in lazy_initializers(model):
+        r = recipe_of(t)
+        data = bytes(_raw_bytes(compute(r, source)))
+        del t.external_data[:]
+        t.data_location = TensorProto.DEFAULT
+        t.raw_data = data
+    return model
+
+
+def write_model(model: onnx.ModelProto, path: str | os.PathLike, source: WeightSource, *,
+                external: bool, data_name: str | None = None) -> list[str]:
+    """Write ``model`` to ``path``, computing each placeholder from ``source`` one at a time.
+
+    external: placeholders go to ``data_name`` (default ``<file name>.data``) beside ``path`` at
+    4 KiB-aligned offsets, and ``path`` holds the graph only; else the data is embedded (small
+    models). The order is the graph's, so the same inputs give the same bytes. Returns the names
+    of the files written. ``model`` is modified (placeholders now point at the data file).
+    """
+    path = Path(path)
+    lazy = lazy_initializers(model)
+    if not external:
+        materialize(model, source)
+        path.write_bytes(model.SerializeToString())
+        return [path.name]
+    data_name = data_name or f"{path.name}.data"
+    offset = 0
+    with open(path.parent / data_name, "wb") as f:
+        for t in lazy:
+            r = recipe_of(t)
+            x = compute(r, source)
+            pad = (-offset) % ALIGN
+            if pad:
+                f.write(b"\0" * pad)
+                offset += pad
+            view = _raw_bytes(x)
+            f.write(view)
+            length = view.nbytes
+            del view, x
+            del t.external_data[:]
+            for k, v in (("location", data_name), ("offset", str(offset)), ("length", str(length))):
+                e = t.external_data.add()
+                e.key, e.value = k, v
+            offset += length
+    path.write_bytes(model.SerializeToString())
+    return [path.name, data_name]
+
+
+# ---------------------------------------------------------------------------------------------
+# the exporter's IR (onnx_ir), between conversion and optimisation
+# ---------------------------------------------------------------------------------------------
+def _source_key(qualified: str, keys: set[str]) -> str | None:
+    """``model.blocks.0.norm.weight`` (a wrapper's parameter name) -> ``blocks.0.norm.weight``."""
+    parts = qualified.split(".")
+    for i in range(len(parts)):
+        k = ".".join(parts[i:])
+        if k in keys:
+            return k
+    return None
+
+
+def lazify_ir(model, source: WeightSource) -> dict[str, Recipe]:
+    """Give the meta-traced ``model`` (an ``onnx_ir.Model`` from ``torch.onnx.export(...,
+    optimize=False)``) its weights: real data for small tensors, placeholders for large ones, and
+    fold ``Transpose(placeholder)`` into the placeholder's recipe (what the exporter's constant
+    folding does to a real weight). Returns {placeholder location: recipe}."""
+    import onnx_ir as ir
+
+    keys = set(source.keys())
+    recipes: dict[str, Recipe] = {}
+    g = model.graph
+
+    def lazy(name: str, shape, dtype, recipe: Recipe) -> ir.ExternalTensor:
+        loc = f"{LAZY_LOCATION}/{len(recipes)}"
+        recipes[loc] = recipe
+        # base_dir that cannot exist: any attempt to read a placeholder early fails loudly
+        return ir.ExternalTensor(loc, None, None, dtype, shape=ir.Shape(shape), name=name,
+                                 base_dir="/nonexistent-smlp-placeholder")
+
+    for name, value in list(g.initializers.items()):
+        t = value.const_value
+        raw = getattr(t, "raw", None)
+        if raw is None or not getattr(raw, "is_meta", False):
+            continue  # a real constant the exporter made
+        key = _source_key(name, keys)
+        if key is None:
+            raise WeightError(f"traced tensor {name} has no data and is not a checkpoint tensor")
+        if raw.numel() <= SMALL_NUMEL:
+            value.const_value = type(t)(source.get(key).to(raw.dtype).contiguous(), name=name)
+        else:
+            value.const_value = lazy(name, tuple(raw.shape), t.dtype, Recipe(key, int(t.dtype)))
+
+    def recipe(v) -> Recipe | None:
+        c = v.const_value if v is not None else None
+        return recipes.get(str(c.location)) if isinstance(c, ir.ExternalTensor) else None
+
+    for node in list(g):
+        if (node.domain, node.op_type) not in (("", "Transpose"), ("ai.onnx", "Transpose")):
+            continue
+        src = node.inputs[0]
+        r = recipe(src)
+        if r is None or not src.is_initializer():
+            continue
+        perm_attr = node.attributes.get("perm")
+        perm = list(perm_attr.value) if perm_attr is not None else list(range(len(src.shape)))[::-1]
+        name = f"{src.name}.T" if perm == [1, 0] else f"{src.name}.T{''.join(map(str, perm))}"
+        shape = [src.shape[p] for p in perm]
+        if name in g.initializers:
+            new = g.initializers[name]
+        else:
+            new = ir.Value(name=name, shape=ir.Shape(shape), type=src.type,
+                           const_value=lazy(name, shape, src.const_value.dtype, r.then("transpose", tuple(perm))))
+            g.register_initializer(new)
+        node.outputs[0].replace_all_uses_with(new)
+        g.remove(node, safe=True)
+        if not src.uses():
+            g.initializers.pop(src.name)
+    return recipes
+
+
+def should_fold(recipes: dict[str, Recipe]):
+    """``should_fold`` for the onnxscript optimizer: never fold a node reading a placeholder."""
+    import onnx_ir as ir
+
+    def fn(node) -> bool | None:
+        for v in node.inputs:
+            c = v.const_value if v is not None else None
+            if isinstance(c, ir.ExternalTensor) and str(c.location) in recipes:
+                return False
+        return None
+
+    return fn
+
+
+def finish_placeholders(proto: onnx.ModelProto, recipes: dict[str, Recipe]) -> None:
+    """After ``serialize_model``: turn each serialized placeholder into a recipe-carrying one."""
+    for g in _all_graphs(proto.graph):
+        for t in g.initializer:
+            if t.data_location != TensorProto.EXTERNAL:
+                continue
+            loc = next((e.value for e in t.external_data if e.key == "location"), None)
+            if loc not in recipes:
+                raise WeightError(f"initializer {t.name} points at external data {loc!r} the export did not make")
+            t.CopyFrom(placeholder(t.name, list(t.dims), recipes[loc]))
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints without their weights
+# ---------------------------------------------------------------------------------------------
+_ST_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+
+def open_checkpoint(path_or_name: Any = None, *, allow_pickle: bool = False, memory_op: str = "export",
+                    dtype: str = "fp32"):
+    """A checkpoint as a meta-device ``SMLPForCausalLM`` whose ``weight_source`` reads its
+    safetensors file on demand: every check ``load_checkpoint`` makes before building the model
+    (format, config, tokenizer, tensor names / shapes / dtypes, sha256), no weight in memory.
+    Non-finite values are caught when each tensor is read (``compute``). A pickled checkpoint is
+    loaded whole (``load_checkpoint``) and exported from its state dict. Before any module is
+    built, ``memory.require(cfg, memory_op, dtype=dtype)`` refuses a model this machine cannot
+    export (``memory_op``: "export" or "export+validate")."""
+    from ..checkpoint import (FORMAT_VERSION, METADATA_FILE, TOKENIZER_FILE, WEIGHTS_FILE, _expected_state,
+                              _read_json, load_checkpoint, read_config, resolve, sha256_file)
+    from ..errors import CheckpointError
+    from ..tokenizer import ByteTokenizer
+
+    d = resolve(path_or_name)
+    if d.is_file() and d.suffix in (".pt", ".pth", ".bin"):
+        return load_checkpoint(d, allow_pickle=allow_pickle)
+    if not d.exists():
+        raise CheckpointError(f"checkpoint {d} does not exist")
+    if not d.is_dir():
+        raise CheckpointError(f"checkpoint {d} is not a directory (expected config.json + model.safetensors)")
+    meta = _read_json(d / METADATA_FILE)
+    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+        got = meta.get("format_version") if isinstance(meta, dict) else None
+        raise CheckpointError(f"{d / METADATA_FILE}: unknown checkpoint format_version {got!r} "
+                              f"(this version reads {FORMAT_VERSION})")
+    cfg = read_config(d)
+    from ..memory import require
+
+    require(cfg, memory_op, dtype=dtype, checkpoint_dtype=str(meta.get("dtype", "float32")),
+            what=f"exporting {d}")
+    tok = ByteTokenizer.from_dict(_read_json(d / TOKENIZER_FILE))
+    if tok.vocab_size != cfg.vocab_size:
+        raise CheckpointError(f"{d / TOKENIZER_FILE}: vocab_size {tok.vocab_size} != config vocab_size {cfg.vocab_size}")
+    wpath = d / WEIGHTS_FILE
+    if not wpath.is_file():
+        raise CheckpointError(f"{d}: missing {WEIGHTS_FILE}")
+    expected = _expected_state(cfg)
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(wpath), framework="pt") as f:
+            keys = set(f.keys())
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in keys}
+            dtypes = {k: f.get_slice(k).get_dtype() for k in keys}
+    except Exception as e:  # safetensors raises its own error types for truncated/corrupt headers
+        raise CheckpointError(f"{wpath}: corrupt or truncated safetensors file ({e})") from None
+    missing, unexpected = sorted(set(expected) - keys), sorted(keys - set(expected))
+    if missing:
+        raise CheckpointError(f"{wpath}: missing tensor {missing[0]}"
+                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    if unexpected:
+        raise CheckpointError(f"{wpath}: unexpected tensor {unexpected[0]}"
+                              + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
+    for k in sorted(keys):
+        if shapes[k] != expected[k]:
+            raise CheckpointError(f"{wpath}: tensor {k} has shape {list(shapes[k])} but config.json "
+                                  f"implies {list(expected[k])} (config does not match the weights)")
+        if dtypes[k] not in _ST_DTYPES:
+            raise CheckpointError(f"{wpath}: tensor {k} has dtype {dtypes[k]}; expected a float dtype")
+    if len(set(dtypes.values())) > 1:
+        raise CheckpointError(f"{wpath}: mixed dtypes {sorted(_ST_DTYPES[v] for v in set(dtypes.values()))}")
+    digest = sha256_file(wpath)
+    if meta.get("weights_sha256") not in (None, digest):
+        raise CheckpointError(f"{wpath}: sha256 does not match metadata.json (file corrupt or replaced)")
+    import torch
+
+    from ..model import SMLPForCausalLM
+
+    with torch.device("meta"):
+        model = SMLPForCausalLM(cfg)
+    model.eval()
+    model.tokenizer = tok
+    model.checkpoint_info = {"path": str(d), "metadata": meta, "weights_sha256": digest}
+    model.weight_source = _CheckedSource(SafetensorsSource(wpath), wpath)
+    return model
+
+
+class _CheckedSource:
+    """A source whose read errors name the checkpoint file (CheckpointError)."""
+
+    def __init__(self, inner: SafetensorsSource, wpath: Path) -> None:
+        self.inner, self.wpath = inner, wpath
+
+    def keys(self) -> list[str]:
+        return self.inner.keys()
+
+    def get(self, name: str):
+        from ..errors import CheckpointError
+
+        x = self.inner.get(name)
+        import torch
+
+        if not torch.isfinite(x).all():
+            raise CheckpointError(f"{self.wpath}: tensor {name} contains NaN or Inf")
+        return x
