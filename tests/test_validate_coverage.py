@@ -206,3 +206,32 @@ def test_decode_validation_reaches_the_last_position(tmp_path):
     assert not rep["passed"]
     assert rep["teacher_forced"]["worst_position"] >= 97
     assert max(r["prompt_tokens"] + r["new_tokens"] for r in rep["rows"]) < 97  # greedy alone: blind
+
+
+def test_synthetic_fallback_when_held_out_text_reaches_no_expert(micro_export, monkeypatch, tmp_path):
+    """If the held-out windows searched for coverage reach nothing new (here: replaced by one
+    repeated byte), seeded synthetic windows complete the coverage; they add no perplexity tokens."""
+    import torch
+
+    import smlp_export.validate.parity as parity
+    from smlp_export import data
+
+    real = data.heldout_windows
+    L = 32  # micro max_seq_len: coverage windows are L + 1 tokens
+
+    def flat(n, seq_len, source=None, offset=0):
+        if seq_len == L + 1 and offset >= parity.COVERAGE_OFFSET // (L + 1):  # only the coverage search
+            return torch.full((n, seq_len), ord(" "), dtype=torch.int64)
+        return real(n, seq_len, source, offset)
+
+    from smlp_export.export.pipeline import export_model
+
+    out = tmp_path / "portable"  # no fused branch: only the main coverage search adds cases
+    export_model(str(micro_export.parent / "ck"), out, target="portable", validate=False)
+    monkeypatch.setattr(data, "heldout_windows", flat)
+    monkeypatch.setattr(parity, "CASES_QUICK", ((1, 1),))
+    rep = run_validation(out, "ort", quick=True, write=False)
+    assert rep.passed, rep.failures
+    assert rep.coverage["experts"]["complete"]
+    synth = [c for c in rep.cases if c.get("synthetic")]
+    assert synth and all(c["ppl_tokens"] == 0 for c in synth) and synth[0]["case"].startswith("coverage synthetic")
