@@ -25,8 +25,14 @@ def _fmt(v) -> str:
 @click.option("--quick", is_flag=True, help="Fewer cases (what `smlp export` runs).")
 @click.option("--provider", "providers", multiple=True, metavar="NAME",
               help="ONNX Runtime execution provider (repeatable; default CPUExecutionProvider). No silent fallback.")
+@click.option("--bisect", "bisect", is_flag=True,
+              help="Also compare every block's output (tMoE / sMoE inside sparse blocks) with PyTorch and "
+                   "name the first divergence (on a temporary copy of the graph).")
+@click.option("--bisect-mode", type=click.Choice(["auto", "all", "each"]), default="auto", show_default=True,
+              help="all: one session exposing every block; each: one block per session (large models); "
+                   "auto: each above 512 MiB of graph + weights.")
 @json_flag
-def validate(out, backend, checkpoint, quick, providers, as_json) -> None:
+def validate(out, backend, checkpoint, quick, providers, bisect, bisect_mode, as_json) -> None:
     """Compare OUT (an export folder) with PyTorch; write OUT/parity.json; exit 0 only if it passes."""
     from smlp_export.validate import run_validation
 
@@ -37,7 +43,8 @@ def validate(out, backend, checkpoint, quick, providers, as_json) -> None:
         # that into one line ("fell back from ..."), so keep only fatal messages in this process.
         onnxruntime.set_default_logger_severity(4)
     report = run_validation(out, backend, checkpoint=checkpoint, quick=quick,
-                            providers=list(providers) or None, progress=not as_json and sys.stderr.isatty())
+                            providers=list(providers) or None, progress=not as_json and sys.stderr.isatty(),
+                            bisect=bisect_mode if bisect else None)
     if as_json:
         click.echo(report.to_json())
     else:
@@ -55,6 +62,11 @@ def validate(out, backend, checkpoint, quick, providers, as_json) -> None:
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
         for r in rows:
             click.echo("  ".join(s.ljust(w) for s, w in zip(r, widths)).rstrip())
+        if report.bisect is not None:
+            from smlp_export.validate.bisect import table_lines
+
+            for line in table_lines(report.bisect):
+                click.echo(line)
         for f in report.failures:
             click.echo(f"FAIL {f}", err=True)
         click.echo("PASSED" if report.passed else "FAILED")

@@ -220,7 +220,11 @@ def build_onnx(model, *, target: str, dtype: str, opset: int, ir_version: int = 
 
         optimize_ort(proto)  # exact rewrites: pre-masked weights, fused GELU, split weights
     _drop_unused_opsets(proto)
+    from .probes import attach_probes, find_probes
+
+    probes = find_probes(proto)  # before _clean drops the module scopes it reads
     _clean(proto)
+    attach_probes(proto, probes)
     _rename_dims(proto)
     proto.ir_version = ir_version  # ONNX Runtime 1.31 refuses IR > 13
     return proto

@@ -128,12 +128,14 @@ def _sha256(path: Path) -> str:
 
 
 def run_validation(export_dir: str | Path, backend: str = "ort", *, checkpoint: Any = None, quick: bool = False,
-                   providers: list[str] | None = None, progress: bool = False, write: bool = True) -> ParityReport:
+                   providers: list[str] | None = None, progress: bool = False, write: bool = True,
+                   bisect: str | None = None) -> ParityReport:
     """Compare the export in ``export_dir`` with PyTorch on real held-out text; write parity.json.
 
     checkpoint: path, name, or an ``SMLPForCausalLM``; default ``manifest["checkpoint"]["path"]``.
     Its weights sha256 must match the manifest's (CheckpointError otherwise).
-    quick: fewer cases (used after every export). The report's ``passed`` is True only if every
+    quick: fewer cases (used after every export). bisect: None, or a mode of
+    ``validate.bisect.MODES`` to add the per-block comparison (report ``bisect``). The report's ``passed`` is True only if every
     check passed; errors in the inputs (missing files, unknown backend) raise ``SMLPError``.
     """
     from tqdm import tqdm
@@ -161,6 +163,7 @@ def run_validation(export_dir: str | Path, backend: str = "ort", *, checkpoint: 
     ref_runner.load()
     runner = _make_backend(backend, onnx_path, providers)
     rows: list[dict[str, Any]] = []
+    inputs: list[tuple[str, np.ndarray]] = []  # (case, input_ids): what --bisect replays
     failures: list[str] = []
     nll_t = nll_b = 0.0
     n_tok = 0
@@ -171,6 +174,7 @@ def run_validation(export_dir: str | Path, backend: str = "ort", *, checkpoint: 
             offset += b
             ids, tgt = win[:, :t], win[:, 1:]
             case = f"{b}x{t}"
+            inputs.append((case, ids))
             ref, got = ref_runner.run(ids), runner.run(ids)
             if "logits" not in got:
                 raise SMLPError(f"{onnx_path} has no output 'logits' (outputs: {', '.join(got)})")
@@ -216,6 +220,13 @@ def run_validation(export_dir: str | Path, backend: str = "ort", *, checkpoint: 
         checks.append({"name": "plugin_attributes", "value": plugins["passed"], "limit": "true",
                        "ok": plugins["passed"]})
         failures += plugins["failures"]
+    bis = None
+    if bisect:
+        from .bisect import bisect_export
+
+        bis = bisect_export(export_dir, model, inputs, tol, backend=backend, providers=providers, mode=bisect,
+                            routing=[(layer.name, layer.kind) for layer in layers],
+                            decode=manifest.get("decode") if backend == "ort" else None)
     report = ParityReport(
         passed=not failures, backend=backend, target=target, dtype=dtype, tolerances=tol.to_dict(),
         metrics=metrics, checks=checks, failures=failures, cases=rows, checkpoint=ckpt,
@@ -225,7 +236,7 @@ def run_validation(export_dir: str | Path, backend: str = "ort", *, checkpoint: 
         corpus={"source": source, "split": "held-out", "ppl_from_position": p,
                 "windows": "consecutive held-out windows of seq + 1 tokens (input + next-token targets)"},
         time_s=round(time.perf_counter() - t0, 3), quick=quick, decode=decode,
-        extra={"plugin_attributes": plugins} if plugins is not None else {})
+        extra={"plugin_attributes": plugins} if plugins is not None else {}, bisect=bis)
     if write:
         report.write(export_dir)
     return report
