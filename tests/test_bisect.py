@@ -1,0 +1,146 @@
+"""``smlp validate --bisect``: a corrupted block is named as the first divergence, and no earlier one,
+for every target; the published graph is untouched; "each" mode agrees with "all"."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import numpy_helper
+
+from smlp_export.validate import run_validation
+
+from .conftest import micro_model
+
+MODE = {"token_routing": "topk", "top_k": 2, "spatial_routing": "partial"}
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    from smlp_export import save_checkpoint
+
+    d = tmp_path_factory.mktemp("ckpt") / "micro"
+    save_checkpoint(micro_model(seed=3, **MODE), d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def exports(ckpt, tmp_path_factory):
+    from smlp_export.export.pipeline import export_model
+
+    root = tmp_path_factory.mktemp("exp")
+    out = {}
+    for target in ("ort", "tensorrt", "portable"):
+        out[target] = root / target
+        export_model(str(ckpt), out[target], target=target, validate=False, decode=target == "ort")
+    return out
+
+
+def _corrupt(src, dst, init_name: str, factor: float):
+    shutil.copytree(src, dst)
+    path = dst / "model.onnx"
+    m = onnx.load(str(path))
+    for init in m.graph.initializer:
+        if init.name == init_name:
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * factor, init_name))
+            break
+    else:
+        raise AssertionError(f"{init_name} not in {path}")
+    onnx.save(m, str(path))
+    return dst
+
+
+def _names(bis):
+    return [r["name"] for r in bis["blocks"]]
+
+
+@pytest.mark.parametrize("target", ["ort", "tensorrt", "portable"])
+def test_clean_export_has_no_divergence(exports, target):
+    rep = run_validation(exports[target], quick=True, bisect="all", write=False)
+    bis = rep.bisect
+    assert bis["first_divergence"] is None, bis
+    names = _names(bis)
+    # every block output, both MoE outputs of both sparse blocks, routers, logits: in execution order
+    assert names == ["embed", "blocks.0.out",
+                     "blocks.1.tmoe.router", "blocks.1.tmoe", "blocks.1.smoe.router", "blocks.1.smoe", "blocks.1.out",
+                     "blocks.2.tmoe.router", "blocks.2.tmoe", "blocks.2.smoe.router", "blocks.2.smoe", "blocks.2.out",
+                     "logits"]
+    assert all(r["ok"] for r in bis["blocks"])
+    # the probed tensors really were compared (not an all-zero tensor against itself)
+    assert all(r["scale"] > 0 for r in bis["blocks"])
+
+
+@pytest.mark.parametrize("target", ["ort", "tensorrt", "portable"])
+def test_corrupted_block_is_the_first_divergence(exports, target, tmp_path):
+    # w2 of block 2's experts: changes blocks.2.tmoe (not its router), everything after it, nothing before.
+    out = _corrupt(exports[target], tmp_path / target, "model.blocks.2.tmoe.w2", 1.05)
+    before = (out / "model.onnx").read_bytes()
+    rep = run_validation(out, quick=True, bisect="all", write=False)
+    bis = rep.bisect
+    assert bis["first_divergence"] == "blocks.2.tmoe", bis
+    by = {r["name"]: r for r in bis["blocks"]}
+    names = _names(bis)
+    first = names.index("blocks.2.tmoe")
+    assert all(by[n]["ok"] for n in names[:first]), [by[n] for n in names[:first]]
+    assert not by["blocks.2.out"]["ok"] and not by["logits"]["ok"]
+    assert (out / "model.onnx").read_bytes() == before  # the published graph is never modified
+    assert not rep.passed  # exit code as for validate: this corruption also fails parity
+
+
+def test_dense_block_and_each_mode_agree(exports, tmp_path):
+    out = _corrupt(exports["portable"], tmp_path / "p", "model.blocks.0.norm.weight", 1.02)
+    a = run_validation(out, quick=True, bisect="all", write=False).bisect
+    e = run_validation(out, quick=True, bisect="each", write=False).bisect
+    assert a["first_divergence"] == e["first_divergence"] == "blocks.0.out"
+    assert e["mode"] == "each"
+    assert [(r["name"], r["max_abs_err_rel"]) for r in a["blocks"]] == \
+        [(r["name"], r["max_abs_err_rel"]) for r in e["blocks"]]
+
+
+def test_decode_graph_state_rows(exports, tmp_path):
+    rep = run_validation(exports["ort"], quick=True, bisect="all", write=False)
+    dec = rep.bisect["decode"]
+    assert dec["first_divergence"] is None
+    assert [r["name"] for r in dec["blocks"] if r["name"].endswith(".state")] == \
+        ["blocks.0.state", "blocks.1.state", "blocks.2.state"]
+    # corrupt block 1's spatial-expert biases in decode.onnx only: its state is unaffected (state = the
+    # input of the spatial projection), the next block's state is the first to move
+    out = tmp_path / "d"
+    shutil.copytree(exports["ort"], out)
+    path = out / "decode.onnx"
+    m = onnx.load(str(path))
+    hit = [i for i in m.graph.initializer if i.name == "step.model.blocks.1.smoe.bias"]
+    assert hit, [i.name for i in m.graph.initializer]
+    hit[0].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(hit[0]) * 1.5, hit[0].name))
+    onnx.save(m, str(path))
+    dec = run_validation(out, quick=True, bisect="all", write=False).bisect["decode"]
+    assert dec["first_divergence"] == "blocks.2.tmoe", dec
+    assert run_validation(out, quick=True, bisect="all", write=False).bisect["first_divergence"] is None
+
+
+def test_cli_table_json_and_exit_code(exports, tmp_path):
+    from smlp_cli.main import cli
+
+    out = _corrupt(exports["ort"], tmp_path / "c", "model.blocks.2.tmoe.w2", 1.05)
+    r = CliRunner().invoke(cli, ["validate", str(out), "--quick", "--bisect"])
+    assert r.exit_code == 1
+    assert "first divergence: blocks.2.tmoe" in r.output
+    assert "blocks.1.out" in r.output  # the table lists the blocks before it
+    r = CliRunner().invoke(cli, ["validate", str(out), "--quick", "--bisect", "--json"])
+    doc = json.loads(r.output)
+    assert doc["bisect"]["first_divergence"] == "blocks.2.tmoe"
+    assert json.loads((out / "parity.json").read_text())["bisect"]["first_divergence"] == "blocks.2.tmoe"
+
+
+def test_graph_without_probes_is_one_clear_error(exports, tmp_path):
+    from smlp_export.errors import InputError
+
+    out = tmp_path / "old"
+    shutil.copytree(exports["portable"], out)
+    m = onnx.load(str(out / "model.onnx"))
+    del m.metadata_props[:]
+    onnx.save(m, str(out / "model.onnx"))
+    with pytest.raises(InputError, match="no block probes"):
+        run_validation(out, quick=True, bisect="all", write=False)
