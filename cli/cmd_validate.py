@@ -31,8 +31,13 @@ def _fmt(v) -> str:
 @click.option("--bisect-mode", type=click.Choice(["auto", "all", "each"]), default="auto", show_default=True,
               help="all: one session exposing every block; each: one block per session (large models); "
                    "auto: each above 512 MiB of graph + weights.")
+@click.option("--save-inputs", default=None, metavar="F.json",
+              help="Write the validation inputs as Polygraphy feed dicts (polygraphy run --load-inputs).")
+@click.option("--save-outputs", default=None, metavar="G.json",
+              help="Write PyTorch's outputs on them as a Polygraphy RunResults (polygraphy run --load-outputs).")
 @json_flag
-def validate(out, backend, checkpoint, quick, providers, bisect, bisect_mode, as_json) -> None:
+def validate(out, backend, checkpoint, quick, providers, bisect, bisect_mode, save_inputs, save_outputs,
+             as_json) -> None:
     """Compare OUT (an export folder) with PyTorch; write OUT/parity.json; exit 0 only if it passes."""
     from smlp_export.validate import run_validation
 
@@ -44,7 +49,8 @@ def validate(out, backend, checkpoint, quick, providers, bisect, bisect_mode, as
         onnxruntime.set_default_logger_severity(4)
     report = run_validation(out, backend, checkpoint=checkpoint, quick=quick,
                             providers=list(providers) or None, progress=not as_json and sys.stderr.isatty(),
-                            bisect=bisect_mode if bisect else None)
+                            bisect=bisect_mode if bisect else None, save_inputs=save_inputs,
+                            save_outputs=save_outputs)
     if as_json:
         click.echo(report.to_json())
     else:

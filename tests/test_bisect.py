@@ -144,3 +144,36 @@ def test_graph_without_probes_is_one_clear_error(exports, tmp_path):
     onnx.save(m, str(out / "model.onnx"))
     with pytest.raises(InputError, match="no block probes"):
         run_validation(out, quick=True, bisect="all", write=False)
+
+
+# --- Polygraphy interoperability: the real polygraphy CLI on our JSON files -----------------------
+
+def _polygraphy(model_path, inputs, outputs):
+    import os
+    import subprocess
+    import sys
+
+    exe = shutil.which("polygraphy") or os.path.join(os.path.dirname(sys.executable), "polygraphy")
+    return subprocess.run([exe, "run", str(model_path), "--onnxrt", "--load-inputs", str(inputs),
+                           "--load-outputs", str(outputs)], capture_output=True, text=True, timeout=300)
+
+
+def test_polygraphy_round_trip(exports, tmp_path):
+    pytest.importorskip("polygraphy", reason="polygraphy is in the dev extra")
+    from polygraphy.json import load_json
+
+    from smlp_cli.main import cli
+
+    f, g = tmp_path / "in.json", tmp_path / "gold.json"
+    r = CliRunner().invoke(cli, ["validate", str(exports["portable"]), "--quick", "--save-inputs", str(f),
+                                 "--save-outputs", str(g)])
+    assert r.exit_code == 0, r.output
+    feeds = load_json(str(f))
+    assert [tuple(x["input_ids"].shape) for x in feeds] == [(1, 1), (3, 32), (1, 32)]  # quick cases, T clipped to 32
+    ok = _polygraphy(exports["portable"] / "model.onnx", f, g)
+    assert ok.returncode == 0, ok.stdout[-2000:] + ok.stderr[-2000:]
+    assert "PASSED" in ok.stdout + ok.stderr
+    bad = _corrupt(exports["portable"], tmp_path / "bad", "model.blocks.2.tmoe.w2", 1.05)
+    fail = _polygraphy(bad / "model.onnx", f, g)
+    assert fail.returncode != 0
+    assert "FAILED" in fail.stdout + fail.stderr

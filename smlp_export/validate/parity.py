@@ -129,7 +129,8 @@ def _sha256(path: Path) -> str:
 
 def run_validation(export_dir: str | Path, backend: str = "ort", *, checkpoint: Any = None, quick: bool = False,
                    providers: list[str] | None = None, progress: bool = False, write: bool = True,
-                   bisect: str | None = None) -> ParityReport:
+                   bisect: str | None = None, save_inputs: str | None = None,
+                   save_outputs: str | None = None) -> ParityReport:
     """Compare the export in ``export_dir`` with PyTorch on real held-out text; write parity.json.
 
     checkpoint: path, name, or an ``SMLPForCausalLM``; default ``manifest["checkpoint"]["path"]``.
@@ -220,6 +221,10 @@ def run_validation(export_dir: str | Path, backend: str = "ort", *, checkpoint: 
         checks.append({"name": "plugin_attributes", "value": plugins["passed"], "limit": "true",
                        "ok": plugins["passed"]})
         failures += plugins["failures"]
+    if save_inputs or save_outputs:  # Polygraphy JSON of these very inputs and PyTorch's outputs
+        from .polygraphy_io import save_polygraphy
+
+        save_polygraphy(model, inputs, save_inputs, save_outputs)
     bis = None
     if bisect:
         from .bisect import bisect_export
