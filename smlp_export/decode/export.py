@@ -95,6 +95,9 @@ def _finish(proto: onnx.ModelProto, model, target: str, dtype: str, opset: int, 
     probes = find_probes(proto)  # module scopes, read before the metadata is dropped
     del proto.metadata_props[:]
     attach_probes(proto, probes)
+    from ..export.metadata import attach_metadata
+
+    attach_metadata(proto, model)  # checkpoint sha256, config, producer (deterministic)
     for n in proto.graph.node:
         del n.metadata_props[:]
         n.doc_string = ""

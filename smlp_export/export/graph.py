@@ -225,6 +225,9 @@ def build_onnx(model, *, target: str, dtype: str, opset: int, ir_version: int = 
     probes = find_probes(proto)  # before _clean drops the module scopes it reads
     _clean(proto)
     attach_probes(proto, probes)
+    from .metadata import attach_metadata
+
+    attach_metadata(proto, model)  # checkpoint sha256, config, producer (deterministic)
     _rename_dims(proto)
     proto.ir_version = ir_version  # ONNX Runtime 1.31 refuses IR > 13
     return proto

@@ -1,5 +1,5 @@
-"""``smlp validate --bisect``: a corrupted block is named as the first divergence, and no earlier one,
-for every target; the published graph is untouched; "each" mode agrees with "all"."""
+"""Parity debugging: `smlp validate --bisect` names a corrupted block as the first divergence, and no
+earlier one, for every target; Polygraphy round trip with the real polygraphy CLI; `smlp inspect OUT`."""
 from __future__ import annotations
 
 import json
@@ -177,3 +177,55 @@ def test_polygraphy_round_trip(exports, tmp_path):
     fail = _polygraphy(bad / "model.onnx", f, g)
     assert fail.returncode != 0
     assert "FAILED" in fail.stdout + fail.stderr
+
+
+# --- smlp inspect OUT ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("target", ["ort", "tensorrt", "portable"])
+def test_inspect_export(exports, ckpt, target):
+    from smlp_cli.main import cli
+
+    out = exports[target]
+    r = CliRunner().invoke(cli, ["inspect", str(out), "--json"])
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.output)
+    g = d["graphs"]["model.onnx"]
+    assert g["inputs"] == [{"name": "input_ids", "dtype": "int64", "shape": ["batch", "seq"]}]
+    assert g["outputs"][0] == {"name": "logits", "dtype": "float32", "shape": ["batch", "seq", 257]}
+    loaded = onnx.load(str(out / "model.onnx"))
+    assert g["initializers"]["inline_bytes"] == sum(numpy_helper.to_array(t).nbytes for t in loaded.graph.initializer)
+    assert g["initializers"]["external_bytes"] == 0 and g["external_data"] == []
+    meta = g["metadata_props"]
+    ck = json.loads((ckpt / "metadata.json").read_text())
+    assert meta["smlp.checkpoint_sha256"] == ck["weights_sha256"]
+    assert meta["smlp.config"] == json.loads((ckpt / "config.json").read_text())
+    assert meta["smlp.producer_version"].startswith("smlp-export ")
+    assert d["manifest"]["target"] == target
+    plugins = g["plugin_nodes"]
+    if target == "tensorrt":
+        assert g["custom_domains"] == ["smlp"]
+        assert {p["op_type"] for p in plugins} >= {"SMLPGroupedExpertGemm", "SMLPSpatialMoEPartial"}
+        assert all(p["attributes"]["plugin_namespace"] == "smlp" for p in plugins)
+    else:
+        assert plugins == []
+        assert ("com.microsoft" in g["custom_domains"]) == (target == "ort")
+    if target == "ort":
+        assert "decode.onnx" in d["graphs"]
+    text = CliRunner().invoke(cli, ["inspect", str(out)]).output
+    assert f"target  {target} / fp32" in text and "input  input_ids: int64 [batch, seq]" in text
+
+
+def test_inspect_onnx_file_with_external_data(exports, tmp_path):
+    from smlp_cli.main import cli
+
+    m = onnx.load(str(exports["portable"] / "model.onnx"))
+    want = sum(numpy_helper.to_array(t).nbytes for t in m.graph.initializer if numpy_helper.to_array(t).nbytes >= 1024)
+    path = tmp_path / "big.onnx"
+    onnx.save_model(m, str(path), save_as_external_data=True, location="big.onnx.data", size_threshold=1024)
+    d = json.loads(CliRunner().invoke(cli, ["inspect", str(path), "--json"]).output)
+    g = d["graphs"]["big.onnx"]
+    assert g["external_data"] == [{"file": "big.onnx.data", "bytes": want, "present": True}]
+    assert g["initializers"]["external_bytes"] == want
+    (tmp_path / "big.onnx.data").unlink()
+    r = CliRunner().invoke(cli, ["inspect", str(path)])
+    assert r.exit_code == 0 and "big.onnx.data" in r.output and "MISSING" in r.output
