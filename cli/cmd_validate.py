@@ -35,9 +35,13 @@ def _fmt(v) -> str:
               help="Write the validation inputs as Polygraphy feed dicts (polygraphy run --load-inputs).")
 @click.option("--save-outputs", default=None, metavar="G.json",
               help="Write PyTorch's outputs on them as a Polygraphy RunResults (polygraphy run --load-outputs).")
+@click.option("--atol", type=float, default=None,
+              help="Absolute allowance on logits errors: a case passes if max|diff| <= atol + rtol * scale (default 0).")
+@click.option("--rtol", type=float, default=None,
+              help="Logits error bound relative to their scale, instead of the dtype table's (a looser one is flagged).")
 @json_flag
 def validate(out, backend, checkpoint, quick, providers, bisect, bisect_mode, save_inputs, save_outputs,
-             as_json) -> None:
+             atol, rtol, as_json) -> None:
     """Compare OUT (an export folder) with PyTorch; write OUT/parity.json; exit 0 only if it passes."""
     from smlp_export.validate import run_validation
 
@@ -50,7 +54,7 @@ def validate(out, backend, checkpoint, quick, providers, bisect, bisect_mode, sa
     report = run_validation(out, backend, checkpoint=checkpoint, quick=quick,
                             providers=list(providers) or None, progress=not as_json and sys.stderr.isatty(),
                             bisect=bisect_mode if bisect else None, save_inputs=save_inputs,
-                            save_outputs=save_outputs)
+                            save_outputs=save_outputs, atol=atol, rtol=rtol)
     if as_json:
         click.echo(report.to_json())
     else:
@@ -73,8 +77,13 @@ def validate(out, backend, checkpoint, quick, providers, bisect, bisect_mode, sa
 
             for line in table_lines(report.bisect):
                 click.echo(line)
+        ov = report.tolerance_overrides
+        if ov is not None:
+            click.echo(f"{'LOOSER TOLERANCES' if ov['looser'] else 'tolerances'}: atol {ov['atol']:g}, "
+                       f"rtol {ov['rtol']:g} ({ov['note']})")
         for f in report.failures:
             click.echo(f"FAIL {f}", err=True)
-        click.echo("PASSED" if report.passed else "FAILED")
+        looser = report.tolerance_overrides is not None and report.tolerance_overrides["looser"]
+        click.echo(("PASSED" if report.passed else "FAILED") + (" (with tolerances looser than the table)" if looser else ""))
     if not report.passed:
         sys.exit(1)

@@ -229,3 +229,43 @@ def test_inspect_onnx_file_with_external_data(exports, tmp_path):
     (tmp_path / "big.onnx.data").unlink()
     r = CliRunner().invoke(cli, ["inspect", str(path)])
     assert r.exit_code == 0 and "big.onnx.data" in r.output and "MISSING" in r.output
+
+
+# --- --atol / --rtol overrides ---------------------------------------------------------------------
+
+def test_tighter_rtol_fails_a_clean_export_and_is_recorded(exports, tmp_path):
+    from smlp_export.validate import TOLERANCES
+
+    out = tmp_path / "t"
+    shutil.copytree(exports["portable"], out)
+    base = run_validation(out, quick=True, write=False)
+    assert base.passed and base.tolerance_overrides is None
+    err = base.metrics["max_abs_err_rel"]
+    assert 0 < err < TOLERANCES["fp32"].max_abs_err_rel
+    rep = run_validation(out, quick=True, rtol=err / 2)
+    assert not rep.passed
+    doc = json.loads((out / "parity.json").read_text())
+    assert doc["tolerance_overrides"]["rtol"] == err / 2 and doc["tolerance_overrides"]["looser"] is False
+    assert doc["tolerances"]["max_abs_err_rel"] == err / 2
+    assert run_validation(out, quick=True, rtol=err * 2, write=False).passed
+
+
+def test_looser_bounds_are_flagged_never_silent(exports, tmp_path):
+    from smlp_cli.main import cli
+
+    out = _corrupt(exports["portable"], tmp_path / "l", "model.blocks.2.tmoe.w2", 1.05)
+    base = run_validation(out, quick=True, write=False)
+    assert [c["name"] for c in base.checks if not c["ok"]] == ["max_abs_err_rel"], base.failures
+    err_rel, err_abs = base.metrics["max_abs_err_rel"], base.metrics["max_abs_err"]
+    r = CliRunner().invoke(cli, ["validate", str(out), "--quick", "--rtol", str(err_rel * 1.01)])
+    assert r.exit_code == 0, r.output
+    assert "LOOSER TOLERANCES" in r.output and "PASSED (with tolerances looser than the table)" in r.output
+    doc = json.loads((out / "parity.json").read_text())
+    assert doc["passed"] and doc["tolerance_overrides"]["looser"] is True
+    assert "rtol" in doc["tolerance_overrides"]["note"]
+    # atol alone (rtol 0): the bound is max|diff| <= atol, case by case
+    assert run_validation(out, quick=True, rtol=0, atol=err_abs * 1.01, write=False).passed
+    rep = run_validation(out, quick=True, rtol=0, atol=err_abs * 0.99, write=False)
+    assert not rep.passed and rep.tolerance_overrides["looser"] is True
+    r = CliRunner().invoke(cli, ["validate", str(out), "--quick", "--atol", "-1"])
+    assert r.exit_code != 0 and "--atol must be a finite number >= 0" in str(r.exception)

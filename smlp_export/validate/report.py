@@ -34,6 +34,7 @@ class ParityReport:
     time_s: float
     quick: bool = False
     decode: dict[str, Any] | None = None  # decode.onnx parity when the export has one (see decode/validate.py)
+    tolerance_overrides: dict[str, Any] | None = None  # --atol/--rtol (validate/overrides.py); looser: bool
     bisect: dict[str, Any] | None = None  # --bisect: per-block comparison, first divergence (validate/bisect.py)
     format_version: int = REPORT_FORMAT
     extra: dict[str, Any] = field(default_factory=dict)
