@@ -269,3 +269,22 @@ def test_looser_bounds_are_flagged_never_silent(exports, tmp_path):
     assert not rep.passed and rep.tolerance_overrides["looser"] is True
     r = CliRunner().invoke(cli, ["validate", str(out), "--quick", "--atol", "-1"])
     assert r.exit_code != 0 and "--atol must be a finite number >= 0" in str(r.exception)
+
+
+# --- fp16: bounds from the fp16 table; router tie flips explain their tokens, nothing else ----------
+
+def test_fp16_bisect(ckpt, tmp_path):
+    from smlp_export.export.pipeline import export_model
+
+    out = tmp_path / "h"
+    export_model(str(ckpt), out, target="tensorrt", dtype="fp16", validate=False)
+    bis = run_validation(out, quick=True, bisect="all", write=False).bisect
+    assert bis["first_divergence"] is None, bis
+    assert bis["limit"] == pytest.approx(16 * 2.0**-10)
+    by = {r["name"]: r for r in bis["blocks"]}
+    # this model has fp16 tie flips in block 2's token routing: those tokens are left out, and
+    # counted (whole tokens of d_model = 32 values), never silently
+    assert by["blocks.2.tmoe"]["excluded_tie_values"] > 0
+    assert by["blocks.2.tmoe"]["excluded_tie_values"] % 32 == 0
+    bad = _corrupt(out, tmp_path / "hb", "model.blocks.1.tmoe.w2", 1.2)
+    assert run_validation(bad, quick=True, bisect="all", write=False).bisect["first_divergence"] == "blocks.1.tmoe"

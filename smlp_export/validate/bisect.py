@@ -55,12 +55,17 @@ class Row:
     where: dict[str, Any] = field(default_factory=dict)
     finite: bool = True
     error: str | None = None
+    excluded: int = 0  # values left out because their router decision flipped inside the tie noise
 
-    def add(self, case: str, ref: np.ndarray, got: np.ndarray) -> None:
+    def add(self, case: str, ref: np.ndarray, got: np.ndarray, exclude: np.ndarray | None = None) -> None:
         if got.shape != ref.shape:
             self.error = f"case {case}: shape {tuple(got.shape)} != torch {tuple(ref.shape)}"
             return
         diff = np.abs(got.astype(np.float64) - ref.astype(np.float64))
+        if exclude is not None and exclude.any():
+            mask = np.broadcast_to(exclude, diff.shape)
+            self.excluded += int(mask.sum())
+            diff = np.where(mask, 0.0, diff)
         finite = bool(np.isfinite(got).all())
         self.finite &= finite
         scale = 1.0 if self.scale_one else float(np.abs(ref).max()) if ref.size else 0.0
@@ -81,7 +86,27 @@ class Row:
                 "max_abs_err": self.max_abs_err,
                 "mean_abs_err": self.sum_abs_err / self.n_values if self.n_values else None,
                 "scale": self.scale, "where": self.where, "finite": self.finite, "limit": limit,
+                "excluded_tie_values": self.excluded,
                 "ok": bool(ok), **({"error": self.error} if self.error else {})}
+
+
+def tie_flips(ref: np.ndarray, got: np.ndarray, kind: str, k: int, tol: Tolerance) -> np.ndarray:
+    """[B, R] True where the router's decision differs from PyTorch's *and* PyTorch's margin is
+    inside the dtype's tie noise (the validator accepts those flips; compare.LayerRouting)."""
+    from .compare import decisions
+
+    scale = 1.0 if kind == "smoe_probs" else float(np.abs(ref).max())
+    dr, dg = decisions(ref, k), decisions(got, k)
+    flip = ~(dr.chosen == dg.chosen).all(-1) & (dr.margin < tol.noise(scale))
+    return flip.reshape(ref.shape[0], ref.shape[1])
+
+
+def _exclusion(name: str, kind: str, flips: np.ndarray) -> np.ndarray:
+    """Which values of a MoE layer's output [B, T, d] a tie flip explains: the flipped tokens
+    (tMoE); every position of a sequence whose channel routing flipped (sMoE: proj_out mixes channels)."""
+    if kind == "tmoe_logits":
+        return flips[:, :, None]
+    return flips.any(axis=1)[:, None, None]
 
 
 def _read_graph(path: Path):
@@ -170,10 +195,10 @@ class TorchCapture:
         return got
 
 
-def _rows_full(probes: list[dict[str, str]], routing: list[tuple[str, str]], n_layers: int) -> list[Row]:
+def _rows_full(probes: list[dict[str, str]], routing: list[tuple[str, str, int]], n_layers: int) -> list[Row]:
     rows = [Row(p["name"], PROBE_PREFIX + p["name"], p["tensor"],
                 -1 if p["name"] == "embed" else int(p["name"].split(".")[1])) for p in probes]
-    for name, kind in routing:  # router outputs are already graph outputs
+    for name, kind, _ in routing:  # router outputs are already graph outputs
         rows.append(Row(f"{name}.router", f"router.{name}", f"router.{name}", int(name.split(".")[1]),
                         scale_one=kind == "smoe_probs"))
     rows.append(Row("logits", "logits", "logits", n_layers))
@@ -211,9 +236,11 @@ def _pick_mode(mode: str, size: int) -> str:
 
 def _compare(src: Path, proto, rows: list[Row], groups: list[list[Row]], cases: list[tuple[str, np.ndarray]],
              capture: TorchCapture, make_runner: Callable[[Path], Any], feeds: Callable[[np.ndarray], Any],
-             tmp: Path) -> None:
-    """Run PyTorch once per case (captures on disk), then the probed graph group by group."""
-    want = {r.name for r in rows}
+             tmp: Path, routing: list[tuple[str, str, int]] = (), tol: Tolerance | None = None) -> None:
+    """Run PyTorch once per case (captures on disk), then the probed graph group by group.
+    MoE outputs leave out the values that a router tie flip (routing: [(layer, kind, k)]) explains."""
+    want = {r.name for r in rows} | {f"{name}.router" for name, _, _ in routing}
+    routers = {name: (kind, k) for name, kind, k in routing}
     for ci, (case, ids) in enumerate(cases):
         for k, v in capture.run(ids).items():
             if k in want:
@@ -237,7 +264,14 @@ def _compare(src: Path, proto, rows: list[Row], groups: list[list[Row]], cases: 
                     out = got[r.output]
                     if r.name.endswith(".state"):  # new state rows [0, T); the rest is the zero input
                         out = out[:, : ref.shape[1]]
-                    r.add(case, np.asarray(ref), out)
+                    exclude = None
+                    if r.name in routers and tol is not None and f"router.{r.name}" in got:
+                        kind, k = routers[r.name]
+                        rref = np.load(tmp / f"ref-{ci}-{r.name}.router.npy")
+                        rgot = got[f"router.{r.name}"]
+                        if rref.shape == rgot.shape:
+                            exclude = _exclusion(r.name, kind, tie_flips(rref, rgot, kind, k, tol))
+                    r.add(case, np.asarray(ref), out, exclude)
         finally:
             del runner
         path.unlink(missing_ok=True)
@@ -245,11 +279,11 @@ def _compare(src: Path, proto, rows: list[Row], groups: list[list[Row]], cases: 
 
 def bisect_export(export_dir: str | Path, model, cases: list[tuple[str, np.ndarray]], tol: Tolerance, *,
                   backend: str = "ort", providers: list[str] | None = None, mode: str = "auto",
-                  routing: list[tuple[str, str]] | None = None, decode: dict[str, Any] | None = None) -> dict[str, Any]:
+                  routing: list[tuple[str, str, int]] | None = None, decode: dict[str, Any] | None = None) -> dict[str, Any]:
     """Per-block comparison of ``export_dir/model.onnx`` (and decode.onnx) with PyTorch.
 
     model: the float32 reference SMLPForCausalLM; cases: [(case label, input_ids int64 [B, T])];
-    routing: [(layer name, kind)] of the router outputs; decode: manifest["decode"] or None.
+    routing: [(layer name, kind, k)] of the router outputs; decode: manifest["decode"] or None.
     Returns {first_divergence, limit, mode, blocks: [row...], decode: {...} | absent}.
     """
     from smlp_export.runners import RunnerUnavailable, get_runner
@@ -272,7 +306,8 @@ def bisect_export(export_dir: str | Path, model, cases: list[tuple[str, np.ndarr
 
     with tempfile.TemporaryDirectory(prefix="smlp-bisect-") as t:
         tmp = Path(t)
-        _compare(src, proto, rows, _groups(rows, chosen), cases, capture, make_runner, lambda ids: ids, tmp)
+        _compare(src, proto, rows, _groups(rows, chosen), cases, capture, make_runner, lambda ids: ids, tmp,
+                 routing or [], tol)
         out = _summarise(rows, tol, {"mode": chosen, "graph": "model.onnx"})
         if decode:
             out["decode"] = _bisect_decode(export_dir, decode, model, cases, tol, chosen, providers, capture, tmp)
@@ -332,7 +367,8 @@ def table_lines(bisect: dict[str, Any]) -> list[str]:
         for r in sec["blocks"]:
             w = r["where"]
             where = f"{w['case']} {tuple(w['index'])}" if w else "-"
-            rows.append((r["name"], f"{r['max_abs_err_rel']:.3g}",
+            name = r["name"] + (f" ({r['excluded_tie_values']} tie values left out)" if r.get("excluded_tie_values") else "")
+            rows.append((name, f"{r['max_abs_err_rel']:.3g}",
                          f"{r['mean_abs_err']:.3g}" if r["mean_abs_err"] is not None else "-",
                          f"{r['scale']:.3g}", where, "ok" if r["ok"] else ("FAIL " + r.get("error", "")).strip()))
         widths = [max(len(x[i]) for x in rows) for i in range(6)]

@@ -234,7 +234,7 @@ def run_validation(export_dir: str | Path, backend: str = "ort", *, checkpoint: 
         from .bisect import bisect_export
 
         bis = bisect_export(export_dir, model, inputs, tol, backend=backend, providers=providers, mode=bisect,
-                            routing=[(layer.name, layer.kind) for layer in layers],
+                            routing=[(layer.name, layer.kind, layer.k) for layer in layers],
                             decode=manifest.get("decode") if backend == "ort" else None)
     report = ParityReport(
         passed=not failures, backend=backend, target=target, dtype=dtype, tolerances=tol.to_dict(),
