@@ -34,7 +34,7 @@ def exports(ckpt, tmp_path_factory):
     out = {}
     for target in ("ort", "tensorrt", "portable"):
         out[target] = root / target
-        export_model(str(ckpt), out[target], target=target, validate=False, decode=target == "ort")
+        export_model(str(ckpt), out[target], target=target, validate=False)
     return out
 
 
@@ -99,25 +99,44 @@ def test_dense_block_and_each_mode_agree(exports, tmp_path):
         [(r["name"], r["max_abs_err_rel"]) for r in e["blocks"]]
 
 
-def test_decode_graph_state_rows(exports, tmp_path):
-    rep = run_validation(exports["ort"], quick=True, bisect="all", write=False)
-    dec = rep.bisect["decode"]
+def _bisect_direct(out, ckpt):
+    """bisect_export on the quick cases, without run_validation's (slow) decode parity pass."""
+    from smlp_export import data, load_checkpoint
+    from smlp_export.validate import TOLERANCES
+    from smlp_export.validate.bisect import bisect_export
+
+    model = load_checkpoint(str(ckpt)).float().eval()
+    src = data.corpus_source_of(model)
+    cases = [(f"{b}x{t}", data.heldout_windows(b, t, src, offset=i).numpy()) for i, (b, t) in enumerate([(1, 1), (3, 32)])]
+    manifest = json.loads((out / "manifest.json").read_text())
+    return bisect_export(out, model, cases, TOLERANCES["fp32"], mode="all", decode=manifest["decode"],
+                         routing=[(n, r["kind"], r["k"]) for n, r in manifest["routing_outputs"].items()])
+
+
+def test_decode_graph_state_rows(ckpt, tmp_path):
+    from smlp_export.export.pipeline import export_model
+
+    src = tmp_path / "ort-decode"
+    export_model(str(ckpt), src, target="ort", validate=False, decode=True)
+    d = json.loads(CliRunner().invoke(__import__("smlp_cli.main").main.cli, ["inspect", str(src), "--json"]).output)
+    assert d["manifest"]["decode"] is True and d["graphs"]["decode.onnx"]["metadata_props"]["smlp.probes"]
+    dec = _bisect_direct(src, ckpt)["decode"]
     assert dec["first_divergence"] is None
     assert [r["name"] for r in dec["blocks"] if r["name"].endswith(".state")] == \
         ["blocks.0.state", "blocks.1.state", "blocks.2.state"]
     # corrupt block 1's spatial-expert biases in decode.onnx only: its state is unaffected (state = the
     # input of the spatial projection), the next block's state is the first to move
     out = tmp_path / "d"
-    shutil.copytree(exports["ort"], out)
+    shutil.copytree(src, out)
     path = out / "decode.onnx"
     m = onnx.load(str(path))
     hit = [i for i in m.graph.initializer if i.name == "step.model.blocks.1.smoe.bias"]
     assert hit, [i.name for i in m.graph.initializer]
     hit[0].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(hit[0]) * 1.5, hit[0].name))
     onnx.save(m, str(path))
-    dec = run_validation(out, quick=True, bisect="all", write=False).bisect["decode"]
-    assert dec["first_divergence"] == "blocks.2.tmoe", dec
-    assert run_validation(out, quick=True, bisect="all", write=False).bisect["first_divergence"] is None
+    bis = _bisect_direct(out, ckpt)
+    assert bis["decode"]["first_divergence"] == "blocks.2.tmoe", bis["decode"]
+    assert bis["first_divergence"] is None  # model.onnx is untouched
 
 
 def test_cli_table_json_and_exit_code(exports, tmp_path):
@@ -209,8 +228,6 @@ def test_inspect_export(exports, ckpt, target):
     else:
         assert plugins == []
         assert ("com.microsoft" in g["custom_domains"]) == (target == "ort")
-    if target == "ort":
-        assert "decode.onnx" in d["graphs"]
     text = CliRunner().invoke(cli, ["inspect", str(out)]).output
     assert f"target  {target} / fp32" in text and "input  input_ids: int64 [batch, seq]" in text
 
