@@ -178,8 +178,7 @@ def _polygraphy(model_path, inputs, outputs):
 
 
 def test_polygraphy_round_trip(exports, tmp_path):
-    pytest.importorskip("polygraphy", reason="polygraphy is in the dev extra")
-    from polygraphy.json import load_json
+    from polygraphy.json import load_json  # in the dev extra: CI runs this for real, never skips
 
     from smlp_cli.main import cli
 
@@ -305,3 +304,29 @@ def test_fp16_bisect(ckpt, tmp_path):
     assert by["blocks.2.tmoe"]["excluded_tie_values"] % 32 == 0
     bad = _corrupt(out, tmp_path / "hb", "model.blocks.1.tmoe.w2", 1.2)
     assert run_validation(bad, quick=True, bisect="all", write=False).bisect["first_divergence"] == "blocks.1.tmoe"
+
+
+def test_bisect_external_data_each_mode(exports, tmp_path, monkeypatch):
+    """A graph with external weights: the probed copy reads the same data file (not copied, not loaded);
+    auto mode switches to one block per session above the size limit; the published files stay."""
+    from smlp_export.validate import bisect as bisect_mod
+
+    out = tmp_path / "ext"
+    shutil.copytree(exports["portable"], out)
+    m = onnx.load(str(out / "model.onnx"))
+    onnx.save_model(m, str(out / "model.onnx"), save_as_external_data=True, location="model.onnx.data",
+                    size_threshold=1024)
+    data_before = (out / "model.onnx.data").read_bytes()
+    monkeypatch.setattr(bisect_mod, "EACH_ABOVE_BYTES", 0)
+    bis = run_validation(out, quick=True, bisect="auto", write=False).bisect
+    assert bis["mode"] == "each" and bis["first_divergence"] is None
+    assert (out / "model.onnx.data").read_bytes() == data_before
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # the temporary graph is gone
+    # corrupt a tensor inside the external data file: still found
+    m = onnx.load(str(out / "model.onnx"))
+    for init in m.graph.initializer:
+        if init.name == "model.blocks.1.tmoe.w2":
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * 1.05, init.name))
+    onnx.save_model(m, str(out / "model.onnx"), save_as_external_data=True, location="model.onnx.data",
+                    size_threshold=1024)
+    assert run_validation(out, quick=True, bisect="auto", write=False).bisect["first_divergence"] == "blocks.1.tmoe"

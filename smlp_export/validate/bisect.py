@@ -2,8 +2,8 @@
 
 The export's graph records, per block, which tensor holds the block output and (sparse blocks) the
 tMoE and sMoE outputs (``smlp.probes`` in its metadata_props, written by
-``smlp_export.export.probes``). Bisection copies the graph to a temporary folder (the published
-file is never touched; external data files are linked, not copied or loaded), exposes those
+``smlp_export.export.probes``). Bisection writes a temporary copy of the graph (the published
+file is never touched; external weights are neither copied nor loaded), exposes those
 tensors as extra float32 outputs (``probe.<name>``, a Cast so fp16/bf16 graphs compare alike),
 runs it on the validation inputs, and compares each with the same tensor captured from PyTorch by
 forward hooks. Rows, in execution order: ``embed``, then per block ``blocks.N.tmoe.router``,
@@ -136,8 +136,11 @@ def _graph_bytes(path: Path, proto) -> int:
 
 
 def probed_copy(src: Path, proto, exposed: list[tuple[str, str]], tmp: Path, name: str) -> Path:
-    """Write ``tmp/name``: ``proto`` plus one float32 output per (output name, tensor); external
-    data files are symlinked next to it. ``proto`` is not modified."""
+    """Write ``proto`` plus one float32 output per (output name, tensor) to ``tmp/name``; ``proto``
+    is not modified. A graph with external data is written as a hidden temporary file next to the
+    published one instead (``.name.smlp-bisect-PID.onnx``, removed by the caller): ONNX Runtime
+    refuses external data outside the model's folder, even through a symlink, and copying the
+    weights is what this avoids."""
     import onnx
 
     m = onnx.ModelProto()
@@ -149,12 +152,9 @@ def probed_copy(src: Path, proto, exposed: list[tuple[str, str]], tmp: Path, nam
             continue
         m.graph.node.append(h.make_node("Cast", [tensor], [out], to=onnx.TensorProto.FLOAT, name=f"bisect_{out}"))
         m.graph.output.append(h.make_tensor_value_info(out, onnx.TensorProto.FLOAT, None))
-    for f in _external_files(m):
-        link = tmp / f
-        if not link.exists():
-            link.parent.mkdir(parents=True, exist_ok=True)
-            os.symlink((src.parent / f).resolve(), link)
     path = tmp / name
+    if _external_files(m):
+        path = src.parent / f".{name}.smlp-bisect-{os.getpid()}.onnx"
     onnx.save_model(m, str(path))
     return path
 
@@ -248,8 +248,8 @@ def _compare(src: Path, proto, rows: list[Row], groups: list[list[Row]], cases: 
     for gi, group in enumerate(groups):
         exposed = [(r.output, r.tensor) for r in group if r.output.startswith(PROBE_PREFIX)]
         path = probed_copy(src, proto, exposed, tmp, f"probed-{gi}.onnx")
-        runner = make_runner(path)
         try:
+            runner = make_runner(path)
             for ci, (case, ids) in enumerate(cases):
                 got = runner(feeds(ids))
                 for r in group:
@@ -272,9 +272,9 @@ def _compare(src: Path, proto, rows: list[Row], groups: list[list[Row]], cases: 
                         if rref.shape == rgot.shape:
                             exclude = _exclusion(r.name, kind, tie_flips(rref, rgot, kind, k, tol))
                     r.add(case, np.asarray(ref), out, exclude)
-        finally:
             del runner
-        path.unlink(missing_ok=True)
+        finally:
+            path.unlink(missing_ok=True)
 
 
 def bisect_export(export_dir: str | Path, model, cases: list[tuple[str, np.ndarray]], tol: Tolerance, *,
