@@ -14,8 +14,16 @@ from .options import json_flag, with_checkpoint
               help="Held-out windows of max_seq_len tokens to evaluate.")
 @json_flag
 def inspect(checkpoint, allow_pickle, heldout, windows, as_json) -> None:
-    """Show a checkpoint's config, sizes, routing and expert load (default: the embedded model)."""
+    """Show a checkpoint's config, sizes, routing and expert load (default: the embedded model);
+    for an export folder or a .onnx file: its graph(s), I/O, plugins, weights, manifest and parity."""
     import json
+
+    from smlp_export.inspect_export import describe_export, export_lines, is_export
+
+    if is_export(checkpoint):
+        d = describe_export(checkpoint)
+        click.echo(json.dumps(d, indent=2, default=str) if as_json else "\n".join(export_lines(d)))
+        return
 
     from smlp_export import load_checkpoint
     from smlp_export.inspect import describe, histogram_lines

@@ -97,7 +97,14 @@ def _finish(proto: onnx.ModelProto, model, target: str, dtype: str, opset: int, 
     keep = [o for o in proto.opset_import if o.domain in used or o.domain in ("", "ai.onnx")]
     del proto.opset_import[:]
     proto.opset_import.extend(keep)
+    from ..export.probes import attach_probes, find_probes
+
+    probes = find_probes(proto)  # module scopes, read before the metadata is dropped
     del proto.metadata_props[:]
+    attach_probes(proto, probes)
+    from ..export.metadata import attach_metadata
+
+    attach_metadata(proto, model)  # checkpoint sha256, config, producer (deterministic)
     for n in proto.graph.node:
         del n.metadata_props[:]
         n.doc_string = ""

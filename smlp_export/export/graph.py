@@ -259,7 +259,14 @@ def build_onnx(model, *, target: str, dtype: str, opset: int, ir_version: int = 
         n = model.config.max_seq_len
         block_causal_matmuls(proto, n, default_block(n) if causal_block is None else causal_block)
     _drop_unused_opsets(proto)
+    from .probes import attach_probes, find_probes
+
+    probes = find_probes(proto)  # before _clean drops the module scopes it reads
     _clean(proto)
+    attach_probes(proto, probes)
+    from .metadata import attach_metadata
+
+    attach_metadata(proto, model)  # checkpoint sha256, config, producer (deterministic)
     _rename_dims(proto)
     proto.ir_version = ir_version  # ONNX Runtime 1.31 refuses IR > 13
     if not lazy:

@@ -146,12 +146,16 @@ def _sha256(path: Path) -> str:
 
 
 def run_validation(export_dir: str | Path, backend: str = "ort", *, checkpoint: Any = None, quick: bool = False,
-                   providers: list[str] | None = None, progress: bool = False, write: bool = True) -> ParityReport:
+                   providers: list[str] | None = None, progress: bool = False, write: bool = True,
+                   bisect: str | None = None, save_inputs: str | None = None,
+                   save_outputs: str | None = None, atol: float | None = None,
+                   rtol: float | None = None) -> ParityReport:
     """Compare the export in ``export_dir`` with PyTorch on real held-out text; write parity.json.
 
     checkpoint: path, name, or an ``SMLPForCausalLM``; default ``manifest["checkpoint"]["path"]``.
     Its weights sha256 must match the manifest's (CheckpointError otherwise).
-    quick: fewer cases (used after every export). The report's ``passed`` is True only if every
+    quick: fewer cases (used after every export). bisect: None, or a mode of
+    ``validate.bisect.MODES`` to add the per-block comparison (report ``bisect``). The report's ``passed`` is True only if every
     check passed; errors in the inputs (missing files, unknown backend) raise ``SMLPError``.
     """
     from tqdm import tqdm
@@ -170,6 +174,9 @@ def run_validation(export_dir: str | Path, backend: str = "ort", *, checkpoint: 
     # The tolerance table follows what the graph computes in, never the manifest's label.
     dtype = graph_dtype(onnx_path)
     tol = tolerance_for(dtype)
+    from .overrides import apply_overrides
+
+    tol, overrides = apply_overrides(tol, atol, rtol)  # --atol/--rtol; looser ones are flagged
     model, ckpt = _load_reference_model(manifest, checkpoint, export_dir)
     cfg = model.config
     source = data.corpus_source_of(model)
@@ -185,6 +192,7 @@ def run_validation(export_dir: str | Path, backend: str = "ort", *, checkpoint: 
     ref_runner.load()
     runner = _make_backend(backend, onnx_path, providers)
     rows: list[dict[str, Any]] = []
+    inputs: list[tuple[str, np.ndarray]] = []  # (case, input_ids): what --bisect replays
     failures: list[str] = []
     if dtype != manifest["dtype"]:
         failures.append(f"dtype: manifest.json says {manifest['dtype']!r} but {MODEL_FILE} computes in {dtype} "
@@ -196,6 +204,7 @@ def run_validation(export_dir: str | Path, backend: str = "ort", *, checkpoint: 
         """Compare one batch; tgt None = synthetic input (no perplexity tokens)."""
         nonlocal nll_t, nll_b, n_tok
         b, t = ids.shape
+        inputs.append((case, ids))
         ref, got = ref_runner.run(ids), runner.run(ids)
         if "logits" not in got:
             raise SMLPError(f"{onnx_path} has no output 'logits' (outputs: {', '.join(got)})")
@@ -276,6 +285,17 @@ def run_validation(export_dir: str | Path, backend: str = "ort", *, checkpoint: 
         checks.append({"name": "plugin_attributes", "value": plugins["passed"], "limit": "true",
                        "ok": plugins["passed"]})
         failures += plugins["failures"]
+    if save_inputs or save_outputs:  # Polygraphy JSON of these very inputs and PyTorch's outputs
+        from .polygraphy_io import save_polygraphy
+
+        save_polygraphy(model, inputs, save_inputs, save_outputs)
+    bis = None
+    if bisect:
+        from .bisect import bisect_export
+
+        bis = bisect_export(export_dir, model, inputs, tol, backend=backend, providers=providers, mode=bisect,
+                            routing=[(layer.name, layer.kind, layer.k) for layer in layers],
+                            decode=manifest.get("decode") if backend == "ort" else None)
     report = ParityReport(
         passed=not failures, backend=backend, target=target, dtype=dtype, tolerances=tol.to_dict(),
         metrics=metrics, checks=checks, failures=failures, cases=rows, checkpoint=ckpt,
@@ -286,7 +306,8 @@ def run_validation(export_dir: str | Path, backend: str = "ort", *, checkpoint: 
         corpus={"source": source, "split": "held-out", "ppl_from_position": p,
                 "windows": "consecutive held-out windows of seq + 1 tokens (input + next-token targets)"},
         time_s=round(time.perf_counter() - t0, 3), quick=quick, decode=decode, coverage=cov_report,
-        extra={"plugin_attributes": plugins} if plugins is not None else {})
+        extra={"plugin_attributes": plugins} if plugins is not None else {}, bisect=bis,
+        tolerance_overrides=overrides)
     if write:
         report.write(export_dir)
     return report
@@ -391,7 +412,13 @@ def _checks(m: dict[str, Any], rows: list[dict], tol, p: int) -> list[dict[str, 
            check("all_finite", m["all_finite"], "true", m["all_finite"])]
     if rows:
         rel = m["max_abs_err_rel"]
-        out.append(check("max_abs_err_rel", rel, f"<= {tol.max_abs_err_rel:g}", rel <= tol.max_abs_err_rel))
+        if getattr(tol, "atol", 0.0):  # --atol: per case max|diff| <= atol + rtol * scale
+            from .overrides import logits_bound_ok
+
+            out.append(check("max_abs_err_rel", rel, f"<= {tol.max_abs_err_rel:g} + atol {tol.atol:g} / scale",
+                             logits_bound_ok(rows, tol)))
+        else:
+            out.append(check("max_abs_err_rel", rel, f"<= {tol.max_abs_err_rel:g}", rel <= tol.max_abs_err_rel))
         out.append(check("top1_agreement", m["top1_agreement"], f">= {tol.top1_min:g} outside ties",
                          m["top1_agreement"] >= tol.top1_min))
         flips = m["routing_agreement"]["flips_outside_ties"]

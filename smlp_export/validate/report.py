@@ -37,6 +37,8 @@ class ParityReport:
     quick: bool = False
     decode: dict[str, Any] | None = None  # decode.onnx parity when the export has one (see decode/validate.py)
     coverage: dict[str, Any] | None = None  # experts reached per MoE layer (validate/coverage.py)
+    tolerance_overrides: dict[str, Any] | None = None  # --atol/--rtol (validate/overrides.py); looser: bool
+    bisect: dict[str, Any] | None = None  # --bisect: per-block comparison, first divergence (validate/bisect.py)
     format_version: int = REPORT_FORMAT
     extra: dict[str, Any] = field(default_factory=dict)
 

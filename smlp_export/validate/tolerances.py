@@ -28,6 +28,7 @@ class Tolerance:
     top1_min: float  # top-1 agreement required on positions outside ties
     ppl_rel_delta: float  # |ppl_backend - ppl_torch| / ppl_torch
     tie_ulps: float  # noise = tie_ulps * eps * scale
+    atol: float = 0.0  # absolute allowance on logits errors: only from --atol (validate/overrides.py)
 
     def noise(self, scale: float) -> float:
         """Smallest gap that the dtype orders reliably, for values of magnitude ``scale``."""
