@@ -12,7 +12,7 @@ from onnx import numpy_helper
 
 from smlp_export.validate import run_validation
 
-from .conftest import micro_model
+from .conftest import micro_model, rehash_manifest
 
 MODE = {"token_routing": "topk", "top_k": 2, "spatial_routing": "partial"}
 
@@ -38,6 +38,18 @@ def exports(ckpt, tmp_path_factory):
     return out
 
 
+def _reseal(out) -> None:
+    """Record the edited files in the manifest (validation refuses files that changed after export):
+    these tests plant a wrong weight on purpose, as an exporter bug would with a consistent manifest."""
+    man = out / "manifest.json"
+    m = json.loads(man.read_text())
+    listed = {f["name"] for f in m["files"]}
+    m["files"] += [{"name": p.name, "bytes": 0, "sha256": ""} for p in sorted(out.glob("*.onnx.data"))
+                   if p.name not in listed]
+    man.write_text(json.dumps(m, indent=2, sort_keys=True) + "\n")
+    rehash_manifest(out)
+
+
 def _corrupt(src, dst, init_name: str, factor: float):
     shutil.copytree(src, dst)
     path = dst / "model.onnx"
@@ -49,6 +61,7 @@ def _corrupt(src, dst, init_name: str, factor: float):
     else:
         raise AssertionError(f"{init_name} not in {path}")
     onnx.save(m, str(path))
+    _reseal(dst)
     return dst
 
 
@@ -134,6 +147,7 @@ def test_decode_graph_state_rows(ckpt, tmp_path):
     assert hit, [i.name for i in m.graph.initializer]
     hit[0].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(hit[0]) * 1.5, hit[0].name))
     onnx.save(m, str(path))
+    _reseal(out)
     bis = _bisect_direct(out, ckpt)
     assert bis["decode"]["first_divergence"] == "blocks.2.tmoe", bis["decode"]
     assert bis["first_divergence"] is None  # model.onnx is untouched
@@ -161,6 +175,7 @@ def test_graph_without_probes_is_one_clear_error(exports, tmp_path):
     m = onnx.load(str(out / "model.onnx"))
     del m.metadata_props[:]
     onnx.save(m, str(out / "model.onnx"))
+    _reseal(out)
     with pytest.raises(InputError, match="no block probes"):
         run_validation(out, quick=True, bisect="all", write=False)
 
@@ -297,11 +312,11 @@ def test_fp16_bisect(ckpt, tmp_path):
     bis = run_validation(out, quick=True, bisect="all", write=False).bisect
     assert bis["first_divergence"] is None, bis
     assert bis["limit"] == pytest.approx(16 * 2.0**-10)
-    by = {r["name"]: r for r in bis["blocks"]}
-    # this model has fp16 tie flips in block 2's token routing: those tokens are left out, and
-    # counted (whole tokens of d_model = 32 values), never silently
-    assert by["blocks.2.tmoe"]["excluded_tie_values"] > 0
-    assert by["blocks.2.tmoe"]["excluded_tie_values"] % 32 == 0
+    # tie-flipped tokens are left out of a tMoE row and counted in whole tokens (d_model = 32 values).
+    # Since fp16 exports route in fp32 (precision.py) this model has no flips left, so the count is
+    # only checked for its unit here; the exclusion itself is not exercised by a real flip.
+    tmoe = [r for r in bis["blocks"] if r["name"].endswith(".tmoe")]
+    assert tmoe and all(r.get("excluded_tie_values", 0) % 32 == 0 for r in tmoe)
     bad = _corrupt(out, tmp_path / "hb", "model.blocks.1.tmoe.w2", 1.2)
     assert run_validation(bad, quick=True, bisect="all", write=False).bisect["first_divergence"] == "blocks.1.tmoe"
 
@@ -316,6 +331,7 @@ def test_bisect_external_data_each_mode(exports, tmp_path, monkeypatch):
     m = onnx.load(str(out / "model.onnx"))
     onnx.save_model(m, str(out / "model.onnx"), save_as_external_data=True, location="model.onnx.data",
                     size_threshold=1024)
+    _reseal(out)
     data_before = (out / "model.onnx.data").read_bytes()
     monkeypatch.setattr(bisect_mod, "EACH_ABOVE_BYTES", 0)
     bis = run_validation(out, quick=True, bisect="auto", write=False).bisect
@@ -329,4 +345,5 @@ def test_bisect_external_data_each_mode(exports, tmp_path, monkeypatch):
             init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * 1.05, init.name))
     onnx.save_model(m, str(out / "model.onnx"), save_as_external_data=True, location="model.onnx.data",
                     size_threshold=1024)
+    _reseal(out)
     assert run_validation(out, quick=True, bisect="auto", write=False).bisect["first_divergence"] == "blocks.1.tmoe"
