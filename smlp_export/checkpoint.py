@@ -211,6 +211,35 @@ def _model_from_tensors(cfg: SMLPConfig, tensors: dict[str, torch.Tensor]) -> to
     return model
 
 
+def read_header(d: Path, *, memory_op: str, what: str, dtype: str | None = None):
+    """Everything a checkpoint directory says before its weights are read: (metadata, config,
+    tokenizer), checked (not an export folder, format version, config, tokenizer agreeing with the
+    config) and the memory check for ``memory_op`` (``memory.require``) done. Shared by
+    :func:`load_checkpoint` and the low-memory export (``export.weights.open_checkpoint``)."""
+    from .export.origin import export_hint, is_export_dir
+
+    if is_export_dir(d):  # say so, instead of "missing metadata.json"
+        raise CheckpointError(f"{d} is an export directory, not a checkpoint: {export_hint(d)}")
+    meta = _read_json(d / METADATA_FILE)
+    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+        got = meta.get("format_version") if isinstance(meta, dict) else None
+        raise CheckpointError(f"{d / METADATA_FILE}: unknown checkpoint format_version {got!r} "
+                              f"(this version reads {FORMAT_VERSION})")
+    cfg = read_config(d)
+    from .memory import require
+
+    kw = {} if dtype is None else {"dtype": dtype}
+    require(cfg, memory_op, checkpoint_dtype=str(meta.get("dtype", "float32")), what=what, **kw)
+    tpath = tokenizer_path(d)
+    tok = _read_tokenizer(tpath)
+    if tok.vocab_size != cfg.vocab_size:
+        raise CheckpointError(f"{tpath}: vocab_size {tok.vocab_size} != config vocab_size {cfg.vocab_size}")
+    if tok.eos_token_id != cfg.eos_token_id:
+        # generation stops on the tokenizer's eos, training/validation use the config's: they must agree
+        raise CheckpointError(f"{tpath}: eos_token_id {tok.eos_token_id} != config eos_token_id {cfg.eos_token_id}")
+    return meta, cfg, tok
+
+
 def load_checkpoint(
     path_or_name: str | os.PathLike | None = None, *, allow_pickle: bool = False
 ) -> torch.nn.Module:
@@ -228,26 +257,7 @@ def load_checkpoint(
         raise CheckpointError(f"checkpoint {d} does not exist")
     if not d.is_dir():
         raise CheckpointError(f"checkpoint {d} is not a directory (expected config.json + model.safetensors)")
-    from .export.origin import export_hint, is_export_dir
-
-    if is_export_dir(d):  # say so, instead of "missing metadata.json"
-        raise CheckpointError(f"{d} is an export directory, not a checkpoint: {export_hint(d)}")
-    meta = _read_json(d / METADATA_FILE)
-    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
-        got = meta.get("format_version") if isinstance(meta, dict) else None
-        raise CheckpointError(f"{d / METADATA_FILE}: unknown checkpoint format_version {got!r} "
-                              f"(this version reads {FORMAT_VERSION})")
-    cfg = read_config(d)
-    from .memory import require
-
-    require(cfg, "load", checkpoint_dtype=str(meta.get("dtype", "float32")), what=f"loading {d}")
-    tpath = tokenizer_path(d)
-    tok = _read_tokenizer(tpath)
-    if tok.vocab_size != cfg.vocab_size:
-        raise CheckpointError(f"{tpath}: vocab_size {tok.vocab_size} != config vocab_size {cfg.vocab_size}")
-    if tok.eos_token_id != cfg.eos_token_id:
-        # generation stops on the tokenizer's eos, training/validation use the config's: they must agree
-        raise CheckpointError(f"{tpath}: eos_token_id {tok.eos_token_id} != config eos_token_id {cfg.eos_token_id}")
+    meta, cfg, tok = read_header(d, memory_op="load", what=f"loading {d}")
     wpath = d / WEIGHTS_FILE
     tensors = _load_tensors(wpath, cfg)  # structure first: names the tensor or the truncation
     digest = sha256_file(wpath)

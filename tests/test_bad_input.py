@@ -450,11 +450,12 @@ def test_generate_torch_backend_on_an_export_whose_checkpoint_changed(exported, 
     assert code == 1 and "--backend ort" in one_error_line(err) and "metadata.json" not in err
 
 
-def test_export_given_where_a_checkpoint_is_needed(exported, capsys):
-    code, _, err = run_cli(capsys, "inspect", exported / "out", "--no-heldout")
+def test_export_given_where_a_checkpoint_is_needed(exported, capsys, tmp_path):
+    # (`smlp inspect OUT` describes an export: issue 12; `smlp export` needs the checkpoint)
+    code, _, err = run_cli(capsys, "export", exported / "out", "-o", tmp_path / "x", "--no-validate")
     line = one_error_line(err)
     assert code == 1 and "is an export directory, not a checkpoint" in line and "metadata.json" not in line
-    assert str((exported / "ckpt").resolve()) in line
+    assert str((exported / "ckpt").resolve()) in line and not (tmp_path / "x").exists()
 
 
 # ---- deploy -------------------------------------------------------------------------------------------

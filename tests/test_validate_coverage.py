@@ -219,10 +219,10 @@ def test_synthetic_fallback_when_held_out_text_reaches_no_expert(micro_export, m
     real = data.heldout_windows
     L = 32  # micro max_seq_len: coverage windows are L + 1 tokens
 
-    def flat(n, seq_len, source=None, offset=0):
+    def flat(n, seq_len, source=None, offset=0, vocab_size=None):
         if seq_len == L + 1 and offset >= parity.COVERAGE_OFFSET // (L + 1):  # only the coverage search
             return torch.full((n, seq_len), ord(" "), dtype=torch.int64)
-        return real(n, seq_len, source, offset)
+        return real(n, seq_len, source, offset, vocab_size=vocab_size)
 
     from smlp_export.export.pipeline import export_model
 

@@ -444,10 +444,8 @@ def open_checkpoint(path_or_name: Any = None, *, allow_pickle: bool = False, mem
     loaded whole (``load_checkpoint``) and exported from its state dict. Before any module is
     built, ``memory.require(cfg, memory_op, dtype=dtype)`` refuses a model this machine cannot
     export (``memory_op``: "export" or "export+validate")."""
-    from ..checkpoint import (FORMAT_VERSION, METADATA_FILE, TOKENIZER_FILE, WEIGHTS_FILE, _expected_state,
-                              _read_json, load_checkpoint, read_config, resolve, sha256_file)
+    from ..checkpoint import WEIGHTS_FILE, _expected_state, load_checkpoint, read_header, resolve, sha256_file
     from ..errors import CheckpointError
-    from ..tokenizer import ByteTokenizer
 
     d = resolve(path_or_name)
     if d.is_file() and d.suffix in (".pt", ".pth", ".bin"):
@@ -456,19 +454,7 @@ def open_checkpoint(path_or_name: Any = None, *, allow_pickle: bool = False, mem
         raise CheckpointError(f"checkpoint {d} does not exist")
     if not d.is_dir():
         raise CheckpointError(f"checkpoint {d} is not a directory (expected config.json + model.safetensors)")
-    meta = _read_json(d / METADATA_FILE)
-    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
-        got = meta.get("format_version") if isinstance(meta, dict) else None
-        raise CheckpointError(f"{d / METADATA_FILE}: unknown checkpoint format_version {got!r} "
-                              f"(this version reads {FORMAT_VERSION})")
-    cfg = read_config(d)
-    from ..memory import require
-
-    require(cfg, memory_op, dtype=dtype, checkpoint_dtype=str(meta.get("dtype", "float32")),
-            what=f"exporting {d}")
-    tok = ByteTokenizer.from_dict(_read_json(d / TOKENIZER_FILE))
-    if tok.vocab_size != cfg.vocab_size:
-        raise CheckpointError(f"{d / TOKENIZER_FILE}: vocab_size {tok.vocab_size} != config vocab_size {cfg.vocab_size}")
+    meta, cfg, tok = read_header(d, memory_op=memory_op, dtype=dtype, what=f"exporting {d}")
     wpath = d / WEIGHTS_FILE
     if not wpath.is_file():
         raise CheckpointError(f"{d}: missing {WEIGHTS_FILE}")
