@@ -153,7 +153,20 @@ def _expected_state(cfg: SMLPConfig) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in m.state_dict().items()}
 
 
-def _load_tensors(wpath: Path, cfg: SMLPConfig) -> dict[str, torch.Tensor]:
+# safetensors header dtype names of the float dtypes a checkpoint may hold
+SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+
+def _torch_name(st_dtype: str) -> str:
+    """'I32' -> 'torch.int32' (the names users know), else the header's own name."""
+    names = {"F64": "float64", "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
+             "BOOL": "bool"}
+    return f"torch.{names[st_dtype]}" if st_dtype in names else st_dtype
+
+
+def check_structure(wpath: Path, cfg: SMLPConfig) -> None:
+    """Names, shapes and dtypes of the safetensors file against ``cfg``, from its header alone (no
+    tensor data read): one CheckpointError naming the first defect or the truncation."""
     from safetensors import safe_open
 
     if not wpath.is_file():
@@ -162,30 +175,37 @@ def _load_tensors(wpath: Path, cfg: SMLPConfig) -> dict[str, torch.Tensor]:
     try:
         with safe_open(str(wpath), framework="pt") as f:
             keys = set(f.keys())
-            missing = sorted(set(expected) - keys)
-            unexpected = sorted(keys - set(expected))
-            if missing:
-                raise CheckpointError(f"{wpath}: missing tensor {missing[0]}"
-                                      + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-            if unexpected:
-                raise CheckpointError(f"{wpath}: unexpected tensor {unexpected[0]}"
-                                      + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
-            for k in sorted(keys):
-                shape = tuple(f.get_slice(k).get_shape())
-                if shape != expected[k]:
-                    raise CheckpointError(f"{wpath}: tensor {k} has shape {list(shape)} but config.json "
-                                          f"implies {list(expected[k])} (config does not match the weights)")
-            tensors = {k: f.get_tensor(k) for k in sorted(keys)}
-    except CheckpointError:
-        raise
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in keys}
+            dtypes = {k: f.get_slice(k).get_dtype() for k in keys}
     except Exception as e:  # safetensors raises its own error types for truncated/corrupt headers
         raise CheckpointError(f"{wpath}: corrupt or truncated safetensors file ({e})") from None
-    dtypes = {v.dtype for v in tensors.values()}
-    for k, v in tensors.items():
-        if v.dtype not in FLOAT_DTYPES:
-            raise CheckpointError(f"{wpath}: tensor {k} has dtype {v.dtype}; expected a float dtype")
-    if len(dtypes) > 1:
-        raise CheckpointError(f"{wpath}: mixed dtypes {sorted(map(str, dtypes))}")
+    missing, unexpected = sorted(set(expected) - keys), sorted(keys - set(expected))
+    if missing:
+        raise CheckpointError(f"{wpath}: missing tensor {missing[0]}"
+                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    if unexpected:
+        raise CheckpointError(f"{wpath}: unexpected tensor {unexpected[0]}"
+                              + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
+    for k in sorted(keys):
+        if shapes[k] != expected[k]:
+            raise CheckpointError(f"{wpath}: tensor {k} has shape {list(shapes[k])} but config.json "
+                                  f"implies {list(expected[k])} (config does not match the weights)")
+        if dtypes[k] not in SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{wpath}: tensor {k} has dtype {_torch_name(dtypes[k])}; expected a float dtype")
+    if len(set(dtypes.values())) > 1:
+        raise CheckpointError(f"{wpath}: mixed dtypes "
+                              f"{sorted(SAFETENSORS_DTYPES[v] for v in set(dtypes.values()))}")
+
+
+def _load_tensors(wpath: Path, cfg: SMLPConfig) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    check_structure(wpath, cfg)  # structure first: names the tensor or the truncation
+    try:
+        with safe_open(str(wpath), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in sorted(f.keys())}
+    except Exception as e:  # a header that parses over a truncated body
+        raise CheckpointError(f"{wpath}: corrupt or truncated safetensors file ({e})") from None
     for k, v in tensors.items():
         if not torch.isfinite(v).all():
             raise CheckpointError(f"{wpath}: tensor {k} contains NaN or Inf")

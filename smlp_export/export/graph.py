@@ -27,6 +27,7 @@ import onnx.inliner
 from . import contract
 from .functions import TOKEN_MOE_NODE, functions_for, onnx_elem_type
 from .translations import AUTO_FUSED_MAX_TOKENS, MSFT_DOMAIN, ORT_ACTIVATIONS, translation_table
+from .weights import _all_graphs
 
 DIM_NAMES = ("batch", "seq")
 
@@ -130,16 +131,6 @@ def _optimize_lazy(model, source) -> onnx.ModelProto:
     proto = ir.serde.serialize_model(model)
     weights.finish_placeholders(proto, recipes)
     return proto
-
-
-def _all_graphs(g: onnx.GraphProto):
-    yield g
-    for n in g.node:
-        for a in n.attribute:
-            if a.type == onnx.AttributeProto.GRAPH:
-                yield from _all_graphs(a.g)
-            for sg in a.graphs:
-                yield from _all_graphs(sg)
 
 
 def _clean(model: onnx.ModelProto) -> None:

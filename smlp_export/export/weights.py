@@ -432,9 +432,6 @@ def finish_placeholders(proto: onnx.ModelProto, recipes: dict[str, Recipe]) -> N
 # ---------------------------------------------------------------------------------------------
 # checkpoints without their weights
 # ---------------------------------------------------------------------------------------------
-_ST_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
-
-
 def open_checkpoint(path_or_name: Any = None, *, allow_pickle: bool = False, memory_op: str = "export",
                     dtype: str = "fp32"):
     """A checkpoint as a meta-device ``SMLPForCausalLM`` whose ``weight_source`` reads its
@@ -444,7 +441,7 @@ def open_checkpoint(path_or_name: Any = None, *, allow_pickle: bool = False, mem
     loaded whole (``load_checkpoint``) and exported from its state dict. Before any module is
     built, ``memory.require(cfg, memory_op, dtype=dtype)`` refuses a model this machine cannot
     export (``memory_op``: "export" or "export+validate")."""
-    from ..checkpoint import WEIGHTS_FILE, _expected_state, load_checkpoint, read_header, resolve, sha256_file
+    from ..checkpoint import WEIGHTS_FILE, check_structure, load_checkpoint, read_header, resolve, sha256_file
     from ..errors import CheckpointError
 
     d = resolve(path_or_name)
@@ -456,33 +453,7 @@ def open_checkpoint(path_or_name: Any = None, *, allow_pickle: bool = False, mem
         raise CheckpointError(f"checkpoint {d} is not a directory (expected config.json + model.safetensors)")
     meta, cfg, tok = read_header(d, memory_op=memory_op, dtype=dtype, what=f"exporting {d}")
     wpath = d / WEIGHTS_FILE
-    if not wpath.is_file():
-        raise CheckpointError(f"{d}: missing {WEIGHTS_FILE}")
-    expected = _expected_state(cfg)
-    try:
-        from safetensors import safe_open
-
-        with safe_open(str(wpath), framework="pt") as f:
-            keys = set(f.keys())
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in keys}
-            dtypes = {k: f.get_slice(k).get_dtype() for k in keys}
-    except Exception as e:  # safetensors raises its own error types for truncated/corrupt headers
-        raise CheckpointError(f"{wpath}: corrupt or truncated safetensors file ({e})") from None
-    missing, unexpected = sorted(set(expected) - keys), sorted(keys - set(expected))
-    if missing:
-        raise CheckpointError(f"{wpath}: missing tensor {missing[0]}"
-                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    if unexpected:
-        raise CheckpointError(f"{wpath}: unexpected tensor {unexpected[0]}"
-                              + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
-    for k in sorted(keys):
-        if shapes[k] != expected[k]:
-            raise CheckpointError(f"{wpath}: tensor {k} has shape {list(shapes[k])} but config.json "
-                                  f"implies {list(expected[k])} (config does not match the weights)")
-        if dtypes[k] not in _ST_DTYPES:
-            raise CheckpointError(f"{wpath}: tensor {k} has dtype {dtypes[k]}; expected a float dtype")
-    if len(set(dtypes.values())) > 1:
-        raise CheckpointError(f"{wpath}: mixed dtypes {sorted(_ST_DTYPES[v] for v in set(dtypes.values()))}")
+    check_structure(wpath, cfg)  # names, shapes, dtypes from the header: no tensor data read
     digest = sha256_file(wpath)
     if meta.get("weights_sha256") not in (None, digest):
         raise CheckpointError(f"{wpath}: sha256 does not match metadata.json (file corrupt or replaced)")
