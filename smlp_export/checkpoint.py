@@ -10,7 +10,6 @@ looks complete.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -21,6 +20,7 @@ import torch
 
 from .config import SMLPConfig
 from .errors import CheckpointError, ConfigError
+from .fsutil import sha256_file
 from .tokenizer import ByteTokenizer
 
 FORMAT_VERSION = 1
@@ -43,14 +43,6 @@ def resolve(path_or_name: str | os.PathLike | None) -> Path:
     if path_or_name is None or str(path_or_name) == DEFAULT_NAME:
         return default_checkpoint_dir()
     return Path(path_or_name)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------

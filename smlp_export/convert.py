@@ -15,7 +15,6 @@ docs/model.md ("Converting from g-mlp-pytorch") has the key mapping.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ import torch.nn.functional as F
 
 from .config import SMLPConfig
 from .errors import SMLPError
+from .fsutil import sha256_file as _sha256
 
 SOURCES = ("g-mlp-pytorch",)
 # g-mlp-pytorch's gMLP defaults for what its weights do not record.
@@ -365,11 +365,3 @@ def convert_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, source
             "check": None if diff is None else {"max_abs_diff": diff, "logit_scale": scale}}
     save_checkpoint(model, out, metadata=meta, overwrite=overwrite)
     return ConvertResult(out, cfg, w.layout, w.prefix, model.num_parameters(), diff, scale, w.ignored)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

@@ -15,7 +15,6 @@ on machines without TensorRT.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -25,7 +24,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from .errors import SMLPError
-from .fsutil import set_default_mode
+from .fsutil import set_default_mode, sha256_file
 
 ENGINE_MANIFEST_FORMAT = 1
 DEFAULT_MAX_BATCH = 8
@@ -171,14 +170,6 @@ def plugin_inventory(onnx_path: str | os.PathLike) -> list[dict[str, Any]]:
         key = (node.op_type, dec["plugin_namespace"], str(dec.get("plugin_version", "1")))
         found[key] = found.get(key, 0) + 1
     return [{"name": a, "namespace": b, "version": c, "nodes": k} for (a, b, c), k in sorted(found.items())]
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def manifest_path(engine_path: str | os.PathLike) -> Path:

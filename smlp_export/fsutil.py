@@ -182,3 +182,12 @@ def clean_stale(target: str | os.PathLike) -> list[Path]:
     for p in gone:
         _remove(p)
     return gone
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks (checkpoints and exports can be many GB)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -17,7 +17,6 @@ implicit-state sequence batching would need a per-sequence ``position`` input, s
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from pathlib import Path
@@ -26,19 +25,12 @@ from typing import Any
 from ..checkpoint import atomic_dir
 from ..errors import SMLPError
 from ..fsutil import copy_file
+from ..fsutil import sha256_file as _sha256
 
 # ONNX TensorProto element type -> Triton data type
 _TRITON_TYPES = {1: "TYPE_FP32", 10: "TYPE_FP16", 16: "TYPE_BF16", 7: "TYPE_INT64", 6: "TYPE_INT32",
                  9: "TYPE_BOOL", 11: "TYPE_FP64", 3: "TYPE_INT8", 2: "TYPE_UINT8"}
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def graph_io(model_path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:

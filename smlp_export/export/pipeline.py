@@ -8,7 +8,6 @@ directory to ``OUT.failed`` (for inspection) and raises ``ExportError``.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -19,6 +18,7 @@ from typing import Any, Callable
 
 from ..errors import SMLPError
 from .translations import DTYPES, MIN_OPSET, ORT_MOE_IMPLS, TARGETS
+from ..fsutil import sha256_file as _sha256
 
 MANIFEST_FORMAT = 1
 MODEL_FILE = "model.onnx"
@@ -70,14 +70,6 @@ class ExportResult:
     seconds: float
     parity: str  # "passed" | "failed" | "skipped (...)"
     stage_seconds: dict[str, float] = field(default_factory=dict)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _tool_versions() -> dict[str, str]:

@@ -10,25 +10,17 @@ it the looser fp16 tolerances.
 """
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
 from smlp_export.errors import InputError
+from ..fsutil import sha256_file
 
 # Files that make up an export's models: each one present must be listed in manifest["files"].
 MODEL_FILE_PATTERNS = ("*.onnx", "*.onnx.data")
 
 # ONNX TensorProto element types of floating-point weights -> the project's dtype names.
 _FLOAT_ELEMS = {1: "fp32", 10: "fp16", 16: "bf16", 11: "fp64"}
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def verify_files(export_dir: Path, manifest: dict[str, Any], *, required: tuple[str, ...] = ("model.onnx",)) -> dict[str, str]:
