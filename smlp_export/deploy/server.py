@@ -18,6 +18,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -43,9 +44,18 @@ def find_pytriton() -> Path:
     return root
 
 
+@dataclass(frozen=True)
+class ServerAddress:
+    """Where a local tritonserver listens (all on 127.0.0.1)."""
+
+    http_url: str  # "http://127.0.0.1:PORT" (KServe v2 HTTP)
+    grpc_url: str  # "127.0.0.1:PORT" (tritonclient.grpc: needed for decoupled/streaming models)
+    log_path: Path  # the server's combined stdout/stderr, alive while the context is open
+
+
 @contextlib.contextmanager
-def local_tritonserver(repo: str | Path, *, timeout_s: float = 120.0) -> Iterator[str]:
-    """Run ``tritonserver`` on ``repo``; yields the HTTP base URL; stops the server on exit."""
+def local_tritonserver(repo: str | Path, *, timeout_s: float = 120.0) -> Iterator[ServerAddress]:
+    """Run ``tritonserver`` on ``repo``; yields its addresses; stops the server on exit."""
     root = find_pytriton()
     stub = root / "python_backend_stubs" / f"{sys.version_info.major}.{sys.version_info.minor}" / "triton_python_backend_stub"
     if not stub.is_file():
@@ -88,7 +98,7 @@ def local_tritonserver(repo: str | Path, *, timeout_s: float = 120.0) -> Iterato
                 if time.time() > deadline:
                     raise SMLPError(f"tritonserver not ready after {timeout_s:.0f} s")
                 time.sleep(0.5)
-            yield url
+            yield ServerAddress(url, f"127.0.0.1:{grpc}", Path(tmp) / "server.log")
         finally:
             proc.terminate()
             try:
@@ -126,7 +136,8 @@ def check_repository(repo: str | Path, export_dir: str | Path, model: str = "sml
     max_len = int(manifest["config"]["max_seq_len"])
     sess = ort.InferenceSession(str(Path(export_dir) / "model.onnx"), providers=["CPUExecutionProvider"])
     rows, worst = [], 0.0
-    with local_tritonserver(repo) as url:
+    with local_tritonserver(repo) as srv:
+        url = srv.http_url
         for i, (b, t) in enumerate(cases):
             t = min(t, max_len)
             ids = heldout_windows(b, t, offset=i * 7, vocab_size=int(manifest["config"]["vocab_size"])).numpy()
