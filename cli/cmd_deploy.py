@@ -3,7 +3,30 @@ from __future__ import annotations
 
 import click
 
-from .options import force_option
+from .options import FiniteFloat, force_option
+
+
+def _sizes(ctx, param, value):
+    """'2,4,8' -> (2, 4, 8); None when not given."""
+    if value is None:
+        return None
+    from smlp_export.errors import InputError
+
+    try:
+        sizes = tuple(int(x) for x in value.split(",") if x.strip())
+    except ValueError:
+        raise InputError(f"--preferred-batch-sizes must be comma-separated integers like 2,4,8, got {value!r}") from None
+    if not sizes:
+        raise InputError("--preferred-batch-sizes is empty")
+    return sizes
+
+
+def _concurrency(ctx, param, value):
+    if value is None:
+        return None
+    from smlp_export.deploy.load import parse_concurrency
+
+    return parse_concurrency(value)
 
 
 @click.command("deploy")
@@ -18,30 +41,76 @@ from .options import force_option
 @click.option("--gpu", is_flag=True, help="Place instances on GPUs (KIND_GPU) instead of CPUs.")
 @click.option("--threads", default=0, show_default=True, type=click.IntRange(0),
               help="ONNX Runtime intra-op threads per instance (0 = runtime default).")
+@click.option("--max-batch-size", default=8, show_default=True, type=click.IntRange(0),
+              help="Triton dynamic batching of the full-sequence model: most rows per execution (0 = no batching).")
+@click.option("--preferred-batch-sizes", default=None, callback=_sizes, metavar="B1,B2,..",
+              help="Batch sizes the dynamic batcher aims for [default: powers of two up to --max-batch-size].")
+@click.option("--queue-delay-us", default=500, show_default=True, type=click.IntRange(0),
+              help="Longest a request waits in the queue for others to batch with.")
 @click.option("--check", is_flag=True,
-              help="Start a local tritonserver (serve extra; python backend) and compare its logits with the export.")
+              help="Start a local tritonserver (serve extra; python backend), compare its logits with the export "
+                   "and check bad requests get error responses.")
+@click.option("--concurrency", default=None, callback=_concurrency, metavar="C1,C2,..",
+              help="With --check: a load sweep, e.g. 1,4,16 concurrent clients sending held-out requests.")
+@click.option("--duration", default=5.0, show_default=True, type=FiniteFloat(min=0.1),
+              help="Seconds of load per concurrency.")
+@click.option("--requests", "n_requests", default=None, type=click.IntRange(1),
+              help="Requests per concurrency instead of --duration.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
+              help="With --check: write the check and load rows (under 'load') as JSON here.")
 @force_option
-def deploy(export_dir, runtime, output, backend, name, instances, gpu, threads, check, force) -> None:
+def deploy(export_dir, runtime, output, backend, name, instances, gpu, threads, max_batch_size,
+           preferred_batch_sizes, queue_delay_us, check, concurrency, duration, n_requests, json_path, force) -> None:
     """Write a model repository for OUT (refuses exports that failed parity)."""
     from smlp_export.deploy import write_triton_repository
     from smlp_export.errors import SMLPError
 
-    if check and backend != "python":  # refused before anything is written
+    # every refusal before anything is written
+    if check and backend != "python":
         raise SMLPError("--check needs --backend python (the local tritonserver has only the python backend)")
+    if (concurrency or json_path) and not check:
+        raise SMLPError(f"{'--concurrency' if concurrency else '--json'} needs --check (it serves the repository)")
+    if check:
+        from smlp_export.deploy.server import find_pytriton
+
+        find_pytriton()  # the serve extra is missing: say so now, not after writing the repository
     rec = write_triton_repository(export_dir, output, name=name, instances=instances, gpu=gpu,
-                                  intra_op_threads=threads, backend=backend, force=force)
+                                  intra_op_threads=threads, backend=backend, force=force,
+                                  max_batch_size=max_batch_size, preferred_batch_sizes=preferred_batch_sizes,
+                                  queue_delay_us=queue_delay_us)
     for w in rec.get("warnings", []):
         click.echo(f"warning: {w}", err=True)
     for m in rec["models"]:
         ins = ", ".join(f"{t['name']}{t['dims']}" for t in m["inputs"])
-        click.echo(f"{output}/{m['name']}: {m['file']} ({rec['target']}, {rec['dtype']}) inputs {ins}")
-    click.echo(f"serve with: tritonserver --model-repository {output}")
-    if check:
-        from smlp_export.deploy.server import check_repository
+        click.echo(f"{output}/{m['name']}: {m['file']} ({rec['target']}, {rec['dtype']}) inputs {ins}"
+                   + (f", batching up to {m['max_batch_size']}" if m.get("max_batch_size") else ""))
+    click.echo(f"serve with: tritonserver --model-repository {output}  (see {output}/README.md)")
+    if not check:
+        return
+    from smlp_export.deploy.load import table_lines
+    from smlp_export.deploy.server import check_repository
 
-        res = check_repository(output, export_dir, model=name)
-        for row in res["cases"]:
-            click.echo(f"  served B={row['batch']} T={row['seq']}: max |served - local| = {row['max_abs_err']:.3g}")
-        if not res["passed"]:
-            raise SMLPError(f"served logits differ from the export by {res['max_abs_err']:.3g}")
-        click.echo("check passed: the server returns the export's logits exactly")
+    res = check_repository(output, export_dir, model=name, concurrency=concurrency,
+                           duration_s=None if n_requests else duration,
+                           requests=n_requests, progress=lambda msg: click.echo(f"  {msg}"))
+    if res["load"]:
+        click.echo("\n".join(table_lines(res["load"])))
+    if json_path:
+        from smlp_export.bench.machine import describe_machine
+        from smlp_export.bench.report import write_json
+
+        write_json({"format_version": 1, "repository": str(output), "model": name, "deploy": rec,
+                    "machine": describe_machine(), "check": {k: v for k, v in res.items() if k != "load"},
+                    "load": res["load"]}, json_path)
+        click.echo(f"wrote {json_path}")
+    if not res["passed"]:
+        first = next((r for r in res["cases"] if not r["passed"]), None)
+        bad = next((r for r in res["bad_input"] if not r["passed"]), None)
+        load = next((r for r in res["load"] if r["errors"] or r["mismatches"]), None)
+        why = (f"served logits differ from the export by {first['max_err_rel']:.3g} of scale (bound {res['bound']:.3g})"
+               if first else f"bad input not answered correctly: {bad['case']}" if bad else
+               f"load at concurrency {load['concurrency']}: {load['errors']} errors, {load['mismatches']} mismatches "
+               f"({load['first_error'] or load['first_mismatch']})")
+        raise SMLPError(f"check failed: {why}")
+    click.echo("check passed: every served response equals the export's in-process logits within "
+               f"{res['bound']:.3g} of scale; bad requests get error responses")

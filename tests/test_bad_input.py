@@ -485,7 +485,7 @@ def test_deploy_without_parity_warns_and_copies_with_ordinary_modes(exported, tm
 def test_deploy_onnxruntime_backend_skips_decode_with_a_warning(exported, tmp_path, capsys):
     code, _, err = run_cli(capsys, "deploy", exported / "out", "-o", tmp_path / "repo")
     assert code == 0 and "decode.onnx not deployed" in err
-    assert sorted(p.name for p in (tmp_path / "repo").iterdir()) == ["smlp", "smlp_deploy.json"]
+    assert sorted(p.name for p in (tmp_path / "repo").iterdir()) == ["README.md", "smlp", "smlp_deploy.json"]
 
 
 @pytest.mark.serving

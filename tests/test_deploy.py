@@ -31,14 +31,14 @@ def _dims(text: str, name: str) -> list[int]:
 def test_repository_matches_graph(export_dir, tmp_path):
     rec = write_triton_repository(export_dir, tmp_path / "repo", name="smlp_micro")
     cfg = (tmp_path / "repo" / "smlp_micro" / "config.pbtxt").read_text()
-    assert 'backend: "onnxruntime"' in cfg and "max_batch_size: 0" in cfg
+    assert 'backend: "onnxruntime"' in cfg and "max_batch_size: 8" in cfg  # dynamic batching by default
     served = tmp_path / "repo" / "smlp_micro" / "1" / "model.onnx"
     assert served.read_bytes() == (export_dir / "model.onnx").read_bytes()
     g = onnx.load(str(served)).graph
     assert [t["name"] for t in rec["models"][0]["inputs"]] == [i.name for i in g.input]
     assert [t["name"] for t in rec["models"][0]["outputs"]] == [o.name for o in g.output]
-    assert _dims(cfg, "input_ids") == [-1, -1]
-    assert _dims(cfg, "logits") == [-1, -1, 257]
+    assert _dims(cfg, "input_ids") == [-1]  # the batch axis belongs to Triton's batcher
+    assert _dims(cfg, "logits") == [-1, 257]
     assert re.search(r'name: "input_ids"\s+data_type: TYPE_INT64', cfg)
     assert json.loads((tmp_path / "repo" / "smlp_deploy.json").read_text())["target"] == "ort"
 

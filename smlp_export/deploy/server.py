@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-import numpy as np
 
 from ..errors import SMLPError
 
@@ -108,42 +107,63 @@ def local_tritonserver(repo: str | Path, *, timeout_s: float = 120.0) -> Iterato
             log.close()
 
 
-def infer(url: str, model: str, input_ids: np.ndarray, outputs: list[str]) -> dict[str, np.ndarray]:
-    """One KServe-v2 HTTP inference request: int64 ``input_ids`` [B, T] -> named outputs."""
-    body = {"inputs": [{"name": "input_ids", "shape": list(input_ids.shape), "datatype": "INT64",
-                        "data": input_ids.reshape(-1).tolist()}],
-            "outputs": [{"name": n} for n in outputs]}
-    req = urllib.request.Request(f"{url}/v2/models/{model}/infer", data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=60) as r:
-            res = json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        raise SMLPError(f"{model}: server answered {e.code}: {e.read().decode(errors='replace')[:200]}") from None
-    return {o["name"]: np.asarray(o["data"], dtype=np.float32).reshape(o["shape"]) for o in res["outputs"]}
-
-
 def check_repository(repo: str | Path, export_dir: str | Path, model: str = "smlp",
-                     cases: tuple[tuple[int, int], ...] = ((1, 1), (3, 77), (2, 128))) -> dict:
-    """Serve ``repo`` and compare the server's logits with the same ONNX file run in-process on
-    held-out text. Returns ``{"passed", "max_abs_err", "cases"}`` (the same ORT runs on both sides,
-    so any difference means the serving path changed the numbers)."""
+                     cases: tuple[tuple[int, int], ...] = ((1, 1), (3, 77), (2, 128)), *,
+                     concurrency: list[int] | None = None, duration_s: float | None = 5.0,
+                     requests: int | None = None, progress=None) -> dict:
+    """Serve ``repo`` locally and check it against the export run in-process on held-out text.
+
+    1. ``cases`` (batch, tokens) one at a time; 2. bad requests (too long, empty, ids outside the
+    vocabulary), each must get its own error response, and a good request after them must still be
+    served; 3. with ``concurrency``, a load sweep (smlp_export.deploy.load.run_load) from held-out
+    requests of mixed lengths. Every response must be within ``serving_bound`` of the in-process run.
+    Returns ``{"passed", "max_err_rel", "bound", "cases", "bad_input", "load"}``.
+    """
     import onnxruntime as ort
 
     from ..data import heldout_windows
+    from .load import Client, check_bad_inputs, relative_error, request_pool, run_load, serving_bound
 
-    manifest = json.loads((Path(export_dir) / "manifest.json").read_text())
-    max_len = int(manifest["config"]["max_seq_len"])
-    sess = ort.InferenceSession(str(Path(export_dir) / "model.onnx"), providers=["CPUExecutionProvider"])
+    repo, export_dir = Path(repo), Path(export_dir)
+    manifest = json.loads((export_dir / "manifest.json").read_text())
+    cfg = manifest["config"]
+    max_len, vocab = int(cfg["max_seq_len"]), int(cfg["vocab_size"])
+    deployed = json.loads((repo / "smlp_deploy.json").read_text())
+    mb = next((int(m.get("max_batch_size", 0)) for m in deployed["models"] if m["name"] == model), 0)
+    bound = serving_bound(manifest.get("dtype", "fp32"))
+    sess = ort.InferenceSession(str(export_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    say = progress or (lambda msg: None)
     rows, worst = [], 0.0
     with local_tritonserver(repo) as srv:
-        url = srv.http_url
-        for i, (b, t) in enumerate(cases):
-            t = min(t, max_len)
-            ids = heldout_windows(b, t, offset=i * 7, vocab_size=int(manifest["config"]["vocab_size"])).numpy()
-            served = infer(url, model, ids, ["logits"])["logits"]
-            local = sess.run(["logits"], {"input_ids": ids})[0]
-            err = float(np.abs(served - local).max())
-            worst = max(worst, err)
-            rows.append({"batch": b, "seq": t, "max_abs_err": err})
-    return {"passed": worst == 0.0, "max_abs_err": worst, "cases": rows}
+        client = Client(srv.grpc_url, model)
+        try:
+            for i, (b, t) in enumerate(cases):
+                b, t = min(b, mb) if mb else b, min(t, max_len)
+                ids = heldout_windows(b, t, offset=i * 7, vocab_size=vocab).numpy()
+                err = relative_error(sess.run(["logits"], {"input_ids": ids})[0], client.logits(ids))
+                worst = max(worst, err)
+                rows.append({"batch": b, "seq": t, "max_err_rel": err, "passed": err <= bound})
+                say(f"served B={b} T={t}: max |served - local| / scale = {err:.3g} (bound {bound:.3g})")
+        finally:
+            client.close()
+        pool = request_pool(export_dir, [max_len, max_len // 2, max_len // 4, 16, 5, 1], per_length=2,
+                            offset=1000)
+        bad = check_bad_inputs(srv.grpc_url, model, max_len, vocab, pool[0], bound)
+        for r in bad:
+            say(f"bad input: {r['case']}: {'ok' if r['passed'] else 'FAILED'}"
+                + (f" ({r['error']})" if r.get("error") else ""))
+        load = []
+        if concurrency:
+            run_load(srv.grpc_url, model, pool, 1, bound=bound, duration_s=None, requests=len(pool))  # warm-up, not reported
+            for c in concurrency:
+                row = run_load(srv.grpc_url, model, pool, c, bound=bound, duration_s=duration_s,
+                               requests=requests if duration_s is None else None).to_dict()
+                load.append(row)
+                say(f"concurrency {c}: {row['requests']} requests, {row['errors']} errors, "
+                    f"{row['mismatches']} mismatches, p50 {row['p50_ms']:.1f} ms, "
+                    f"{row['throughput_per_s']:.1f} req/s, mean batch {row['mean_batch']:.2f}")
+    passed = (all(r["passed"] for r in rows) and all(r["passed"] for r in bad)
+              and all(r["errors"] == 0 and r["mismatches"] == 0 for r in load))
+    worst = max([worst] + [r["max_err_rel"] for r in load])
+    return {"passed": passed, "max_err_rel": worst, "bound": bound, "cases": rows, "bad_input": bad,
+            "load": load}

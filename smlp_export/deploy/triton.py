@@ -18,6 +18,7 @@ implicit-state sequence batching would need a per-sequence ``position`` input, s
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -92,35 +93,112 @@ class TritonPythonModel:
         return responses
 '''
 BACKENDS = ("onnxruntime", "python")
+# The batching full-sequence python model: a real module of this package (its pure functions are
+# tested directly) copied verbatim into the repository as model.py.
+FULL_MODEL_SOURCE = Path(__file__).with_name("full_model.py")
+LIMITS_FILE = "smlp_model.json"
+
+
+def batch_first(model_path: Path) -> bool:
+    """True when every input and output of the graph has the same symbolic leading axis (the batch
+    axis), which Triton's batching needs: with ``max_batch_size > 0`` it owns that axis."""
+    import onnx
+
+    g = onnx.load(str(model_path), load_external_data=False).graph
+    lead = set()
+    for v in list(g.input) + list(g.output):
+        dims = v.type.tensor_type.shape.dim
+        if not dims or not dims[0].HasField("dim_param"):
+            return False
+        lead.add(dims[0].dim_param)
+    return len(lead) == 1
 
 
 def config_pbtxt(name: str, inputs: list[dict], outputs: list[dict], *, instances: int, kind: str,
-                 intra_op_threads: int, backend: str = "onnxruntime") -> str:
-    """Triton ``config.pbtxt`` text for the onnxruntime (or python + ORT) backend."""
+                 intra_op_threads: int, backend: str = "onnxruntime", max_batch_size: int = 0,
+                 preferred_batch_sizes: tuple[int, ...] = (), queue_delay_us: int = 0,
+                 ragged_inputs: tuple[str, ...] = ()) -> str:
+    """Triton ``config.pbtxt`` text for the onnxruntime (or python + ORT) backend.
+
+    ``max_batch_size > 0`` turns on Triton's dynamic batcher: the graph's leading (batch) axis then
+    belongs to Triton and is left out of every ``dims`` (the caller checks it is a batch axis).
+    ``ragged_inputs`` may differ in shape between the requests of one batch (Triton's
+    ``allow_ragged_batch``): only for models that pad the requests themselves (full_model.py), since
+    the dynamic batcher otherwise batches only requests of identical shapes.
+    """
     def tensor(t: dict) -> str:
         # Triton has no scalar tensors for non-batching models (not even via reshape): a scalar
         # (decode.onnx's position) travels as [1]; the python model reshapes it back to rank 0.
-        dims = ", ".join(str(d) for d in t["dims"]) or "1"
-        return f'  {{\n    name: "{t["name"]}"\n    data_type: {t["data_type"]}\n    dims: [ {dims} ]\n  }}'
+        d = t["dims"][1:] if max_batch_size > 0 else t["dims"]
+        dims = ", ".join(str(x) for x in d) or "1"
+        ragged = "\n    allow_ragged_batch: true" if t["name"] in ragged_inputs else ""
+        return f'  {{\n    name: "{t["name"]}"\n    data_type: {t["data_type"]}\n    dims: [ {dims} ]{ragged}\n  }}'
 
-    return "\n".join([
+    lines = [
         f'name: "{name}"',
         f'backend: "{backend}"',
-        "max_batch_size: 0",
+        f"max_batch_size: {max_batch_size}",
         "input [\n" + ",\n".join(tensor(t) for t in inputs) + "\n]",
         "output [\n" + ",\n".join(tensor(t) for t in outputs) + "\n]",
         f"instance_group [ {{ count: {instances} kind: {kind} }} ]",
+    ]
+    if max_batch_size > 0:
+        block = ["dynamic_batching {"]
+        if preferred_batch_sizes:
+            block.append(f"  preferred_batch_size: [ {', '.join(str(b) for b in preferred_batch_sizes)} ]")
+        block += [f"  max_queue_delay_microseconds: {queue_delay_us}", "}"]
+        lines.append("\n".join(block))
+    lines += [
         "parameters [",
         f'  {{ key: "intra_op_thread_count" value: {{ string_value: "{intra_op_threads}" }} }}',
         "]",
         "",
-    ])
+    ]
+    return "\n".join(lines)
+
+
+def batching_options(max_batch_size: int, preferred_batch_sizes: tuple[int, ...] | None,
+                     queue_delay_us: int) -> tuple[int, tuple[int, ...]]:
+    """Checked dynamic-batching options; ``preferred`` defaults to the powers of two up to the max."""
+    if max_batch_size < 0:
+        raise SMLPError(f"--max-batch-size must be >= 0 (0 = no batching), got {max_batch_size}")
+    if queue_delay_us < 0:
+        raise SMLPError(f"--queue-delay-us must be >= 0, got {queue_delay_us}")
+    if max_batch_size == 0:
+        if preferred_batch_sizes:
+            raise SMLPError("--preferred-batch-sizes needs batching (--max-batch-size > 0)")
+        return 0, ()
+    if preferred_batch_sizes is None:
+        preferred_batch_sizes = tuple(b for b in (2, 4, 8, 16, 32, 64) if b <= max_batch_size)
+    bad = [b for b in preferred_batch_sizes if not 1 <= b <= max_batch_size]
+    if bad:
+        raise SMLPError(f"preferred batch size {bad[0]} outside [1, --max-batch-size {max_batch_size}]")
+    return max_batch_size, tuple(sorted(set(preferred_batch_sizes)))
+
+
+def serving_limits(manifest: dict[str, Any]) -> dict[str, Any]:
+    """What the python-backend models check and need, from the export's manifest (the repository
+    must not point outside itself)."""
+    cfg = manifest["config"]
+    p = (math.ceil(cfg["partial_fraction"] * cfg["max_seq_len"])
+         if cfg.get("spatial_routing") == "partial" else 0)
+    return {"max_seq_len": int(cfg["max_seq_len"]), "vocab_size": int(cfg["vocab_size"]),
+            "eos_token_id": cfg.get("eos_token_id"), "dtype": manifest.get("dtype"),
+            "target": manifest.get("target"), "spatial_routing": cfg.get("spatial_routing"),
+            # right padding is exact for requests of at least p tokens (full_model.py's docstring)
+            "min_pad_tokens": max(1, p)}
 
 
 def write_triton_repository(export_dir: str | Path, repo: str | Path, *, name: str = "smlp",
                             instances: int = 1, gpu: bool = False, intra_op_threads: int = 0,
-                            backend: str = "onnxruntime", force: bool = False) -> dict[str, Any]:
-    """Write a Triton model repository for ``export_dir`` (a ``smlp export`` output) into ``repo``."""
+                            backend: str = "onnxruntime", force: bool = False, max_batch_size: int = 8,
+                            preferred_batch_sizes: tuple[int, ...] | None = None,
+                            queue_delay_us: int = 500) -> dict[str, Any]:
+    """Write a Triton model repository for ``export_dir`` (a ``smlp export`` output) into ``repo``.
+
+    The full-sequence model gets Triton's dynamic batcher unless ``max_batch_size`` is 0. The
+    repository is self-contained: every file it needs is inside it and no path points outside.
+    """
     export_dir, repo = Path(export_dir), Path(repo)
     man_path = export_dir / "manifest.json"
     if not man_path.is_file():
@@ -132,6 +210,7 @@ def write_triton_repository(export_dir: str | Path, repo: str | Path, *, name: s
         raise SMLPError(f"unknown Triton backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if instances < 1:
         raise SMLPError("--instances must be >= 1")
+    max_batch_size, preferred = batching_options(max_batch_size, preferred_batch_sizes, queue_delay_us)
     parity_path = export_dir / "parity.json"
     parity = json.loads(parity_path.read_text()) if parity_path.is_file() else None
     if parity is not None and not parity.get("passed", False):
@@ -139,6 +218,9 @@ def write_triton_repository(export_dir: str | Path, repo: str | Path, *, name: s
     from ..validate.integrity import verify_files
 
     digests = verify_files(export_dir, manifest)  # one-line error for any file changed after export
+    if max_batch_size and not batch_first(export_dir / "model.onnx"):
+        raise SMLPError(f"{export_dir / 'model.onnx'}: not every input/output leads with one symbolic batch "
+                        "axis, so Triton cannot batch it: deploy with --max-batch-size 0")
     models = [("model.onnx", name)]
     warnings: list[str] = []
     if (export_dir / "decode.onnx").is_file():
@@ -147,30 +229,143 @@ def write_triton_repository(export_dir: str | Path, repo: str | Path, *, name: s
         else:  # its scalar `position` input cannot be fed through Triton's onnxruntime backend
             warnings.append("decode.onnx not deployed: Triton's onnxruntime backend cannot feed its scalar "
                             "input `position`; use --backend python to serve it")
-    record: dict[str, Any] = {"export_dir": str(export_dir.resolve()), "backend": backend,
-                              "target": manifest.get("target"),
-                              "dtype": manifest.get("dtype"), "checkpoint": manifest.get("checkpoint"),
-                              "parity_passed": None if parity is None else parity.get("passed"), "models": [],
-                              "warnings": warnings}
+    # names only, no absolute paths: the repository is copied to other machines and containers
+    record: dict[str, Any] = {"export": export_dir.resolve().name, "manifest_sha256": _sha256(man_path),
+                              "backend": backend, "target": manifest.get("target"),
+                              "dtype": manifest.get("dtype"), "checkpoint": _checkpoint_name(manifest),
+                              "parity_passed": None if parity is None else parity.get("passed"),
+                              "max_batch_size": max_batch_size, "preferred_batch_sizes": list(preferred),
+                              "queue_delay_us": queue_delay_us if max_batch_size else 0,
+                              "instances": instances, "kind": "KIND_GPU" if gpu else "KIND_CPU",
+                              "intra_op_threads": intra_op_threads, "models": [], "warnings": warnings}
     if parity is None:
-        record["warnings"].append(f"{export_dir} has no parity.json: it was never validated against PyTorch "
-                                  f"(run `smlp validate {export_dir}` first)")
+        # the export's name, not its path: this record ships with the repository
+        record["warnings"].append(f"export '{record['export']}' has no parity.json: it was never validated "
+                                  "against PyTorch (run `smlp validate` on it first)")
+    limits = serving_limits(manifest)
     with atomic_dir(repo, overwrite=force) as tmp:
         for fname, mname in models:
             src = export_dir / fname
             digest = digests[fname]
             inputs, outputs = graph_io(src)
-            (tmp / mname / "1").mkdir(parents=True)
+            batch = max_batch_size if fname == "model.onnx" else 0  # the decode model carries explicit state
+            version = tmp / mname / "1"
+            version.mkdir(parents=True)
             # bytes only: copy2 would carry a 0600 source mode to a server running as another user
-            copy_file(src, tmp / mname / "1" / "model.onnx")
+            copy_file(src, version / "model.onnx")
             for extra in export_dir.glob(f"{fname}.data"):  # external data, if the export has it
-                copy_file(extra, tmp / mname / "1" / extra.name)
+                copy_file(extra, version / extra.name)
             (tmp / mname / "config.pbtxt").write_text(config_pbtxt(
                 mname, inputs, outputs, instances=instances, kind="KIND_GPU" if gpu else "KIND_CPU",
-                intra_op_threads=intra_op_threads, backend=backend))
+                intra_op_threads=intra_op_threads, backend=backend, max_batch_size=batch,
+                preferred_batch_sizes=preferred if batch else (), queue_delay_us=queue_delay_us,
+                ragged_inputs=("input_ids",) if batch and backend == "python" else ()))
             if backend == "python":
-                (tmp / mname / "1" / "model.py").write_text(PYTHON_MODEL)
-            record["models"].append({"name": mname, "file": fname, "sha256": digest,
+                if fname == "model.onnx":
+                    (version / "model.py").write_text(FULL_MODEL_SOURCE.read_text())
+                    (version / LIMITS_FILE).write_text(json.dumps(limits, indent=2) + "\n")
+                else:
+                    (version / "model.py").write_text(PYTHON_MODEL)
+            record["models"].append({"name": mname, "file": fname, "sha256": digest, "max_batch_size": batch,
                                      "inputs": inputs, "outputs": outputs})
+        (tmp / "README.md").write_text(repository_readme(record, limits))
         (tmp / "smlp_deploy.json").write_text(json.dumps(record, indent=2) + "\n")
     return record
+
+
+def _checkpoint_name(manifest: dict[str, Any]) -> Any:
+    """The manifest's checkpoint record without host paths (file name + checksums)."""
+    ck = manifest.get("checkpoint")
+    if isinstance(ck, dict):
+        return {k: (Path(v).name if k in ("path", "dir", "file") and isinstance(v, str) else v) for k, v in ck.items()}
+    if isinstance(ck, str):
+        return Path(ck).name
+    return ck
+
+
+def repository_readme(record: dict[str, Any], limits: dict[str, Any]) -> str:
+    """README.md written into the repository: what it holds and how to run it on a cluster."""
+    py = record["backend"] == "python"
+    ort_pkg = "onnxruntime-gpu" if record["kind"] == "KIND_GPU" else "onnxruntime"
+    rows = "\n".join(f"| `{m['name']}` | {m['file']} | {m['max_batch_size']} | "
+                     + ", ".join(f"`{t['name']}` {t['dims']}" for t in m["inputs"]) + " |"
+                     for m in record["models"])
+    batching = (f"Dynamic batching is on for `{record['models'][0]['name']}`: max_batch_size "
+                f"{record['max_batch_size']}, preferred batch sizes {record['preferred_batch_sizes']}, "
+                f"max queue delay {record['queue_delay_us']} us. With batching, `dims` in config.pbtxt leave out "
+                "the batch axis; clients send `input_ids` as INT64 [batch, tokens]."
+                if record["max_batch_size"] else "Dynamic batching is off (deployed with --max-batch-size 0).")
+    padding = ("The python model right-pads requests of different lengths into one batch and cuts each "
+               "response back to its own length (exact: every sMLP layer is causal)"
+               + (f"; requests shorter than p = {limits['min_pad_tokens']} tokens (partial-prediction routing) "
+                  "are only batched with requests of their own length" if limits["min_pad_tokens"] > 1 else "")
+               + "." if py else
+               "Triton's onnxruntime backend batches only requests of the same shape (same token count).")
+    bad_input = ("The python model answers a request longer than max_seq_len, an empty one, or one with a token "
+                 "id outside the vocabulary with one error response and keeps serving the others."
+                 if py else
+                 "The onnxruntime backend does not check token ids: an id >= the vocabulary size fails the "
+                 "whole batch it was batched with (ONNX Runtime's Gather error), and a negative id is silently "
+                 "read as vocab_size + id (Gather wraps negative indices). Check ids at your gateway, or "
+                 "deploy with `--backend python`, which answers each bad request alone.")
+    image = ("FROM nvcr.io/nvidia/tritonserver:<yy.mm>-py3\n"
+             f"RUN pip install --no-cache-dir numpy {ort_pkg}\n") if py else None
+    run_image = "smlp-triton" if py else "nvcr.io/nvidia/tritonserver:<yy.mm>-py3"
+    parts = [
+        f"# Triton model repository: {record['export']} ({record['target']}, {record['dtype']})",
+        "",
+        "Written by `smlp deploy`. Self-contained: every file a model needs is in its folder and nothing "
+        "points outside this directory, so it can be copied, mounted read-only or baked into an image. "
+        "`smlp_deploy.json` records what was deployed (model checksums, export manifest sha256, options).",
+        "",
+        "| model | from | max_batch_size | inputs |",
+        "|---|---|---|---|",
+        rows,
+        "",
+        f"Backend: `{record['backend']}`. Limits: max_seq_len {limits['max_seq_len']}, "
+        f"vocabulary [0, {limits['vocab_size']}). {batching} {padding}",
+        "",
+        bad_input,
+        "",
+        "## Run it with the NGC Triton container",
+        "",
+    ]
+    if image:
+        parts += ["The python backend models import numpy and ONNX Runtime, which the stock image lacks: "
+                  "build a small image once (`docker build -t smlp-triton .` with this Dockerfile):", "",
+                  "```dockerfile", image.rstrip(), "```", ""]
+    gpus = "--gpus all " if record["kind"] == "KIND_GPU" else ""
+    parts += [
+        "```bash",
+        f"docker run --rm {gpus}--shm-size=1g -p 8000:8000 -p 8001:8001 -p 8002:8002 \\",
+        f"  -v \"$PWD\":/models:ro {run_image} \\",
+        "  tritonserver --model-repository=/models",
+        "curl -s localhost:8000/v2/health/ready && echo ready",
+        "```",
+        "",
+        "Pick `<yy.mm>` to match your driver (NVIDIA's support matrix). On a host with the python backend",
+        "only (e.g. PyPI's nvidia-pytriton), `smlp deploy OUT -o REPO --backend python --check` serves it locally.",
+        "",
+        "## Instances",
+        "",
+        f"This repository runs {record['instances']} instance(s) of each model ({record['kind']}), ONNX Runtime "
+        f"intra-op threads per instance: {record['intra_op_threads'] or 'runtime default (all cores)'}.",
+        "- CPU: keep instances x threads <= physical cores (e.g. 16 cores: `--instances 4 --threads 4`); more "
+        "instances overlap requests, more threads make each batch faster. With dynamic batching one or two "
+        "instances usually suffice; add instances when the queue (Triton's `nv_inference_queue_duration_us` "
+        "metric on port 8002) grows.",
+        "- GPU (`smlp deploy --gpu`): one instance per GPU saturates it with batching; two overlap host-side "
+        "work with GPU work. Triton places KIND_GPU instances on every visible GPU.",
+        "",
+        "## Query it",
+        "",
+        "```python",
+        "import numpy as np, tritonclient.http as http",
+        "c = http.InferenceServerClient(\"localhost:8000\")",
+        "ids = np.array([[72, 101, 108, 108, 111]], dtype=np.int64)  # [batch, tokens]",
+        "x = http.InferInput(\"input_ids\", ids.shape, \"INT64\"); x.set_data_from_numpy(ids, binary_data=True)",
+        f"logits = c.infer(\"{record['models'][0]['name']}\", [x]).as_numpy(\"logits\")  # [batch, tokens, vocab]",
+        "```",
+        "",
+    ]
+    return "\n".join(parts)
