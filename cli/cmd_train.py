@@ -34,11 +34,12 @@ def train(preset_name, sets, corpus, steps, batch_size, lr, warmup, eval_every, 
 
     from smlp_export import preset
     from smlp_export.errors import SMLPError
-    from smlp_export.train import STATE_FILE, TrainArgs
+    from smlp_export.train import TrainArgs
     from smlp_export.train import train as run_train
 
     out = Path(output)
-    if out.exists() and not (force or (resume and (out / STATE_FILE).exists())):
+    # with --resume, a folder without a trainer state is refused by train() itself (one line)
+    if out.exists() and not (force or resume):
         raise SMLPError(f"{out} already exists (use --force to overwrite or --resume to continue)")
     if threads:
         torch.set_num_threads(threads)

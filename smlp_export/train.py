@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from . import data
 from .checkpoint import save_checkpoint
 from .config import SMLPConfig
+from .errors import InputError
 from .model import SMLPForCausalLM
 
 STATE_FILE = "trainer_state.pt"
@@ -105,6 +106,9 @@ def train(cfg: SMLPConfig | None, out: str | os.PathLike, args: TrainArgs, *, re
     from tqdm import tqdm
 
     out = Path(out)
+    if resume and not (out / STATE_FILE).is_file():  # never a silent fresh start under --resume
+        raise InputError(f"--resume: {out} has no {STATE_FILE} to continue from "
+                         "(a run saves it every save_every steps; drop --resume to train from scratch)")
     torch.manual_seed(args.seed)
     corpus = data.load_corpus(args.corpus)
     init_meta = None
@@ -127,7 +131,7 @@ def train(cfg: SMLPConfig | None, out: str | os.PathLike, args: TrainArgs, *, re
     gen = torch.Generator().manual_seed(args.seed)
     start_step, history, elapsed_before = 0, [], 0.0
     state_path = out / STATE_FILE
-    if resume and state_path.exists():
+    if resume:
         start_step, history, elapsed_before = _restore(state_path, model, opt, gen)
         log(f"resumed from {state_path} at step {start_step}")
     model.train()

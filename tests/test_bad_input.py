@@ -501,3 +501,26 @@ def test_deploy_check_without_an_activated_virtualenv(exported, tmp_path):
                         "--backend", "python", "--check"], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "check passed" in r.stdout
+
+
+def test_resume_without_a_trainer_state_is_refused(trained, tmp_path, capsys):
+    """--resume on a folder with nothing to resume never trains from scratch silently."""
+    _, corpus = trained
+    for out in (tmp_path / "missing", tmp_path / "empty"):
+        if out.name == "empty":
+            out.mkdir()
+        code, _, err = run_cli(capsys, "train", "--preset", "micro", "--corpus", corpus, "--steps", "1",
+                               "--batch-size", "2", "--threads", "1", "--resume", "-o", out)
+        assert code == 1 and "has no trainer_state.pt to continue from" in one_error_line(err), err
+        assert not (out / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("args, words", [
+    (["generate", "--temperature", "x"], "Invalid value for '--temperature': 'x' is not a valid float."),
+    (["deploy"], "Missing argument 'OUT'."),
+    (["nosuch"], "No such command 'nosuch'."),
+])
+def test_usage_errors_are_one_line(capsys, args, words):
+    """click's own usage errors (bad option values, missing arguments) are one line too, exit 2."""
+    code, _, err = run_cli(capsys, *args)
+    assert code == 2 and err.count("\n") == 1 and err.startswith("error: ") and words in err, err
