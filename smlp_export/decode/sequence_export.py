@@ -93,7 +93,7 @@ def sequence_manifest(model, *, file: str = SEQ_FILE) -> dict[str, Any]:
 
 def export_sequence_graph(model, path: Path, *, target: str = "ort", dtype: str = "fp32", opset: int = 18) -> dict[str, Any]:
     """Write ``decode_seq.onnx`` to ``path`` atomically (large weights in ``<name>.data`` beside it)
-    and return its manifest section (``manifest["decode"]["sequence"]``; ``files`` lists what was written)."""
+    and return its manifest section (``manifest["decode"]["sequence"]``; ``data_file`` when the weights went beside it)."""
     from ..export.pipeline import EXTERNAL_DATA_THRESHOLD
     from ..export.weights import lazy_bytes, source_for, write_model
 
@@ -110,5 +110,6 @@ def export_sequence_graph(model, path: Path, *, target: str = "ort", dtype: str 
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
     section = sequence_manifest(model, file=path.name)
-    section["files"] = list(names)
+    if len(names) > 1:
+        section["data_file"] = names[1]
     return section
