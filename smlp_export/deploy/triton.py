@@ -4,7 +4,10 @@ Layout written (atomically, via a temp sibling + rename)::
 
     REPO/<name>/config.pbtxt      onnxruntime backend, I/O from the ONNX graph itself
     REPO/<name>/1/model.onnx      the exported file, byte-identical (sha256 checked)
-    REPO/<name>_decode/...        the same for decode.onnx when the export has one
+    REPO/<name>_decode/...        the same for decode.onnx when the export has one (python backend)
+    REPO/<name>_sequence/...      onnxruntime backend: decode_seq.onnx under the sequence batcher with
+                                  implicit state (position and spatial states kept by Triton;
+                                  deploy/sequence_model.py)
     REPO/smlp_deploy.json         what was deployed from where (manifest + checksums)
 
 The config is derived from the ONNX graph's inputs and outputs (names, element types, dims with
@@ -12,8 +15,8 @@ The config is derived from the ONNX graph's inputs and outputs (names, element t
 batch axis themselves. For the ``tensorrt`` target the same file runs on the onnxruntime backend
 through its model-local fallback functions; an engine with the plugins is built on the GPU machine
 (smlp build-engine) and served by the TensorRT backend with the plugin library preloaded.
-The decode graph is served with explicit state inputs/outputs (the client keeps the state); Triton's
-implicit-state sequence batching would need a per-sequence ``position`` input, see docs/deploy.md.
+The python backend serves the decode graph with explicit state inputs/outputs (the client keeps the
+state); the onnxruntime backend serves the per-row-position decode graph with implicit state.
 """
 from __future__ import annotations
 
@@ -119,8 +122,12 @@ def config_pbtxt(name: str, inputs: list[dict], outputs: list[dict], *, instance
 
 def write_triton_repository(export_dir: str | Path, repo: str | Path, *, name: str = "smlp",
                             instances: int = 1, gpu: bool = False, intra_op_threads: int = 0,
-                            backend: str = "onnxruntime", force: bool = False) -> dict[str, Any]:
-    """Write a Triton model repository for ``export_dir`` (a ``smlp export`` output) into ``repo``."""
+                            backend: str = "onnxruntime", force: bool = False,
+                            sequence: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write a Triton model repository for ``export_dir`` (a ``smlp export`` output) into ``repo``.
+
+    sequence: options of the ``<name>_sequence`` model (onnxruntime backend, exports with a
+    decode graph; ``sequence_model.SEQUENCE_DEFAULTS``)."""
     export_dir, repo = Path(export_dir), Path(repo)
     man_path = export_dir / "manifest.json"
     if not man_path.is_file():
@@ -141,9 +148,12 @@ def write_triton_repository(export_dir: str | Path, repo: str | Path, *, name: s
     digests = verify_files(export_dir, manifest)  # one-line error for any file changed after export
     models = [("model.onnx", name)]
     warnings: list[str] = []
+    seq_section = (manifest.get("decode") or {}).get("sequence")
     if (export_dir / "decode.onnx").is_file():
         if backend == "python":
             models.append(("decode.onnx", f"{name}_decode"))
+        elif seq_section:  # per-row positions: Triton's sequence batcher, implicit state (sequence_model.py)
+            models.append((seq_section["file"], f"{name}_sequence"))
         else:  # its scalar `position` input cannot be fed through Triton's onnxruntime backend
             warnings.append("decode.onnx not deployed: Triton's onnxruntime backend cannot feed its scalar "
                             "input `position`; use --backend python to serve it")
@@ -165,9 +175,18 @@ def write_triton_repository(export_dir: str | Path, repo: str | Path, *, name: s
             copy_file(src, tmp / mname / "1" / "model.onnx")
             for extra in export_dir.glob(f"{fname}.data"):  # external data, if the export has it
                 copy_file(extra, tmp / mname / "1" / extra.name)
-            (tmp / mname / "config.pbtxt").write_text(config_pbtxt(
-                mname, inputs, outputs, instances=instances, kind="KIND_GPU" if gpu else "KIND_CPU",
-                intra_op_threads=intra_op_threads, backend=backend))
+            if seq_section and fname == seq_section["file"]:
+                from .sequence_model import parse_config, sequence_config_pbtxt
+
+                text = sequence_config_pbtxt(mname, seq_section, inputs, outputs, instances=instances,
+                                             kind="KIND_GPU" if gpu else "KIND_CPU",
+                                             intra_op_threads=intra_op_threads, options=sequence)
+                parse_config(text, optional=True)  # Triton's own schema, when tritonclient is installed
+                (tmp / mname / "config.pbtxt").write_text(text)
+            else:
+                (tmp / mname / "config.pbtxt").write_text(config_pbtxt(
+                    mname, inputs, outputs, instances=instances, kind="KIND_GPU" if gpu else "KIND_CPU",
+                    intra_op_threads=intra_op_threads, backend=backend))
             if backend == "python":
                 (tmp / mname / "1" / "model.py").write_text(PYTHON_MODEL)
             record["models"].append({"name": mname, "file": fname, "sha256": digest,
