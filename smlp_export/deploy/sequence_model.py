@@ -28,10 +28,10 @@ import numpy as np
 
 from ..errors import InputError, SMLPError
 
-# defaults for `smlp deploy` (the sequence model): batch of up to 8 sequences, up to 64 sequences
-# in flight per instance, 1 ms of queue delay to let a batch fill
+# defaults for `smlp deploy` (the sequence model): batch of up to 8 sequences (preferred: half and
+# all of it), up to 64 sequences in flight per instance, 1 ms of queue delay to let a batch fill
 SEQUENCE_DEFAULTS: dict[str, Any] = {"max_batch_size": 8, "max_candidate_sequences": 64,
-                                     "preferred_batch_sizes": (4, 8), "max_queue_delay_us": 1000,
+                                     "preferred_batch_sizes": None, "max_queue_delay_us": 1000,
                                      "max_sequence_idle_us": 60_000_000}
 
 
@@ -46,9 +46,12 @@ def check_sequence_options(opts: dict[str, Any]) -> dict[str, Any]:
         raise SMLPError(f"sequence max_batch_size must be >= 1, got {mb}")
     if cand < mb:
         raise SMLPError(f"max_candidate_sequences ({cand}) must be >= the sequence max_batch_size ({mb})")
-    pref = sorted({int(x) for x in o["preferred_batch_sizes"] if int(x) <= mb})
-    if any(x < 1 for x in pref):
-        raise SMLPError(f"preferred batch sizes must be >= 1, got {list(o['preferred_batch_sizes'])}")
+    if o["preferred_batch_sizes"] is None:  # half and all of the batch (a half of 1 is no preference)
+        pref = sorted({x for x in (mb // 2, mb) if x >= 2} or {1})
+    else:
+        pref = sorted({int(x) for x in o["preferred_batch_sizes"]})
+        if not pref or pref[0] < 1 or pref[-1] > mb:
+            raise SMLPError(f"preferred batch sizes must lie in [1, max_batch_size {mb}], got {list(o['preferred_batch_sizes'])}")
     if int(o["max_queue_delay_us"]) < 0 or int(o["max_sequence_idle_us"]) < 1:
         raise SMLPError("max_queue_delay_us must be >= 0 and max_sequence_idle_us >= 1")
     return {**o, "max_batch_size": mb, "max_candidate_sequences": cand, "preferred_batch_sizes": tuple(pref)}
