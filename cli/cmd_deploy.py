@@ -20,8 +20,14 @@ from .options import force_option
               help="ONNX Runtime intra-op threads per instance (0 = runtime default).")
 @click.option("--check", is_flag=True,
               help="Start a local tritonserver (serve extra; python backend) and compare its logits with the export.")
+@click.option("--sequence-batch", type=click.IntRange(1), default=None,
+              help="onnxruntime backend, export with --decode: most sequences the <name>_sequence model "
+                   "steps in one batch (Triton sequence batcher; default 8).")
+@click.option("--sequence-candidates", type=click.IntRange(1), default=None,
+              help="Sequences in flight per instance of <name>_sequence (oldest strategy; default 64).")
 @force_option
-def deploy(export_dir, runtime, output, backend, name, instances, gpu, threads, check, force) -> None:
+def deploy(export_dir, runtime, output, backend, name, instances, gpu, threads, check, force,
+           sequence_batch, sequence_candidates) -> None:
     """Write a model repository for OUT (refuses exports that failed parity)."""
     from smlp_export.deploy import write_triton_repository
     from smlp_export.errors import SMLPError
@@ -29,7 +35,9 @@ def deploy(export_dir, runtime, output, backend, name, instances, gpu, threads, 
     if check and backend != "python":  # refused before anything is written
         raise SMLPError("--check needs --backend python (the local tritonserver has only the python backend)")
     rec = write_triton_repository(export_dir, output, name=name, instances=instances, gpu=gpu,
-                                  intra_op_threads=threads, backend=backend, force=force)
+                                  intra_op_threads=threads, backend=backend, force=force,
+                                  sequence={"max_batch_size": sequence_batch,
+                                            "max_candidate_sequences": sequence_candidates})
     for w in rec.get("warnings", []):
         click.echo(f"warning: {w}", err=True)
     for m in rec["models"]:

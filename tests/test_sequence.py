@@ -294,3 +294,19 @@ def test_simulated_batcher_refuses_what_triton_refuses(deployed):
     sim.store[9]["position"][:] = 31
     r2 = sim.enqueue(Request(9, {"input_ids": ids}))
     assert sim.execute() == [r2] and r2.error and r2.outputs is None
+
+
+def test_cli_deploy_sequence_options(deployed, tmp_path, capsys):
+    from smlp_cli.main import main
+
+    out = deployed["base-deterministic"][0]
+    with pytest.raises(SystemExit) as e:
+        main(["deploy", str(out), "-o", str(tmp_path / "repo"), "--sequence-batch", "4", "--sequence-candidates", "16"])
+        raise SystemExit(0)
+    assert e.value.code == 0 and "m_sequence" not in capsys.readouterr().out  # default name: smlp
+    cfg = (tmp_path / "repo" / "smlp_sequence" / "config.pbtxt").read_text()
+    assert "max_batch_size: 4" in cfg and "max_candidate_sequences: 16 preferred_batch_size: 2 preferred_batch_size: 4" in cfg
+    with pytest.raises(SystemExit) as e:
+        main(["deploy", str(out), "-o", str(tmp_path / "r2"), "--sequence-batch", "32", "--sequence-candidates", "16"])
+    assert e.value.code == 1 and "max_candidate_sequences (16)" in capsys.readouterr().err
+    assert not (tmp_path / "r2").exists()

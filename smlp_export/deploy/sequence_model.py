@@ -40,8 +40,10 @@ def check_sequence_options(opts: dict[str, Any]) -> dict[str, Any]:
     unknown = set(opts) - set(SEQUENCE_DEFAULTS)
     if unknown:
         raise SMLPError(f"unknown sequence batching option(s): {', '.join(sorted(unknown))}")
-    o = {**SEQUENCE_DEFAULTS, **{k: v for k, v in opts.items() if v is not None}}
-    mb, cand = int(o["max_batch_size"]), int(o["max_candidate_sequences"])
+    given = {k: v for k, v in opts.items() if v is not None}
+    o = {**SEQUENCE_DEFAULTS, **given}
+    mb = int(o["max_batch_size"])
+    cand = int(given.get("max_candidate_sequences", max(SEQUENCE_DEFAULTS["max_candidate_sequences"], mb)))
     if mb < 1:
         raise SMLPError(f"sequence max_batch_size must be >= 1, got {mb}")
     if cand < mb:
