@@ -310,3 +310,71 @@ def test_cli_deploy_sequence_options(deployed, tmp_path, capsys):
         main(["deploy", str(out), "-o", str(tmp_path / "r2"), "--sequence-batch", "32", "--sequence-candidates", "16"])
     assert e.value.code == 1 and "max_candidate_sequences (16)" in capsys.readouterr().err
     assert not (tmp_path / "r2").exists()
+
+
+@pytest.mark.serving
+def test_real_tritonserver_sequence_batcher_python_backend(deployed, tmp_path):
+    """The real local tritonserver (nvidia-pytriton's, python backend only): <name>_sequence under
+    Triton's own sequence batcher (oldest strategy; START / END / CORRID delivered by Triton), 6
+    concurrent client sequences of different prompt lengths: tokens equal local generation, and
+    Triton did hand several sequences to one execution, which ran them as one ONNX Runtime batch."""
+    pytest.importorskip("pytriton", reason="needs the serve extra (nvidia-pytriton) for a local tritonserver")
+    import threading
+
+    import tritonclient.grpc as gc
+
+    from smlp_export.deploy import write_triton_repository
+    from smlp_export.deploy.server import local_tritonserver
+
+    out = deployed["topk2-partial"][0]
+    rec = write_triton_repository(out, tmp_path / "repo", backend="python", name="m",
+                                  sequence={"max_batch_size": 4, "max_queue_delay_us": 20000})
+    assert [m["name"] for m in rec["models"]] == ["m", "m_decode", "m_sequence"]
+    p = json.loads((out / "manifest.json").read_text())["decode"]["min_prompt_tokens"]
+    prompts = _prompts(p, [7, 10, 7, 12, 8, 7], seed=4)
+    n_new = 10
+    gen = OrtGenerator(out)
+    want = [gen.generate(pr, n_new, stop_on_eos=False).tokens[0] for pr in prompts]
+    got: list = [None] * len(prompts)
+    rows: list[int] = []
+    errors: list[str] = []
+
+    def request(client, ids, seq, start, end):
+        x = gc.InferInput("input_ids", list(ids.shape), "INT64")
+        x.set_data_from_numpy(ids)
+        return client.infer("m_sequence", [x], outputs=[gc.InferRequestedOutput("logits"),
+                                                       gc.InferRequestedOutput("batch_rows")],
+                            sequence_id=seq, sequence_start=start, sequence_end=end)
+
+    with local_tritonserver(tmp_path / "repo") as srv:
+        def client(i: int) -> None:
+            try:
+                c = gc.InferenceServerClient(srv.grpc_url)
+                ids, toks = np.asarray(prompts[i], np.int64)[None], []
+                for k in range(n_new):
+                    r = request(c, ids, i + 1, k == 0, k == n_new - 1)
+                    toks.append(int(r.as_numpy("logits")[0, -1].argmax()))
+                    rows.append(int(r.as_numpy("batch_rows")[0, 0]))
+                    ids = np.array([[toks[-1]]], np.int64)
+                got[i] = toks
+            except Exception as e:  # noqa: BLE001 - reported below
+                errors.append(repr(e))
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        c = gc.InferenceServerClient(srv.grpc_url)
+        stats = c.get_inference_statistics("m_sequence", as_json=True)["model_stats"][0]
+        # bad requests: one clear error each, and the server keeps serving
+        for ids, start, msg in [([[300]], True, "outside the vocabulary"), ([[3]], True, f"at least {p} tokens"),
+                                ([[3]], False, "must specify the START flag")]:
+            with pytest.raises(Exception, match=msg):
+                request(c, np.array(ids, np.int64), 99, start, True)
+        r = request(c, np.asarray(prompts[0], np.int64)[None], 100, True, True)
+        assert int(r.as_numpy("logits")[0, -1].argmax()) == want[0][0]
+    assert not errors, errors
+    assert got == want
+    assert int(stats["inference_count"]) == len(prompts) * n_new
+    assert int(stats["execution_count"]) < int(stats["inference_count"]) and max(rows) > 1

@@ -60,9 +60,13 @@ def check_sequence_options(opts: dict[str, Any]) -> dict[str, Any]:
 
 
 def sequence_config_pbtxt(name: str, section: dict[str, Any], inputs: list[dict], outputs: list[dict], *,
-                          instances: int, kind: str, intra_op_threads: int, options: dict[str, Any] | None = None) -> str:
-    """Triton ``config.pbtxt`` (onnxruntime backend) for decode_seq.onnx with implicit state.
+                          instances: int, kind: str, intra_op_threads: int, options: dict[str, Any] | None = None,
+                          backend: str = "onnxruntime", min_prompt_tokens: int = 1) -> str:
+    """Triton ``config.pbtxt`` for decode_seq.onnx under the sequence batcher.
 
+    onnxruntime backend: implicit state (Triton keeps position and states), control input START.
+    python backend (Triton's python backend has no implicit state): control inputs START, END and
+    CORRID; the model (``python_sequence_model.py``) keeps the state per correlation id itself.
     section: ``manifest["decode"]["sequence"]`` (I/O names); inputs / outputs: ``triton.graph_io``
     of the file (dims with the batch axis first, which Triton's config leaves out)."""
     o = check_sequence_options(options or {})
@@ -95,22 +99,37 @@ def sequence_config_pbtxt(name: str, section: dict[str, Any], inputs: list[dict]
     if by_in[control]["data_type"] != "TYPE_INT32" or by_in[control]["dims"][1:] != [1]:
         raise SMLPError(f"{section['file']}: control input {control} must be int32 [batch, 1]")
     pref = " ".join(f"preferred_batch_size: {x}" for x in o["preferred_batch_sizes"])
+
+    def flag(tensor_name: str, kind: str) -> str:
+        return f'{{ name: "{tensor_name}" control [ {{ kind: {kind} int32_false_true: [ 0, 1 ] }} ] }}'
+
+    if backend == "python":
+        controls = [flag(control, "CONTROL_SEQUENCE_START"), flag("END", "CONTROL_SEQUENCE_END"),
+                    '{ name: "CORRID" control [ { kind: CONTROL_SEQUENCE_CORRID data_type: TYPE_UINT64 } ] }']
+        state_block = []
+        extra = [f'  {{ key: "min_prompt_tokens" value: {{ string_value: "{int(min_prompt_tokens)}" }} }}']
+    else:
+        controls = [flag(control, "CONTROL_SEQUENCE_START")]
+        state_block = ["  state [\n" + ",\n".join(state(i, j) for i, j in pairs) + "\n  ]"]
+        extra = []
     return "\n".join([
         f'name: "{name}"',
-        'backend: "onnxruntime"',
+        f'backend: "{backend}"',
         f"max_batch_size: {o['max_batch_size']}",
         "input [\n" + tensor(by_in[ins["input_ids"]]) + "\n]",
-        "output [\n" + tensor(by_out[outs["logits"]]) + "\n]",
+        "output [\n" + tensor(by_out[outs["logits"]]) + (
+            ',\n  {\n    name: "batch_rows"\n    data_type: TYPE_INT32\n    dims: [ 1 ]\n  }' if backend == "python" else "")
+        + "\n]",
         "sequence_batching {",
         f"  max_sequence_idle_microseconds: {o['max_sequence_idle_us']}",
         f"  oldest {{ max_candidate_sequences: {o['max_candidate_sequences']} {pref} "
         f"max_queue_delay_microseconds: {o['max_queue_delay_us']} }}",
-        f'  control_input [ {{ name: "{control}" control [ {{ kind: CONTROL_SEQUENCE_START int32_false_true: [ 0, 1 ] }} ] }} ]',
-        "  state [\n" + ",\n".join(state(i, j) for i, j in pairs) + "\n  ]",
+        "  control_input [\n    " + ",\n    ".join(controls) + "\n  ]",
+        *state_block,
         "}",
         f"instance_group [ {{ count: {instances} kind: {kind} }} ]",
         "parameters [",
-        f'  {{ key: "intra_op_thread_count" value: {{ string_value: "{intra_op_threads}" }} }}',
+        ",\n".join([f'  {{ key: "intra_op_thread_count" value: {{ string_value: "{intra_op_threads}" }} }}', *extra]),
         "]",
         "",
     ])

@@ -152,9 +152,9 @@ def write_triton_repository(export_dir: str | Path, repo: str | Path, *, name: s
     if (export_dir / "decode.onnx").is_file():
         if backend == "python":
             models.append(("decode.onnx", f"{name}_decode"))
-        elif seq_section:  # per-row positions: Triton's sequence batcher, implicit state (sequence_model.py)
+        if seq_section:  # per-row positions under Triton's sequence batcher (sequence_model.py)
             models.append((seq_section["file"], f"{name}_sequence"))
-        else:  # its scalar `position` input cannot be fed through Triton's onnxruntime backend
+        elif backend != "python":  # its scalar `position` input cannot be fed through Triton's onnxruntime backend
             warnings.append("decode.onnx not deployed: Triton's onnxruntime backend cannot feed its scalar "
                             "input `position`; use --backend python to serve it")
     record: dict[str, Any] = {"export_dir": str(export_dir.resolve()), "backend": backend,
@@ -180,15 +180,18 @@ def write_triton_repository(export_dir: str | Path, repo: str | Path, *, name: s
 
                 text = sequence_config_pbtxt(mname, seq_section, inputs, outputs, instances=instances,
                                              kind="KIND_GPU" if gpu else "KIND_CPU",
-                                             intra_op_threads=intra_op_threads, options=sequence)
+                                             intra_op_threads=intra_op_threads, options=sequence, backend=backend,
+                                             min_prompt_tokens=manifest["decode"].get("min_prompt_tokens", 1))
                 parse_config(text, optional=True)  # Triton's own schema, when tritonclient is installed
                 (tmp / mname / "config.pbtxt").write_text(text)
             else:
                 (tmp / mname / "config.pbtxt").write_text(config_pbtxt(
                     mname, inputs, outputs, instances=instances, kind="KIND_GPU" if gpu else "KIND_CPU",
                     intra_op_threads=intra_op_threads, backend=backend))
-            if backend == "python":
-                (tmp / mname / "1" / "model.py").write_text(PYTHON_MODEL)
+            if backend == "python":  # the sequence model keeps each sequence's state itself (no implicit state there)
+                (tmp / mname / "1" / "model.py").write_text(
+                    Path(__file__).with_name("python_sequence_model.py").read_text()
+                    if seq_section and fname == seq_section["file"] else PYTHON_MODEL)
             record["models"].append({"name": mname, "file": fname, "sha256": digest,
                                      "inputs": inputs, "outputs": outputs})
         (tmp / "smlp_deploy.json").write_text(json.dumps(record, indent=2) + "\n")
