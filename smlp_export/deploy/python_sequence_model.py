@@ -9,6 +9,8 @@ The client protocol is the onnxruntime-backend ``<name>_sequence``'s: ``input_id
 sequence id -> ``logits`` [1, S, V]. Unlike the graph, this model refuses bad requests with one clear
 error each (token out of the vocabulary, past max_seq_len, a prompt shorter than p, no START).
 """
+from __future__ import annotations
+
 import json
 import os
 

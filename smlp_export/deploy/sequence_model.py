@@ -15,7 +15,9 @@ The config written here is checked against Triton's own protobuf schema (``parse
 tritonclient's ``model_config_pb2`` + ``text_format``). This machine's tritonserver has no
 onnxruntime backend, so ``SequenceBatcherSim`` reproduces the batcher's implicit-state rules
 in-process around the deployed ``model.onnx`` (ONNX Runtime), for the tests and for
-``simulate_generation``.
+``simulate_generation``. With ``--backend python`` the same ``<name>_sequence`` (same client
+protocol) runs under Triton's real sequence batcher with START / END / CORRID control inputs and
+``python_sequence_model.py``, which keeps the states per correlation id itself.
 """
 from __future__ import annotations
 
