@@ -395,3 +395,41 @@ def test_other_targets_sequence_graph(tmp_path, target):
     if target == "tensorrt":
         pa = check_plugin_nodes(tmp_path / "decode_seq.onnx", m.config, decode=True)
         assert pa["passed"] and pa["checked"] > 0, pa["failures"]
+
+
+@pytest.mark.serving
+def test_real_tritonserver_validates_the_onnxruntime_sequence_config(deployed, tmp_path):
+    """The local tritonserver (2.51) has no onnxruntime backend, but its repository manager validates
+    every config.pbtxt before looking for the backend: <name>_sequence as written gets past that
+    validation (it fails only for the missing backend), a planted config error does not."""
+    pytest.importorskip("pytriton", reason="needs the serve extra (nvidia-pytriton) for a local tritonserver")
+    import os
+    import shutil
+    import subprocess
+    import sysconfig
+
+    from smlp_export.deploy.server import find_pytriton
+
+    root = find_pytriton()
+    backends = tmp_path / "backends"
+    shutil.copytree(root / "backends", backends)
+    env = dict(os.environ, LD_LIBRARY_PATH=os.pathsep.join([sysconfig.get_config_var("LIBDIR"),
+                                                             str(root.parent.parent / "nvidia_pytriton.libs")]))
+    src = deployed["base-deterministic"][1] / "m_sequence"
+
+    def load_error(edit) -> str:
+        repo = tmp_path / f"repo{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(src, repo / "m_sequence")
+        cfg = repo / "m_sequence" / "config.pbtxt"
+        cfg.write_text(edit(cfg.read_text()))
+        r = subprocess.run([str(root / "bin" / "tritonserver"), "--model-repository", str(repo),
+                            "--backend-directory", str(backends), "--allow-http=false", "--allow-grpc=false",
+                            "--allow-metrics=false"], env=env, capture_output=True, text=True, timeout=120)
+        assert r.returncode != 0
+        return next(line for line in (r.stdout + r.stderr).splitlines() if "m_sequence" in line and line.startswith("E"))
+
+    assert "unable to find backend library for backend 'onnxruntime'" in load_error(lambda t: t)
+    assert "preferred batch size must be <= max batch size" in load_error(
+        lambda t: t.replace("preferred_batch_size: 8", "preferred_batch_size: 16"))
+    assert "must have exactly 2 entries for CONTROL_SEQUENCE_START" in load_error(
+        lambda t: t.replace("int32_false_true: [ 0, 1 ]", "int32_false_true: [ 1 ]"))
