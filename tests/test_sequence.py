@@ -382,14 +382,15 @@ def test_real_tritonserver_sequence_batcher_python_backend(deployed, tmp_path):
     assert int(stats["execution_count"]) < int(stats["inference_count"]) and max(rows) > 1
 
 
-@pytest.mark.parametrize("target", ["tensorrt", "portable"])
-def test_other_targets_sequence_graph(tmp_path, target):
-    """tensorrt (plugin nodes + fallback functions, run by ORT here) and portable targets: the same
-    mixed-position parity; the tensorrt graph's plugin fields match the config, as decode.onnx's."""
+@pytest.mark.parametrize("target, dtype", [("tensorrt", "fp32"), ("portable", "fp32"), ("ort", "fp16")])
+def test_other_targets_sequence_graph(tmp_path, target, dtype):
+    """tensorrt (plugin nodes + fallback functions, run by ORT here), portable, and an fp16 graph
+    (float16 states, the fp16 tolerance row): the same mixed-position parity; the tensorrt graph's
+    plugin fields match the config, as decode.onnx's."""
     from smlp_export.validate.plugin_attrs import check_plugin_nodes
 
     m = mixing_model(**ROUTING_MODES["topk2-partial"])
-    section = export_sequence_graph(m, tmp_path / "decode_seq.onnx", target=target)
+    section = export_sequence_graph(m, tmp_path / "decode_seq.onnx", target=target, dtype=dtype)
     rep = validate_sequence(tmp_path, m, section, rows=3)
     assert rep["passed"], rep["checks"]
     if target == "tensorrt":

@@ -48,6 +48,10 @@ def validate_sequence(export_dir: str | Path, model, section: dict[str, Any], *,
         want = model(torch.from_numpy(ids)).float().numpy().astype(np.float64)  # [R, n, V]
     scale = np.abs(want).max(axis=(1, 2))
     st_type = {i.name: i.type for i in sess.get_inputs()}[ins["states"][0]]
+    if st_type not in _NP_TYPES:
+        from ..errors import SMLPError
+
+        raise SMLPError(f"{path.name}: states of type {st_type} cannot be fed from numpy here")
     sdt = np.dtype(_NP_TYPES[st_type])
     # distinct prompt lengths, all >= p, leaving room for the 2-token mixed step
     lens = [min(first + 3 * r, n - 3) for r in range(rows)]
