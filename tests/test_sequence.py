@@ -119,6 +119,34 @@ def test_graph_contract(seq_exports):
 
 
 @pytest.mark.parametrize("mode", sorted(ROUTING_MODES))
+def test_graph_equals_torch_twin_on_a_mixed_batch(seq_exports, mode):
+    """decode_seq.onnx vs ``step_rows`` on one batch: random (finite) states, rows at positions
+    p, p + 9 and 20, and a START row whose stale position (13) must be ignored; logits, new
+    positions and every new state (the oracle for the graph's per-row semantics; the twin itself is
+    checked against the full forward above)."""
+    import onnxruntime as ort
+
+    m, d, section = seq_exports[mode]
+    p = max(m.config.prefix_len, 1)
+    g = torch.Generator().manual_seed(7)
+    states = [torch.randn(4, 32, 32, generator=g) for _ in range(3)]
+    states[0][3].zero_()  # a starting row comes with zero states (Triton's initial_state)
+    states[1][3].zero_()
+    states[2][3].zero_()
+    S = max(p, 3)  # the START row's first step must cover [0, p)
+    ids, pos, start = _ids(4, S, seed=9), [p, p + 9, 20, 13], [0, 0, 0, 1]
+    lg, new_pos, new_states = step_rows(m, ids, pos, states, start=start)
+    sess = ort.InferenceSession(str(d / "decode_seq.onnx"), providers=["CPUExecutionProvider"])
+    out = sess.run(None, {"input_ids": ids.numpy(), "position": np.array(pos, np.int64)[:, None],
+                          "START": np.array(start, np.int32)[:, None],
+                          **{f"state.blocks.{i}": s.numpy() for i, s in enumerate(states)}})
+    np.testing.assert_allclose(out[0], lg.numpy(), rtol=0, atol=2e-5 * float(lg.abs().max()))
+    assert out[1][:, 0].tolist() == new_pos.tolist() == [p + S, p + 9 + S, 20 + S, S]
+    for got, want in zip(out[2:], new_states):
+        np.testing.assert_allclose(got, want.numpy(), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", sorted(ROUTING_MODES))
 def test_validate_sequence_every_mode(seq_exports, mode):
     """ORT, rows at different positions in one batch, fed back from the graph's own outputs, every
     position of every row against the PyTorch full forward."""
