@@ -320,10 +320,12 @@ def test_simulated_batcher_refuses_what_triton_refuses(deployed):
     assert "batch-size 1" in sim.enqueue(Request(8, {"input_ids": np.zeros((2, 2), np.int64)}, start=True)).error
     r = sim.enqueue(Request(9, {"input_ids": np.array([[5, 31]], dtype=np.int64)}, start=True))
     assert r.error is None and sim.execute() == [r] and r.outputs["logits"].shape == (1, 2, 257)
-    # past max_seq_len the ScatterND index is out of range: an error response, not a wrong answer
+    # past max_seq_len the Gather/ScatterND index is out of range: an error response, not a wrong answer
     sim.store[9]["position"][:] = 31
     r2 = sim.enqueue(Request(9, {"input_ids": ids}))
-    assert sim.execute() == [r2] and r2.error and r2.outputs is None
+    assert sim.execute() == [r2] and "out of data bounds" in r2.error and r2.outputs is None
+    r3 = sim.enqueue(Request(10, {"input_ids": np.array([[257, 5]], dtype=np.int64)}, start=True, end=True))
+    assert sim.execute() == [r3] and "out of data bounds" in r3.error  # token id == vocab_size
 
 
 def test_cli_deploy_sequence_options(deployed, tmp_path, capsys):
