@@ -58,9 +58,15 @@ def _concurrency(ctx, param, value):
               help="Requests per concurrency instead of --duration.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
               help="With --check: write the check and load rows (under 'load') as JSON here.")
+@click.option("--sequence-batch", type=click.IntRange(1), default=None,
+              help="Export with --decode: most sequences the <name>_sequence model steps in one batch "
+                   "(Triton sequence batcher; default 8).")
+@click.option("--sequence-candidates", type=click.IntRange(1), default=None,
+              help="Sequences in flight per instance of <name>_sequence (oldest strategy; default 64).")
 @force_option
 def deploy(export_dir, runtime, output, backend, name, instances, gpu, threads, max_batch_size,
-           preferred_batch_sizes, queue_delay_us, check, concurrency, duration, n_requests, json_path, force) -> None:
+           preferred_batch_sizes, queue_delay_us, check, concurrency, duration, n_requests, json_path,
+           sequence_batch, sequence_candidates, force) -> None:
     """Write a model repository for OUT (refuses exports that failed parity)."""
     from smlp_export.deploy import write_triton_repository
     from smlp_export.errors import SMLPError
@@ -77,7 +83,9 @@ def deploy(export_dir, runtime, output, backend, name, instances, gpu, threads, 
     rec = write_triton_repository(export_dir, output, name=name, instances=instances, gpu=gpu,
                                   intra_op_threads=threads, backend=backend, force=force,
                                   max_batch_size=max_batch_size, preferred_batch_sizes=preferred_batch_sizes,
-                                  queue_delay_us=queue_delay_us)
+                                  queue_delay_us=queue_delay_us,
+                                  sequence={"max_batch_size": sequence_batch,
+                                            "max_candidate_sequences": sequence_candidates})
     for w in rec.get("warnings", []):
         click.echo(f"warning: {w}", err=True)
     for m in rec["models"]:

@@ -30,7 +30,9 @@ def _size(n: int) -> str:
               help="ort target: token MoE as the sorted per-expert formulation (loop; fastest "
                    "on ORT CPU from 8 tokens on), as com.microsoft.MoE (fused), or auto: an If "
                    "picks fused for <= 4 tokens, loop above (default; docs/export.md has the figures).")
-@click.option("--decode", is_flag=True, help="Also export the incremental decode graph (decode.onnx).")
+@click.option("--decode", is_flag=True,
+              help="Also export the incremental decode graphs (decode.onnx; decode_seq.onnx: one position "
+                   "per row, for Triton's sequence batcher).")
 @force_option
 @json_flag
 def export(checkpoint, allow_pickle, output, target, dtype, opset, validate, quick, ort_moe, decode, force, as_json) -> None:

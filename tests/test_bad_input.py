@@ -482,10 +482,24 @@ def test_deploy_without_parity_warns_and_copies_with_ordinary_modes(exported, tm
     assert block.split("}")[0].split("dims: ")[1].strip() == "[ 1 ]"
 
 
-def test_deploy_onnxruntime_backend_skips_decode_with_a_warning(exported, tmp_path, capsys):
+def test_deploy_onnxruntime_backend_serves_decode_as_a_sequence_model(exported, tmp_path, capsys):
+    """decode_seq.onnx becomes smlp_sequence (Triton's sequence batcher, implicit state); an older
+    export without it still gets the warning that decode.onnx cannot be served by this backend."""
+    import shutil
+
     code, _, err = run_cli(capsys, "deploy", exported / "out", "-o", tmp_path / "repo")
+    assert code == 0 and "decode.onnx not deployed" not in err
+    assert sorted(p.name for p in (tmp_path / "repo").iterdir()) == ["README.md", "smlp", "smlp_deploy.json", "smlp_sequence"]
+    old = tmp_path / "old"
+    shutil.copytree(exported / "out", old)
+    (old / "decode_seq.onnx").unlink()
+    man = json.loads((old / "manifest.json").read_text())
+    del man["decode"]["sequence"]
+    man["files"] = [f for f in man["files"] if f["name"] != "decode_seq.onnx"]
+    (old / "manifest.json").write_text(json.dumps(man))
+    code, _, err = run_cli(capsys, "deploy", old, "-o", tmp_path / "repo2")
     assert code == 0 and "decode.onnx not deployed" in err
-    assert sorted(p.name for p in (tmp_path / "repo").iterdir()) == ["README.md", "smlp", "smlp_deploy.json"]
+    assert sorted(p.name for p in (tmp_path / "repo2").iterdir()) == ["README.md", "smlp", "smlp_deploy.json"]
 
 
 @pytest.mark.serving

@@ -120,8 +120,10 @@ def test_decode_graph_with_external_data(model, ckpt: Path, tmp_path: Path, monk
     monkeypatch.setattr(pipeline, "EXTERNAL_DATA_THRESHOLD", 0)
     res = export_model(ckpt, tmp_path / "big", target="ort", validate=False, decode=True)
     names = [f["name"] for f in res.manifest["files"]]
-    assert names == [MODEL_FILE, pipeline.DATA_FILE, "decode.onnx", "decode.onnx.data"]
+    assert names == [MODEL_FILE, pipeline.DATA_FILE, "decode.onnx", "decode.onnx.data",
+                     "decode_seq.onnx", "decode_seq.onnx.data"]
     assert res.manifest["decode"]["data_file"] == "decode.onnx.data"
+    assert res.manifest["decode"]["sequence"]["data_file"] == "decode_seq.onnx.data"
     assert not (tmp_path / "small" / "decode.onnx.data").exists()
     feeds = {"input_ids": np.array([[3, 7, 9]], np.int64), "position": np.array(0, np.int64)}
     outs = []

@@ -115,8 +115,16 @@ def validate_decode(export_dir: str | Path, model=None, *, n_prompts: int = 24, 
         {"name": "teacher_forced_last_position", "value": sweep["last_position"],
          "bound": f"== {cfg.max_seq_len - 1}", "ok": sweep["last_position"] == cfg.max_seq_len - 1},
     ]
+    seq = None
+    if section.get("sequence"):  # decode_seq.onnx: rows at different positions in one batch
+        from .sequence_validate import validate_sequence
+
+        seq = validate_sequence(export_dir, ref.model, section["sequence"], rows=3 if quick else 4, source=source,
+                                tol=tol, providers=providers)
+        checks += seq["checks"]
     return {
         "passed": all(c["ok"] for c in checks),
+        "sequence": seq,
         "file": str(ort_gen.decoder.path.name),
         "target": section.get("target"), "dtype": dtype, "manifest_dtype": section.get("dtype"),
         "reference": "torch full recompute (every token recomputes the whole prefix)",

@@ -4,7 +4,10 @@ Layout written (atomically, via a temp sibling + rename)::
 
     REPO/<name>/config.pbtxt      onnxruntime backend, I/O from the ONNX graph itself
     REPO/<name>/1/model.onnx      the exported file, byte-identical (sha256 checked)
-    REPO/<name>_decode/...        the same for decode.onnx when the export has one
+    REPO/<name>_decode/...        the same for decode.onnx when the export has one (python backend)
+    REPO/<name>_sequence/...      onnxruntime backend: decode_seq.onnx under the sequence batcher with
+                                  implicit state (position and spatial states kept by Triton;
+                                  deploy/sequence_model.py)
     REPO/smlp_deploy.json         what was deployed from where (manifest + checksums)
 
 The config is derived from the ONNX graph's inputs and outputs (names, element types, dims with
@@ -12,8 +15,8 @@ The config is derived from the ONNX graph's inputs and outputs (names, element t
 batch axis themselves. For the ``tensorrt`` target the same file runs on the onnxruntime backend
 through its model-local fallback functions; an engine with the plugins is built on the GPU machine
 (smlp build-engine) and served by the TensorRT backend with the plugin library preloaded.
-The decode graph is served with explicit state inputs/outputs (the client keeps the state); Triton's
-implicit-state sequence batching would need a per-sequence ``position`` input, see docs/deploy.md.
+The python backend serves the decode graph with explicit state inputs/outputs (the client keeps the
+state); the onnxruntime backend serves the per-row-position decode graph with implicit state.
 """
 from __future__ import annotations
 
@@ -96,6 +99,7 @@ BACKENDS = ("onnxruntime", "python")
 # The batching full-sequence python model: a real module of this package (its pure functions are
 # tested directly) copied verbatim into the repository as model.py.
 FULL_MODEL_SOURCE = Path(__file__).with_name("full_model.py")
+SEQUENCE_MODEL_SOURCE = Path(__file__).with_name("python_sequence_model.py")
 LIMITS_FILE = "smlp_model.json"
 
 
@@ -193,11 +197,13 @@ def write_triton_repository(export_dir: str | Path, repo: str | Path, *, name: s
                             instances: int = 1, gpu: bool = False, intra_op_threads: int = 0,
                             backend: str = "onnxruntime", force: bool = False, max_batch_size: int = 8,
                             preferred_batch_sizes: tuple[int, ...] | None = None,
-                            queue_delay_us: int = 500) -> dict[str, Any]:
+                            queue_delay_us: int = 500, sequence: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write a Triton model repository for ``export_dir`` (a ``smlp export`` output) into ``repo``.
 
     The full-sequence model gets Triton's dynamic batcher unless ``max_batch_size`` is 0. The
     repository is self-contained: every file it needs is inside it and no path points outside.
+    ``sequence``: options of the ``<name>_sequence`` model (exports with a decode graph;
+    ``sequence_model.SEQUENCE_DEFAULTS``).
     """
     export_dir, repo = Path(export_dir), Path(repo)
     man_path = export_dir / "manifest.json"
@@ -223,10 +229,13 @@ def write_triton_repository(export_dir: str | Path, repo: str | Path, *, name: s
                         "axis, so Triton cannot batch it: deploy with --max-batch-size 0")
     models = [("model.onnx", name)]
     warnings: list[str] = []
+    seq_section = (manifest.get("decode") or {}).get("sequence")
     if (export_dir / "decode.onnx").is_file():
         if backend == "python":
             models.append(("decode.onnx", f"{name}_decode"))
-        else:  # its scalar `position` input cannot be fed through Triton's onnxruntime backend
+        if seq_section:  # per-row positions under Triton's sequence batcher (sequence_model.py)
+            models.append((seq_section["file"], f"{name}_sequence"))
+        elif backend != "python":  # its scalar `position` input cannot be fed through Triton's onnxruntime backend
             warnings.append("decode.onnx not deployed: Triton's onnxruntime backend cannot feed its scalar "
                             "input `position`; use --backend python to serve it")
     # names only, no absolute paths: the repository is copied to other machines and containers
@@ -255,15 +264,29 @@ def write_triton_repository(export_dir: str | Path, repo: str | Path, *, name: s
             copy_file(src, version / "model.onnx")
             for extra in export_dir.glob(f"{fname}.data"):  # external data, if the export has it
                 copy_file(extra, version / extra.name)
-            (tmp / mname / "config.pbtxt").write_text(config_pbtxt(
-                mname, inputs, outputs, instances=instances, kind="KIND_GPU" if gpu else "KIND_CPU",
-                intra_op_threads=intra_op_threads, backend=backend, max_batch_size=batch,
-                preferred_batch_sizes=preferred if batch else (), queue_delay_us=queue_delay_us,
-                ragged_inputs=("input_ids",) if batch and backend == "python" else ()))
+            kind = "KIND_GPU" if gpu else "KIND_CPU"
+            if seq_section and fname == seq_section["file"]:
+                from .sequence_model import check_sequence_options, parse_config, sequence_config_pbtxt
+
+                text = sequence_config_pbtxt(mname, seq_section, inputs, outputs, instances=instances, kind=kind,
+                                             intra_op_threads=intra_op_threads, options=sequence, backend=backend,
+                                             min_prompt_tokens=manifest["decode"].get("min_prompt_tokens", 1))
+                parse_config(text, optional=True)  # Triton's own schema, when tritonclient is installed
+                (tmp / mname / "config.pbtxt").write_text(text)
+                batch = check_sequence_options(sequence or {})["max_batch_size"]
+            else:
+                (tmp / mname / "config.pbtxt").write_text(config_pbtxt(
+                    mname, inputs, outputs, instances=instances, kind=kind,
+                    intra_op_threads=intra_op_threads, backend=backend, max_batch_size=batch,
+                    preferred_batch_sizes=preferred if batch else (), queue_delay_us=queue_delay_us,
+                    ragged_inputs=("input_ids",) if batch and backend == "python" else ()))
             if backend == "python":
                 if fname == "model.onnx":
                     (version / "model.py").write_text(FULL_MODEL_SOURCE.read_text())
                     (version / LIMITS_FILE).write_text(json.dumps(limits, indent=2) + "\n")
+                elif seq_section and fname == seq_section["file"]:
+                    # no implicit state in the python backend: the model keeps each sequence's state
+                    (version / "model.py").write_text(SEQUENCE_MODEL_SOURCE.read_text())
                 else:
                     (version / "model.py").write_text(PYTHON_MODEL)
             record["models"].append({"name": mname, "file": fname, "sha256": digest, "max_batch_size": batch,

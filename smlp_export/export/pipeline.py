@@ -247,7 +247,13 @@ def export_model(
             from ..decode.export import export_decode_graph
 
             manifest["decode"] = export_decode_graph(model, tmp / DECODE_FILE, target=target, dtype=dtype, opset=opset)
-            for name in [DECODE_FILE] + ([manifest["decode"]["data_file"]] if "data_file" in manifest["decode"] else []):
+            # the per-row-position twin for Triton's sequence batcher (decode/sequence_export.py)
+            from ..decode.sequence_export import SEQ_FILE, export_sequence_graph
+
+            seq = manifest["decode"]["sequence"] = export_sequence_graph(model, tmp / SEQ_FILE, target=target,
+                                                                         dtype=dtype, opset=opset)
+            for name in [DECODE_FILE] + ([manifest["decode"]["data_file"]] if "data_file" in manifest["decode"] else []) + \
+                    [SEQ_FILE] + ([seq["data_file"]] if "data_file" in seq else []):
                 d = tmp / name
                 manifest["files"].append({"name": name, "bytes": d.stat().st_size, "sha256": _sha256(d)})
             mark("decode graph")

@@ -324,6 +324,9 @@ def _check_plugin_attributes(export_dir: Path, manifest: dict, cfg) -> dict[str,
     dec = manifest.get("decode") or {}
     if dec and (export_dir / dec.get("file", "decode.onnx")).is_file():
         out["decode.onnx"] = check_plugin_nodes(export_dir / dec.get("file", "decode.onnx"), cfg, decode=True)
+    seq = dec.get("sequence") or {}  # decode_seq.onnx: the same plugin nodes as decode.onnx
+    if seq and (export_dir / seq["file"]).is_file():
+        out[seq["file"]] = check_plugin_nodes(export_dir / seq["file"], cfg, decode=True)
     return {"passed": all(r["passed"] for r in out.values()),
             "failures": [f"{name}: {line}" for name, r in out.items() for line in r["failures"]],
             "files": out}

@@ -1,0 +1,170 @@
+"""The decode step with one position *per batch row*, for Triton's sequence batcher (PyTorch twin).
+
+``state.step`` takes one scalar position for the whole batch: every row is at the same place in its
+sequence (one generation call). Triton's sequence batcher with implicit state (``oldest`` strategy)
+batches requests of *different* sequences into one execution, so each row of a batch sits at its own
+position, and the position itself must travel as (implicit) state. This module is the same step
+with
+
+- ``position`` int64 [B, 1]: absolute position of row b's first new token;
+- ``start`` int32 [B, 1]: Triton's CONTROL_SEQUENCE_START (1 on a sequence's first request); a
+  starting row is taken at position 0 whatever ``position`` holds (its state rows must be zeros:
+  Triton's ``initial_state { zero_data: true }``);
+- outputs ``logits`` [B, S, V], ``new_position`` = position + S [B, 1] (the next request's
+  position state) and the new spatial states.
+
+Per block, row b's new z2 rows are written at rows ``[pos_b, pos_b + S)`` of its own state (one
+ScatterND with per-row indices) and its spatial output is ``where(u <= t, W[t, u], 0) @ state_b``
+for ``t = pos_b + i`` (W rows gathered per batch row). Routing is as in ``state``: token MoE per
+token, deterministic sMoE static, partial-prediction sMoE from state rows ``[0, p)``, so each row's
+first step must cover ``[0, p)`` (``step_rows`` refuses otherwise; the ONNX graph cannot check).
+Rows are independent: the result for row b equals ``state.step`` of that row alone.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import InputError
+from ..model import GMLPBlock, SMLPForCausalLM, SparseBlock
+from .state import check_position, state_names, state_shape
+
+
+def _rows_of(weight: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """weight [..., n, m], rows [B, S] int64 -> weight[..., rows[b, i], :] of shape [..., B, S, m] (one Gather)."""
+    B, S = rows.shape
+    w = weight.index_select(-2, rows.reshape(-1))
+    return w.reshape(*weight.shape[:-2], B, S, weight.shape[-1])
+
+
+def _masked_rows(weight: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """weight [..., n, n], rows [B, S] -> ``where(u <= rows[b, i], W[..., rows[b, i], u], 0)`` [..., B, S, n]."""
+    n = weight.shape[-1]
+    w = _rows_of(weight, rows)
+    keep = torch.arange(n, device=rows.device)[None, None, :] <= rows[:, :, None]  # [B, S, n]
+    return torch.where(keep, w, torch.zeros((), dtype=w.dtype, device=w.device))
+
+
+def _bias_rows(bias: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """bias [..., n], rows [B, S] -> bias[..., rows] of shape [..., B, S]."""
+    return _rows_of(bias[..., None], rows)[..., 0]
+
+
+def _update(state: torch.Tensor, rows: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+    """state [B, n, c] with row rows[b, i] of batch row b replaced by z2[b, i] (out of place).
+
+    ``index_put`` with explicit (batch, row) index pairs: ONE ``ScatterND(state, indices[B, S, 2],
+    z2)`` on the state's own layout, as in ``state._update`` (here the rows differ per batch row)."""
+    B, S = rows.shape
+    b = torch.arange(B, device=z2.device)[:, None].expand(B, S)
+    return state.index_put((b, rows), z2)
+
+
+def dense_spatial_rows(z2, state, rows, weight, bias):
+    """gMLP spatial projection. z2 [B, S, c]; state [B, n, c]; rows [B, S]; weight [n, n]; bias [n]."""
+    new = _update(state, rows, z2)
+    s = torch.matmul(_masked_rows(weight, rows), new) + _bias_rows(bias, rows)[..., None]  # [B, S, c]
+    return s, new
+
+
+def deterministic_smoe_rows(z2, state, rows, weight, bias):
+    """Deterministic sMoE: channel chunk e uses expert e. weight [E, n, n]; bias [E, n]."""
+    B, S, c = z2.shape
+    E, n = weight.shape[0], weight.shape[-1]
+    new = _update(state, rows, z2)
+    w = _masked_rows(weight, rows)  # [E, B, S, n]
+    chunks = new.reshape(B, n, E, c // E).permute(2, 0, 1, 3)  # [E, B, n, cs]
+    y = torch.matmul(w, chunks) + _bias_rows(bias, rows)[..., None]  # [E, B, S, cs]
+    return y.permute(1, 2, 0, 3).reshape(B, S, c), new
+
+
+def partial_smoe_rows(z2, state, rows, weight, bias, router):
+    """Partial-prediction sMoE: routing per (row, channel) from state rows [0, p) (router [p, E])."""
+    B, S, c = z2.shape
+    p = router.shape[0]
+    new = _update(state, rows, z2)
+    dt = torch.promote_types(z2.dtype, torch.float32)  # as ops.route_channels: fp32 router product
+    logits = torch.matmul(new[:, :p, :].transpose(1, 2).to(dt), router.to(dt))  # [B, c, E]
+    probs = torch.softmax(logits.float(), dim=-1).to(z2.dtype)
+    gate, expert = probs.max(dim=-1)  # [B, c]
+    w = _masked_rows(weight, rows).transpose(0, 1)  # [B, E, S, n]
+    y = torch.matmul(w, new[:, None]) + _bias_rows(bias, rows).transpose(0, 1)[..., None]  # [B, E, S, c]
+    idx = expert[:, None, None, :].expand(B, 1, S, c)
+    y = y.gather(1, idx).squeeze(1)
+    return y * gate[:, None, :], new
+
+
+class SequenceStep(nn.Module):
+    """``(input_ids [B, S], position [B, 1] int64, start [B, 1] int32, *states [B, n, c]) ->
+    (logits [B, S, V], new_position [B, 1], *new_states)``. Shares ``model``'s parameters; no checks
+    (it is traced); ``step_rows`` checks."""
+
+    def __init__(self, model: SMLPForCausalLM):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, position, start, *states):
+        m = self.model
+        S = input_ids.shape[1]
+        pos = torch.where(start != 0, torch.zeros_like(position), position)  # [B, 1]
+        rows = pos + torch.arange(S, device=input_ids.device)[None, :]  # [B, S]
+        x = m.embed(input_ids)
+        new_states = []
+        for blk, state in zip(m.blocks, states):
+            if isinstance(blk, GMLPBlock):
+                z = F.gelu(blk.proj_in(blk.norm(x)))
+                z1, z2 = z.chunk(2, dim=-1)
+                s, st = dense_spatial_rows(blk.norm_z2(z2), state, rows, blk.spatial.weight, blk.spatial.bias)
+                x = x + blk.proj_out(z1 * s)
+            else:
+                assert isinstance(blk, SparseBlock)
+                x = blk.norm1(x + blk.tmoe(x))
+                sm = blk.smoe
+                z = F.gelu(sm.proj_in(sm.norm(x)))
+                z1, z2 = z.chunk(2, dim=-1)
+                z2 = sm.norm_z2(z2)
+                if sm.router is None:
+                    s, st = deterministic_smoe_rows(z2, state, rows, sm.weight, sm.bias)
+                else:
+                    s, st = partial_smoe_rows(z2, state, rows, sm.weight, sm.bias, sm.router)
+                x = blk.norm2(x + sm.proj_out(z1 * s))
+            new_states.append(st)
+        return (m.lm_head(m.norm_f(x)), pos + S, *new_states)
+
+
+def step_rows(model: SMLPForCausalLM, input_ids: torch.Tensor, positions: Sequence[int] | np.ndarray | torch.Tensor,
+              states: Sequence[torch.Tensor], start: Sequence[bool] | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """Run S new tokens per row, row b at positions ``[positions[b], positions[b] + S)``.
+
+    input_ids [B, S]; positions: B ints; states: one [B, n, c] per block (model dtype); start: B
+    flags (a starting row is at position 0 and must come with zero state rows). Returns (logits
+    [B, S, V], new positions [B] int64, new states). Checked per row like ``state.step`` (range,
+    vocabulary, the partial-prediction first-step rule). Inputs are not modified.
+    """
+    cfg = model.config
+    p = next(model.parameters())
+    if input_ids.dim() != 2 or input_ids.shape[1] < 1:
+        raise InputError(f"input_ids must be [batch, new_tokens] with new_tokens >= 1, got shape {tuple(input_ids.shape)}")
+    B, S = input_ids.shape
+    pos = [int(x) for x in (positions.tolist() if hasattr(positions, "tolist") else positions)]
+    flags = [bool(x) for x in (start if start is not None else [False] * B)]
+    if len(pos) != B or len(flags) != B:
+        raise InputError(f"need one position and one start flag per batch row ({B}), got {len(pos)} and {len(flags)}")
+    for b in range(B):
+        check_position(cfg, 0 if flags[b] else pos[b], S)
+    lo, hi = int(input_ids.min()), int(input_ids.max())
+    if lo < 0 or hi >= cfg.vocab_size:
+        raise InputError(f"token id {hi if hi >= cfg.vocab_size else lo} outside the vocabulary [0, {cfg.vocab_size})")
+    names, want = state_names(model), state_shape(model, B)
+    if len(states) != len(names) or any(tuple(s.shape) != want or s.dtype != p.dtype for s in states):
+        raise InputError(f"expected {len(names)} states of shape {want} and dtype {p.dtype}")
+    position = torch.tensor(pos, dtype=torch.long, device=p.device)[:, None]
+    st = torch.tensor(flags, dtype=torch.int32, device=p.device)[:, None]
+    with torch.no_grad():
+        out = SequenceStep(model)(input_ids.long(), position, st, *states)
+    return out[0], out[1][:, 0], list(out[2:])

@@ -1,0 +1,115 @@
+"""``decode_seq.onnx``: the decode step with a per-row position, for Triton's sequence batcher.
+
+Same weights and ops as ``decode.onnx`` (``export.py``), but ``sequence.SequenceStep`` is traced:
+
+| name | dtype | shape | meaning |
+|---|---|---|---|
+| ``input_ids`` (in) | int64 | [batch, new] | new tokens |
+| ``position`` (in) | int64 | [batch, 1] | row b's absolute position (implicit state in Triton) |
+| ``START`` (in) | int32 | [batch, 1] | 1 on a sequence's first request (Triton's CONTROL_SEQUENCE_START): position taken as 0 |
+| ``state.blocks.{i}`` (in) | compute dtype | [batch, max_seq_len, c] | spatial state (implicit state) |
+| ``logits`` (out) | float32 | [batch, new, vocab] | next-token logits |
+| ``new_position`` (out) | int64 | [batch, 1] | position + new |
+| ``new_state.blocks.{i}`` (out) | compute dtype | [batch, max_seq_len, c] | updated state (one ScatterND) |
+
+``decode.onnx`` (scalar position) stays as it is: ``OrtGenerator`` and ``smlp generate`` use it.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from .export import INPUT_IDS, LOGITS, OUT_PREFIX, POSITION, _finish
+from .state import state_names
+
+SEQ_FILE = "decode_seq.onnx"
+START = "START"  # the sequence batcher's control input (CONTROL_SEQUENCE_START, int32 0/1)
+NEW_POSITION = OUT_PREFIX + POSITION
+
+
+def _trace(model, target: str, dtype: str, opset: int) -> onnx.ModelProto:
+    import torch
+
+    from ..export.graph import dynamo_export
+    from ..export.translations import translation_table
+    from ..export.weights import meta_twin, source_for
+    from ..precision import COMPUTE_DTYPES, to_compute_dtype
+    from .sequence import SequenceStep
+
+    cfg = model.config
+    source = source_for(model)
+    m = to_compute_dtype(meta_twin(model), dtype)  # traced without data, same mixed precision as model.onnx
+    tdt = COMPUTE_DTYPES[dtype]
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.step = SequenceStep(m)
+
+        def forward(self, input_ids, position, start, *states):
+            out = self.step(input_ids, position, start, *states)
+            return (out[0].float(), out[1], *out[2:])
+
+    names = state_names(m)
+    B, S = 2, 2  # not 1: size-1 example dims get specialised
+    meta = torch.device("meta")
+    ids = torch.zeros(B, S, dtype=torch.long, device=meta)
+    pos = torch.zeros(B, 1, dtype=torch.long, device=meta)
+    start = torch.zeros(B, 1, dtype=torch.int32, device=meta)
+    states = tuple(torch.zeros(B, cfg.max_seq_len, cfg.spatial_channels, dtype=tdt, device=meta) for _ in names)
+    batch, new = torch.export.Dim("batch", min=1), torch.export.Dim.DYNAMIC
+    dyn = ({0: batch, 1: new}, {0: batch}, {0: batch}, tuple({0: batch} for _ in names))
+    return dynamo_export(Wrapped().eval(), (ids, pos, start, *states), dyn, opset=opset,
+                         table=translation_table(target, dtype, opset),
+                         input_names=[INPUT_IDS, POSITION, START, *names],
+                         output_names=[LOGITS, NEW_POSITION, *[OUT_PREFIX + n for n in names]], source=source)
+
+
+def build_sequence_onnx(model, *, target: str = "ort", dtype: str = "fp32", opset: int = 18,
+                        ir_version: int = 10, lazy: bool = False) -> onnx.ModelProto:
+    """The checked per-row-position decode graph of ``model`` (see the module docstring)."""
+    from ..export.weights import materialize, source_for
+
+    proto = _finish(_trace(model, target, dtype, opset), model, target, dtype, opset, ir_version)
+    if not lazy:
+        materialize(proto, source_for(model))
+        onnx.checker.check_model(proto)
+    return proto
+
+
+def sequence_manifest(model, *, file: str = SEQ_FILE) -> dict[str, Any]:
+    """``manifest["decode"]["sequence"]``: file and I/O names of the per-row-position graph."""
+    names = state_names(model)
+    return {"file": file,
+            "inputs": {"input_ids": INPUT_IDS, "position": POSITION, "start": START, "states": names},
+            "outputs": {"logits": LOGITS, "position": NEW_POSITION, "states": [OUT_PREFIX + n for n in names]},
+            "position_shape": ["batch", 1]}
+
+
+def export_sequence_graph(model, path: Path, *, target: str = "ort", dtype: str = "fp32", opset: int = 18) -> dict[str, Any]:
+    """Write ``decode_seq.onnx`` to ``path`` atomically (large weights in ``<name>.data`` beside it)
+    and return its manifest section (``manifest["decode"]["sequence"]``; ``data_file`` when the weights went beside it)."""
+    from ..export.pipeline import EXTERNAL_DATA_THRESHOLD
+    from ..export.weights import lazy_bytes, source_for, write_model
+
+    path = Path(path)
+    proto = build_sequence_onnx(model, target=target, dtype=dtype, opset=opset, lazy=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmpdir = Path(tempfile.mkdtemp(prefix=".decode-seq-", dir=path.parent))
+    try:
+        big = lazy_bytes(proto) > EXTERNAL_DATA_THRESHOLD
+        names = write_model(proto, tmpdir / path.name, source_for(model), external=big)
+        onnx.checker.check_model(str(tmpdir / path.name))
+        for n in reversed(names):  # the .onnx last: a decode_seq.onnx that exists is complete
+            os.replace(tmpdir / n, path.parent / n)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    section = sequence_manifest(model, file=path.name)
+    if len(names) > 1:
+        section["data_file"] = names[1]
+    return section
