@@ -5,6 +5,7 @@ Layout written (atomically, via a temp sibling + rename)::
     REPO/<name>/config.pbtxt      onnxruntime backend, I/O from the ONNX graph itself
     REPO/<name>/1/model.onnx      the exported file, byte-identical (sha256 checked)
     REPO/<name>_decode/...        the same for decode.onnx when the export has one
+    REPO/<name>_generate/...      python backend + decode.onnx: token streaming (deploy.generate_model)
     REPO/smlp_deploy.json         what was deployed from where (manifest + checksums)
 
 The config is derived from the ONNX graph's inputs and outputs (names, element types, dims with
@@ -172,5 +173,11 @@ def write_triton_repository(export_dir: str | Path, repo: str | Path, *, name: s
                 (tmp / mname / "1" / "model.py").write_text(PYTHON_MODEL)
             record["models"].append({"name": mname, "file": fname, "sha256": digest,
                                      "inputs": inputs, "outputs": outputs})
+        if backend == "python" and (export_dir / "decode.onnx").is_file():
+            from .generate_model import write_generate_model  # token streaming: docs/serving-generate.md
+
+            record["models"].append(write_generate_model(
+                export_dir, tmp / f"{name}_generate", manifest, digests["decode.onnx"], instances=instances,
+                kind="KIND_GPU" if gpu else "KIND_CPU", intra_op_threads=intra_op_threads))
         (tmp / "smlp_deploy.json").write_text(json.dumps(record, indent=2) + "\n")
     return record
