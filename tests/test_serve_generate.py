@@ -56,7 +56,7 @@ def exports(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(exports, tmp_path_factory):
+def served(exports, tmp_path_factory):
     """One server for the module: the three *_generate models in one repository."""
     pytest.importorskip("pytriton", reason="needs the serve extra (nvidia-pytriton) for a local tritonserver")
     from smlp_export.deploy.server import local_tritonserver
@@ -65,7 +65,12 @@ def server(exports, tmp_path_factory):
     for name, (_, r) in exports.items():
         shutil.copytree(r / f"{name}_generate", repo / f"{name}_generate")
     with local_tritonserver(repo) as srv:
-        yield srv.grpc_url
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def server(served):
+    return served.grpc_url
 
 
 @pytest.fixture(scope="module")
@@ -265,6 +270,24 @@ def test_concurrent_streams_equal_alone(server, local):
     assert got == want
     # the streams really ran at the same time (else this test could not catch shared state)
     assert max(s[0] for s in spans) < min(s[1] for s in spans), spans
+
+
+@pytest.mark.serving
+def test_closing_a_stream_cancels_its_generation(served, local):
+    from smlp_export.deploy.client import stream_tokens
+
+    p = _prompt(3, seed=30)
+    want = _local(local["base"], p, 61, stop_on_eos=False)[0]
+    it = stream_tokens(served.grpc_url, p, model="base_generate", max_new_tokens=61, stop_on_eos=False)
+    assert next(it) == (want[0], None)
+    it.close()  # after 1 of 61 tokens
+    deadline = time.time() + 10
+    while "request cancelled by the client" not in served.log_path.read_text() and time.time() < deadline:
+        time.sleep(0.1)
+    line = next(ln for ln in served.log_path.read_text().splitlines() if "request cancelled by the client" in ln)
+    assert int(line.split("after ")[1].split(" ")[0]) < 61
+    q = _prompt(5, seed=31)  # and the model goes on serving
+    assert _served(served.grpc_url, "base", q, max_new_tokens=8) == _local(local["base"], q, 8)
 
 
 # ---- CLI -----------------------------------------------------------------------------------------
