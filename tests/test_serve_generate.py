@@ -1,9 +1,10 @@
 """The served ``<name>_generate`` model (Triton python backend, decoupled) against local generation.
 
-One real tritonserver (nvidia-pytriton's) per module serves the generate models of three micro
+One real tritonserver (nvidia-pytriton's) per module serves the generate models of four micro
 exports: ``base`` (strongly mixing spatial weights, max_seq_len 64, so a wrong position or a foreign
-state changes the tokens), ``part`` (partial-prediction routing, p = 7) and ``eos`` (EOS is the argmax
-everywhere). The oracle is ``OrtGenerator`` on the same export in-process (``smlp generate OUT
+state changes the tokens), ``part`` (partial-prediction routing, p = 7), ``eos`` (EOS is the argmax
+everywhere) and ``long`` (as base with max_seq_len 512: streams that last long enough to overlap and
+to be cancelled mid-way). The oracle is ``OrtGenerator`` on the same export in-process (``smlp generate OUT
 --backend ort``).
 """
 from __future__ import annotations
@@ -25,7 +26,6 @@ from smlp_export.deploy import write_triton_repository
 
 from .conftest import micro_model, mixing_model
 
-MODELS = ("base", "part", "eos")
 
 
 def _eos_model():
@@ -45,7 +45,7 @@ def exports(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("gen")
     made = {"base": mixing_model(0, max_seq_len=64), "part": mixing_model(1, spatial_routing="partial"),
-            "eos": _eos_model()}
+            "eos": _eos_model(), "long": mixing_model(3, max_seq_len=512)}
     out = {}
     for name, m in made.items():
         ckpt = save_checkpoint(m, tmp / f"{name}-ckpt")
@@ -57,7 +57,7 @@ def exports(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def served(exports, tmp_path_factory):
-    """One server for the module: the three *_generate models in one repository."""
+    """One server for the module: the four *_generate models in one repository."""
     pytest.importorskip("pytriton", reason="needs the serve extra (nvidia-pytriton) for a local tritonserver")
     from smlp_export.deploy.server import local_tritonserver
 
@@ -237,12 +237,13 @@ def test_a_bad_request_gets_exactly_one_response(server):
 # ---- concurrency ---------------------------------------------------------------------------------
 @pytest.mark.serving
 def test_concurrent_streams_equal_alone(server, local):
-    """Four streams at once on one model instance give each the tokens it gets alone."""
+    """Four 300-token streams at once on one model instance give each the tokens it gets alone."""
     from smlp_export.deploy.client import stream_tokens
 
-    jobs = [(_prompt(3, seed=20), {}), (_prompt(5, seed=21), {}),
+    jobs = [(_prompt(3, seed=20), {}), (_prompt(5, seed=21), {}),  # all 300 tokens long: no EOS stop
             (_prompt(4, seed=22), dict(temperature=0.9, seed=2)), (_prompt(8, seed=23), dict(temperature=1.1, top_k=9, seed=3))]
-    want = [_local(local["base"], p, 64, **kw) for p, kw in jobs]
+    jobs = [(p, dict(kw, stop_on_eos=False)) for p, kw in jobs]
+    want = [_local(local["long"], p, 300, **kw) for p, kw in jobs]
     got: list = [None] * len(jobs)
     spans: list = [None] * len(jobs)
     errors: list = []
@@ -253,7 +254,7 @@ def test_concurrent_streams_equal_alone(server, local):
             p, kw = jobs[i]
             start.wait()
             toks, reason, times = [], None, []
-            for t, stop in stream_tokens(server, p, model="base_generate", **kw):
+            for t, stop in stream_tokens(server, p, model="long_generate", max_new_tokens=300, **kw):
                 times.append(time.perf_counter())
                 toks.append(t)
                 reason = stop or reason
@@ -277,15 +278,15 @@ def test_closing_a_stream_cancels_its_generation(served, local):
     from smlp_export.deploy.client import stream_tokens
 
     p = _prompt(3, seed=30)
-    want = _local(local["base"], p, 61, stop_on_eos=False)[0]
-    it = stream_tokens(served.grpc_url, p, model="base_generate", max_new_tokens=61, stop_on_eos=False)
+    want = _local(local["long"], p, 500, stop_on_eos=False)[0]
+    it = stream_tokens(served.grpc_url, p, model="long_generate", max_new_tokens=500, stop_on_eos=False)
     assert next(it) == (want[0], None)
-    it.close()  # after 1 of 61 tokens
+    it.close()  # after 1 of 500 tokens (~0.1 ms each in-process)
     deadline = time.time() + 10
     while "request cancelled by the client" not in served.log_path.read_text() and time.time() < deadline:
         time.sleep(0.1)
     line = next(ln for ln in served.log_path.read_text().splitlines() if "request cancelled by the client" in ln)
-    assert int(line.split("after ")[1].split(" ")[0]) < 61
+    assert int(line.split("after ")[1].split(" ")[0]) < 500
     q = _prompt(5, seed=31)  # and the model goes on serving
     assert _served(served.grpc_url, "base", q, max_new_tokens=8) == _local(local["base"], q, 8)
 

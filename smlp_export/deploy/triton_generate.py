@@ -124,12 +124,18 @@ class TritonPythonModel:
                 sender.send(pb_utils.InferenceResponse(output_tensors=out), flags=final if tok.stop else 0)
                 cancelled = getattr(request, "is_cancelled", None)
                 if tok.stop is None and cancelled is not None and cancelled():
-                    sender.send(flags=final)  # the client went away: stop spending compute on it
+                    # the client went away: stop spending compute on it
+                    pb_utils.Logger.log_info(f"smlp_generate: request cancelled by the client after "
+                                             f"{tok.index + 1} token(s)")
+                    sender.send(flags=final)
                     return
         except Exception as e:  # one error response, never a crashed model
             msg = (str(e).splitlines() or [type(e).__name__])[0]
-            sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"generation failed: {msg}")),
-                        flags=final)
+            try:
+                sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"generation failed: {msg}")),
+                            flags=final)
+            except Exception as e2:  # the request is gone (e.g. cancelled): nobody left to tell
+                pb_utils.Logger.log_warn(f"smlp_generate: {msg}; could not report it: {e2}")
 
     def execute(self, requests):
         for request in requests:
