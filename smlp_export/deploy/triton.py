@@ -5,7 +5,6 @@ Layout written (atomically, via a temp sibling + rename)::
     REPO/<name>/config.pbtxt      onnxruntime backend, I/O from the ONNX graph itself
     REPO/<name>/1/model.onnx      the exported file, byte-identical (sha256 checked)
     REPO/<name>_decode/...        the same for decode.onnx when the export has one
-    REPO/<name>_generate/...      python backend + decode.onnx: token streaming (deploy.generate_model)
     REPO/smlp_deploy.json         what was deployed from where (manifest + checksums)
 
 The config is derived from the ONNX graph's inputs and outputs (names, element types, dims with
