@@ -325,3 +325,20 @@ def test_cli_generate_server_equals_local_ort(server, exports, capsys):
     assert err.strip() == "error: base_generate: prompt has 64 tokens: max_seq_len 64 leaves no room to generate"
     code, out, err = _cli(["generate", str(d), "--server", server, "--prompt", "x"], capsys)
     assert code != 0 and "--server generates on the server" in err
+
+
+def test_cli_server_unreachable_is_one_error_line(capsys):
+    pytest.importorskip("tritonclient.grpc", reason="needs the serve extra (tritonclient[grpc])")
+    from smlp_export.deploy.server import _free_port
+
+    port = _free_port()  # nothing listens there
+    code, out, err = _cli(["generate", "--server", f"127.0.0.1:{port}", "--prompt", "x"], capsys)
+    assert code == 1 and out == "" and err.count("\n") == 1
+    assert err.startswith(f"error: 127.0.0.1:{port}: failed to connect"), err
+
+
+@pytest.mark.serving
+def test_cli_server_unknown_model(server, capsys):
+    code, out, err = _cli(["generate", "--server", server, "--model", "nope", "--prompt", "x"], capsys)
+    assert code == 1 and out == ""
+    assert err.strip() == f"error: {server}: model 'nope' is not ready (is it in the repository?)", err
