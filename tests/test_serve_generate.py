@@ -188,6 +188,18 @@ def test_eos_stop(server, local):
     assert _served(server, "eos", [65, 66], **kw) == ([256] * 3, STOP_MAX_NEW) == _local(local["eos"], [65, 66], **kw)
 
 
+@pytest.mark.serving
+def test_check_generate_model(server, exports):
+    """The check `smlp deploy --check` can run on a generate model passes on its own export and
+    fails against another export's model."""
+    from smlp_export.deploy.generate_model import check_generate_model
+
+    res = check_generate_model(server, exports["part"][0], "part_generate", n_prompts=2, max_new_tokens=8)
+    assert res["passed"] and len(res["cases"]) == 4 and all(c["tokens"] == 8 for c in res["cases"]), res
+    wrong = check_generate_model(server, exports["base"][0], "long_generate", n_prompts=2, max_new_tokens=8)
+    assert not wrong["passed"] and not any(c["equal"] for c in wrong["cases"]), wrong
+
+
 # ---- bad input -----------------------------------------------------------------------------------
 BAD = [
     ("base", dict(prompt=[]), "input_ids is empty"),

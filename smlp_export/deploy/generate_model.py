@@ -102,3 +102,28 @@ def write_generate_model(export_dir: Path, model_dir: Path, manifest: dict[str, 
     return {"name": model_dir.name, "file": src.name, "sha256": digest, "kind": "generate",
             "inputs": [{"name": n, "data_type": t, "dims": [int(d)], "optional": o} for n, t, d, o in INPUTS],
             "outputs": [{"name": n, "data_type": t, "dims": [int(d)]} for n, t, d in OUTPUTS]}
+
+
+def check_generate_model(grpc_url: str, export_dir: str | Path, model: str, *, n_prompts: int = 3,
+                         max_new_tokens: int = 16) -> dict[str, Any]:
+    """Served generation vs the same export in-process (``OrtGenerator``), token for token.
+
+    ``n_prompts`` held-out prompts, each run greedy and sampled (T 0.8, top-k 40, seed = prompt
+    index) through ``model`` on a running server (``grpc_url``, HOST:PORT). Returns ``{"passed",
+    "cases": [{prompt_tokens, temperature, top_k, seed, tokens, stop_reason, equal}]}``."""
+    from ..data import heldout_windows
+    from ..decode.runtime import OrtGenerator
+    from .client import generate
+
+    gen = OrtGenerator(export_dir)
+    lim = gen.limits
+    T = max(lim.min_prompt_tokens, min(16, lim.max_seq_len // 4))
+    prompts = heldout_windows(n_prompts, T, offset=11, vocab_size=lim.vocab_size).numpy()
+    cases = []
+    for i, p in enumerate(prompts):
+        for opts in ({"temperature": 0.0, "top_k": None, "seed": 0}, {"temperature": 0.8, "top_k": 40, "seed": i}):
+            want = gen.generate(p, max_new_tokens, **opts)
+            got, reason = generate(grpc_url, p, model=model, max_new_tokens=max_new_tokens, **opts)
+            cases.append({"prompt_tokens": T, **opts, "tokens": len(got), "stop_reason": reason,
+                          "equal": got == want.tokens[0] and reason == want.stop_reason})
+    return {"passed": all(c["equal"] for c in cases), "cases": cases}
