@@ -99,7 +99,7 @@ def write_generate_model(export_dir: Path, model_dir: Path, manifest: dict[str, 
     (model_dir / "config.pbtxt").write_text(generate_config(
         model_dir.name, instances=instances, kind=kind, intra_op_threads=intra_op_threads,
         max_streams=max_streams, limits=spec))
-    return {"name": model_dir.name, "file": src.name, "sha256": digest, "kind": "generate",
+    return {"name": model_dir.name, "file": src.name, "sha256": digest, "kind": "generate", "max_batch_size": 0,
             "inputs": [{"name": n, "data_type": t, "dims": [int(d)], "optional": o} for n, t, d, o in INPUTS],
             "outputs": [{"name": n, "data_type": t, "dims": [int(d)]} for n, t, d in OUTPUTS]}
 
