@@ -1,4 +1,5 @@
-"""``smlp generate``: text from a checkpoint (PyTorch) or an export's decode.onnx (ONNX Runtime)."""
+"""``smlp generate``: text from a checkpoint (PyTorch), an export's decode.onnx (ONNX Runtime), or a
+Triton server's ``<name>_generate`` model (``--server``)."""
 from __future__ import annotations
 
 import click
@@ -22,10 +23,15 @@ from .options import FiniteFloat, allow_pickle_option, json_flag, seed_option
 @click.option("--threads", default=None, type=click.IntRange(1),
               help="Intra-op threads. Default: ONNX Runtime's own choice for ort; 1 for torch (a decode step "
                    "is many tiny ops, and torch's thread pool made it 14x slower on a busy 2-core machine).")
+@click.option("--server", default=None, metavar="HOST:PORT",
+              help="Generate on a Triton server (its gRPC address) serving a `smlp deploy --backend python` "
+                   "repository, streaming tokens from its <name>_generate model (docs/serving-generate.md).")
+@click.option("--model", "served_model", default="smlp_generate", show_default=True,
+              help="With --server: the served generate model's name.")
 @allow_pickle_option
 @json_flag
-def generate(source, backend, prompt, max_new_tokens, temperature, top_k, seed, no_eos, threads, allow_pickle,
-             as_json) -> None:
+def generate(source, backend, prompt, max_new_tokens, temperature, top_k, seed, no_eos, threads, server,
+             served_model, allow_pickle, as_json) -> None:
     """Generate text after --prompt, streaming tokens as they come, then report tokens/s.
 
     Stops at the end-of-sequence token, after --max-new-tokens, or when the sequence fills the
@@ -52,6 +58,17 @@ def generate(source, backend, prompt, max_new_tokens, temperature, top_k, seed, 
                          "give the prompt as UTF-8 text") from None
     if not prompt:
         raise InputError("--prompt is empty")
+    if server is not None:
+        from click.core import ParameterSource
+
+        ctx = click.get_current_context()
+        if (source is not None or ctx.get_parameter_source("backend") != ParameterSource.DEFAULT
+                or threads is not None or allow_pickle):
+            raise click.UsageError("--server generates on the server: [CKPT|OUT], --backend, --threads and "
+                                   "--allow-pickle do not apply")
+        _generate_on_server(server, served_model, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
+                            top_k=top_k, seed=seed, stop_on_eos=not no_eos, as_json=as_json)
+        return
     if backend == "ort":
         if source is None:
             raise click.UsageError("--backend ort needs the export directory OUT (made with `smlp export --decode`)")
@@ -104,3 +121,51 @@ def generate(source, backend, prompt, max_new_tokens, temperature, top_k, seed, 
     click.echo(f"[{backend}] {res.n_new} tokens, {res.tokens_per_s:.1f} tokens/s "
                f"(prefill {res.prompt_len} tokens {res.prefill_s * 1e3:.1f} ms, "
                f"decode {res.decode_tokens_per_s:.1f} tokens/s); {res.stop_message}", err=True)
+
+
+def _generate_on_server(server: str, model: str, prompt: str, *, max_new_tokens: int, temperature: float,
+                        top_k: int | None, seed: int, stop_on_eos: bool, as_json: bool) -> None:
+    """--server: stream from a served generate model; same output as a local run."""
+    import codecs
+    import json
+    import sys
+    import time
+
+    from smlp_export.decode.runtime import STOP_MESSAGES
+    from smlp_export.deploy.client import served_limits, stream_tokens
+    from smlp_export.errors import SMLPError
+    from smlp_export.tokenizer import ByteTokenizer
+
+    lim = served_limits(server, model)
+    tok = ByteTokenizer(vocab_size=lim.vocab_size, eos_token_id=lim.eos_token_id)
+    ids = tok.encode(prompt)
+    dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    tokens: list[int] = []
+    reason, first_s = "", None
+    t0 = time.perf_counter()
+    # every option is sent, so the server runs exactly what a local `smlp generate` would
+    for t, stop in stream_tokens(server, ids, model=model, max_new_tokens=max_new_tokens, temperature=temperature,
+                                 top_k=top_k, seed=seed, stop_on_eos=stop_on_eos):
+        if first_s is None:  # the prompt is echoed only once the server accepted the request
+            first_s = time.perf_counter() - t0
+            if not as_json:
+                sys.stdout.write(prompt)
+        tokens.append(t)
+        reason = stop or reason
+        if not as_json and t < 256:
+            sys.stdout.write(dec.decode(bytes([t])))
+            sys.stdout.flush()
+    total = time.perf_counter() - t0
+    if reason not in STOP_MESSAGES:
+        raise SMLPError(f"{server}: {model}'s stream ended without a stop reason")
+    message = STOP_MESSAGES[reason].format(n=lim.max_seq_len)
+    if as_json:
+        click.echo(json.dumps({"backend": "server", "server": server, "model": model, "prompt": prompt,
+                               "prompt_tokens": len(ids), "new_tokens": len(tokens), "tokens": tokens,
+                               "text": tok.decode(tokens), "stop_reason": reason, "stop_message": message,
+                               "first_token_s": first_s, "total_s": total, "tokens_per_s": len(tokens) / total,
+                               "temperature": temperature, "top_k": top_k, "seed": seed}, indent=2))
+        return
+    sys.stdout.write(dec.decode(b"", final=True) + "\n")
+    click.echo(f"[server {server} {model}] {len(tokens)} tokens, {len(tokens) / total:.1f} tokens/s "
+               f"(first token after {first_s * 1e3:.1f} ms); {message}", err=True)

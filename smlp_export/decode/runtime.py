@@ -36,8 +36,11 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ..errors import InputError, SMLPError
+# the checks, the token choice and the stop rules live in one self-contained module that the served
+# <name>_generate model (Triton python backend) runs too: re-exported here
+from .sampling import (STOP_EOS, STOP_MAX_NEW, STOP_MAX_SEQ, check_options, check_prompt,  # noqa: F401
+                       choose, sample_tokens, softmax64)
 
-STOP_EOS, STOP_MAX_NEW, STOP_MAX_SEQ = "eos", "max_new_tokens", "max_seq_len"
 STOP_MESSAGES = {
     STOP_EOS: "stopped at the end-of-sequence token",
     STOP_MAX_NEW: "stopped after --max-new-tokens tokens",
@@ -100,29 +103,6 @@ class GenerationResult:
                 "tokens_per_s": self.tokens_per_s, "decode_tokens_per_s": self.decode_tokens_per_s}
 
 
-def softmax64(logits: np.ndarray) -> np.ndarray:
-    z = logits.astype(np.float64)
-    z = z - z.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
-
-
-def choose(logits: np.ndarray, temperature: float, top_k: int | None, rng: np.random.Generator) -> np.ndarray:
-    """logits [B, V] -> next ids [B] int64. temperature 0: greedy argmax (first max on ties)."""
-    if temperature <= 0:
-        return logits.argmax(axis=-1).astype(np.int64)
-    # subtract the max before dividing: a tiny temperature then gives -inf/0, never inf - inf = nan
-    z = logits.astype(np.float64)
-    z = (z - z.max(axis=-1, keepdims=True)) / temperature
-    if top_k is not None and top_k < z.shape[-1]:
-        kth = np.sort(z, axis=-1)[:, -top_k][:, None]
-        z = np.where(z >= kth, z, -np.inf)
-    p = softmax64(z)
-    u = rng.random(p.shape[0])
-    idx = (p.cumsum(axis=-1) < u[:, None]).sum(axis=-1)
-    return np.minimum(idx, p.shape[-1] - 1).astype(np.int64)
-
-
 class Generator:
     """Backend-independent generation loop; subclasses implement ``_reset`` and ``_step``."""
 
@@ -144,18 +124,8 @@ class Generator:
 
     def check_prompt(self, prompt: np.ndarray) -> None:
         lim = self.limits
-        if prompt.ndim != 2 or prompt.shape[1] < 1 or prompt.shape[0] < 1:
-            raise InputError(f"prompt must have >= 1 token (shape [batch, tokens]), got shape {prompt.shape}")
-        T = prompt.shape[1]
-        if T < lim.min_prompt_tokens:
-            raise InputError(
-                f"prompt has {T} tokens but this partial-prediction model fixes its spatial routing from "
-                f"the first p = {lim.min_prompt_tokens} tokens: give a prompt of at least {lim.min_prompt_tokens} tokens")
-        if T >= lim.max_seq_len:
-            raise InputError(f"prompt has {T} tokens: max_seq_len {lim.max_seq_len} leaves no room to generate")
-        lo, hi = int(prompt.min()), int(prompt.max())
-        if lo < 0 or hi >= lim.vocab_size:
-            raise InputError(f"token id {hi if hi >= lim.vocab_size else lo} outside the vocabulary [0, {lim.vocab_size})")
+        check_prompt(prompt, vocab_size=lim.vocab_size, max_seq_len=lim.max_seq_len,
+                     min_prompt_tokens=lim.min_prompt_tokens, error=InputError)
 
     def generate(self, prompt: Sequence[int] | Sequence[Sequence[int]] | np.ndarray, max_new_tokens: int, *,
                  temperature: float = 0.0, top_k: int | None = None, seed: int = 0, stop_on_eos: bool = True,
@@ -167,51 +137,33 @@ class Generator:
         (streaming). Stops when every row has produced EOS (if ``stop_on_eos``), after
         ``max_new_tokens``, or when the sequence fills max_seq_len.
         """
-        if max_new_tokens < 1:
-            raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if not np.isfinite(temperature) or temperature < 0:  # nan would sample token 0 forever
-            raise InputError(f"temperature must be a finite number >= 0, got {temperature}")
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise InputError(f"seed must be an integer >= 0, got {seed!r}")
-        if top_k is not None and top_k < 1:
-            raise InputError(f"top_k must be >= 1, got {top_k}")
+        check_options(max_new_tokens, temperature, top_k, seed, error=InputError)
         ids = np.asarray(prompt, dtype=np.int64)
         if ids.ndim == 1:
             ids = ids[None]
         self.check_prompt(ids)
         B, T = ids.shape
         lim = self.limits
-        rng = np.random.default_rng(seed)
         out: list[list[int]] = [[] for _ in range(B)]
-        done = np.zeros(B, dtype=bool)
         recorded: list[np.ndarray] = []
         stream = self._reset(B)  # per call: concurrent generate() calls never share mutable state
         t0 = time.perf_counter()
         logits = self._step(stream, ids, 0)[:, -1]
         prefill = time.perf_counter() - t0
-        pos, n_steps, reason = T, 0, STOP_MAX_NEW
+        n_steps, reason = 0, STOP_MAX_NEW
         t1 = time.perf_counter()
-        for i in range(max_new_tokens):
-            nxt = choose(logits, temperature, top_k, rng)
+        for tok in sample_tokens(logits, lambda nxt, pos: self._step(stream, nxt, pos)[:, -1], T,
+                                 max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed,
+                                 eos_token_id=lim.eos_token_id, max_seq_len=lim.max_seq_len,
+                                 stop_on_eos=stop_on_eos):
+            n_steps = tok.index  # steps after the prefill: one per token but the first
             if record_logits:
-                recorded.append(np.array(logits, dtype=np.float32))
-            for b in range(B):
-                if not done[b]:
-                    out[b].append(int(nxt[b]))
-                    done[b] = stop_on_eos and lim.eos_token_id is not None and int(nxt[b]) == lim.eos_token_id
+                recorded.append(np.array(tok.logits, dtype=np.float32))
+            for b in np.flatnonzero(tok.live):
+                out[b].append(int(tok.ids[b]))
             if on_token is not None:
-                on_token(i, nxt)
-            if done.all():
-                reason = STOP_EOS
-                break
-            if i == max_new_tokens - 1:
-                break
-            if pos + 1 >= lim.max_seq_len:  # the token just chosen sits at index pos: the window is full
-                reason = STOP_MAX_SEQ
-                break
-            logits = self._step(stream, nxt[:, None], pos)[:, -1]
-            pos += 1
-            n_steps += 1
+                on_token(tok.index, tok.ids)
+            reason = tok.stop or reason
         return GenerationResult(T, out, reason, prefill, time.perf_counter() - t1, n_steps, recorded, lim.max_seq_len)
 
 

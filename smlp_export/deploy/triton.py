@@ -8,11 +8,13 @@ Layout written (atomically, via a temp sibling + rename)::
     REPO/<name>_sequence/...      onnxruntime backend: decode_seq.onnx under the sequence batcher with
                                   implicit state (position and spatial states kept by Triton;
                                   deploy/sequence_model.py)
+    REPO/<name>_generate/...      python backend + decode.onnx: token streaming (deploy/generate_model.py)
+    REPO/README.md                how to run it (NGC container, instances)
     REPO/smlp_deploy.json         what was deployed from where (manifest + checksums)
 
 The config is derived from the ONNX graph's inputs and outputs (names, element types, dims with
-``-1`` for symbolic axes), never typed by hand. ``max_batch_size: 0`` because the graphs carry the
-batch axis themselves. For the ``tensorrt`` target the same file runs on the onnxruntime backend
+``-1`` for symbolic axes), never typed by hand. The full-sequence model runs under Triton's dynamic
+batcher (``max_batch_size`` > 0: the graph's leading axis belongs to Triton). For the ``tensorrt`` target the same file runs on the onnxruntime backend
 through its model-local fallback functions; an engine with the plugins is built on the GPU machine
 (smlp build-engine) and served by the TensorRT backend with the plugin library preloaded.
 The python backend serves the decode graph with explicit state inputs/outputs (the client keeps the
@@ -291,6 +293,12 @@ def write_triton_repository(export_dir: str | Path, repo: str | Path, *, name: s
                     (version / "model.py").write_text(PYTHON_MODEL)
             record["models"].append({"name": mname, "file": fname, "sha256": digest, "max_batch_size": batch,
                                      "inputs": inputs, "outputs": outputs})
+        if backend == "python" and (export_dir / "decode.onnx").is_file():
+            from .generate_model import write_generate_model  # token streaming: docs/serving-generate.md
+
+            record["models"].append(write_generate_model(
+                export_dir, tmp / f"{name}_generate", manifest, digests["decode.onnx"], instances=instances,
+                kind="KIND_GPU" if gpu else "KIND_CPU", intra_op_threads=intra_op_threads))
         (tmp / "README.md").write_text(repository_readme(record, limits))
         (tmp / "smlp_deploy.json").write_text(json.dumps(record, indent=2) + "\n")
     return record
