@@ -115,10 +115,14 @@ def deploy(export_dir, runtime, output, backend, name, instances, gpu, threads, 
         first = next((r for r in res["cases"] if not r["passed"]), None)
         bad = next((r for r in res["bad_input"] if not r["passed"]), None)
         load = next((r for r in res["load"] if r["errors"] or r["mismatches"]), None)
+        gen = res.get("generate") and next((c for c in res["generate"]["cases"] if not c["equal"]), None)
         why = (f"served logits differ from the export by {first['max_err_rel']:.3g} of scale (bound {res['bound']:.3g})"
                if first else f"bad input not answered correctly: {bad['case']}" if bad else
+               f"served generation differs from local generation (temperature {gen['temperature']}, "
+               f"seed {gen['seed']})" if gen else
                f"load at concurrency {load['concurrency']}: {load['errors']} errors, {load['mismatches']} mismatches "
                f"({load['first_error'] or load['first_mismatch']})")
         raise SMLPError(f"check failed: {why}")
     click.echo("check passed: every served response equals the export's in-process logits within "
-               f"{res['bound']:.3g} of scale; bad requests get error responses")
+               f"{res['bound']:.3g} of scale; bad requests get error responses"
+               + ("; served generation equals local generation token for token" if res.get("generate") else ""))

@@ -361,7 +361,7 @@ def test_real_tritonserver_sequence_batcher_python_backend(deployed, tmp_path):
     out = deployed["topk2-partial"][0]
     rec = write_triton_repository(out, tmp_path / "repo", backend="python", name="m",
                                   sequence={"max_batch_size": 4, "max_queue_delay_us": 20000})
-    assert [m["name"] for m in rec["models"]] == ["m", "m_decode", "m_sequence"]
+    assert [m["name"] for m in rec["models"]] == ["m", "m_decode", "m_sequence", "m_generate"]
     p = json.loads((out / "manifest.json").read_text())["decode"]["min_prompt_tokens"]
     prompts = _prompts(p, [7, 10, 7, 12, 8, 7], seed=4)
     n_new = 10

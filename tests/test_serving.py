@@ -21,17 +21,22 @@ from smlp_export.deploy.load import relative_error, serving_bound
 from .conftest import mixing_model
 
 
-def _export(tmp, **overrides) -> Path:
+def _export(tmp, decode: bool = False, **overrides) -> Path:
     from smlp_export.export.pipeline import export_model
 
     ckpt = save_checkpoint(mixing_model(**overrides), tmp / "ckpt")
-    export_model(str(ckpt), tmp / "out", target="ort", validate=False)
+    export_model(str(ckpt), tmp / "out", target="ort", validate=False, decode=decode)
     return tmp / "out"
 
 
 @pytest.fixture(scope="module")
 def export_dir(tmp_path_factory):
     return _export(tmp_path_factory.mktemp("serving"))
+
+
+@pytest.fixture(scope="module")
+def decode_export(tmp_path_factory):
+    return _export(tmp_path_factory.mktemp("serving_decode"), decode=True)
 
 
 @pytest.fixture(scope="module")
@@ -176,28 +181,38 @@ def test_no_batching_keeps_the_graph_dims(export_dir, tmp_path):
     assert list(c.input[0].dims) == [-1, -1]
 
 
-def test_repository_is_self_contained_and_readable(export_dir, tmp_path):
+@pytest.mark.parametrize("backend", ["python", "onnxruntime"])
+def test_repository_is_self_contained_and_readable(decode_export, tmp_path, backend):
+    """Every model of the repository (full, decode, sequence, generate) can be copied to a cluster:
+    no host path in any text file, readable by any user, python models import nothing of ours."""
     old = os.umask(0o022)
     try:
-        write_triton_repository(export_dir, tmp_path / "r", backend="python")
+        rec = write_triton_repository(decode_export, tmp_path / "r", backend=backend)
     finally:
         os.umask(old)
     repo = tmp_path / "r"
-    hosts = {str(export_dir.resolve()), str(tmp_path), str(Path.home()), "/work/", "/tmp/"}
+    assert {m["name"] for m in rec["models"]} >= {"smlp", "smlp_sequence"}
+    hosts = {str(decode_export.resolve()), str(tmp_path), str(Path.home()), "/work/", "/tmp/"}
+    import sys
+
+    # the standard library, what the NGC image + the README's Dockerfile add, and files in the repo itself
+    allowed = set(sys.stdlib_module_names) | {"numpy", "onnxruntime", "triton_python_backend_utils", "smlp_sampling"}
     for p in repo.rglob("*"):
         mode = stat.S_IMODE(p.stat().st_mode)
         assert mode & 0o444 == 0o444, p  # any user (the server's) can read
         if p.is_file() and p.suffix in (".json", ".md", ".py", ".pbtxt"):
             text = p.read_text()
             assert not [h for h in hosts if h in text], (p, [h for h in hosts if h in text])
+        if p.suffix == ".py":
+            imports = set(re.findall(r"^\s*(?:import|from) ([A-Za-z_]+)", p.read_text(), re.M))
+            assert imports <= allowed, (p, imports - allowed)
     readme = (repo / "README.md").read_text()
     assert "nvcr.io/nvidia/tritonserver" in readme and "--model-repository=/models" in readme
-    # the python model needs nothing from smlp_export: it imports only what the NGC image can have
-    src = (repo / "smlp" / "1" / "model.py").read_text()
-    imports = set(re.findall(r"^\s*(?:import|from) ([A-Za-z_]+)", src, re.M))
-    assert imports <= {"__future__", "json", "os", "numpy", "onnxruntime", "triton_python_backend_utils"}, imports
-    lim = json.loads((repo / "smlp" / "1" / "smlp_model.json").read_text())
-    assert lim["max_seq_len"] == 32 and lim["vocab_size"] == 257 and lim["min_pad_tokens"] == 1
+    if backend == "python":
+        assert {"smlp_decode", "smlp_generate"} <= {m["name"] for m in rec["models"]}
+        lim = json.loads((repo / "smlp" / "1" / "smlp_model.json").read_text())
+        assert lim["max_seq_len"] == 32 and lim["vocab_size"] == 257 and lim["min_pad_tokens"] == 1
+        assert "Dockerfile" in readme or "dockerfile" in readme
 
 
 def test_bad_batching_options_refused_before_writing(export_dir, tmp_path):

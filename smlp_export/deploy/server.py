@@ -117,7 +117,9 @@ def check_repository(repo: str | Path, export_dir: str | Path, model: str = "sml
     vocabulary), each must get its own error response, and a good request after them must still be
     served; 3. with ``concurrency``, a load sweep (smlp_export.deploy.load.run_load) from held-out
     requests of mixed lengths. Every response must be within ``serving_bound`` of the in-process run.
-    Returns ``{"passed", "max_err_rel", "bound", "cases", "bad_input", "load"}``.
+    When the repository has ``<model>_generate`` (python backend, export with decode.onnx), its
+    streams are compared token for token with local generation (``check_generate_model``).
+    Returns ``{"passed", "max_err_rel", "bound", "cases", "bad_input", "generate", "load"}``.
     """
     import onnxruntime as ort
 
@@ -152,6 +154,14 @@ def check_repository(repo: str | Path, export_dir: str | Path, model: str = "sml
         for r in bad:
             say(f"bad input: {r['case']}: {'ok' if r['passed'] else 'FAILED'}"
                 + (f" ({r['error']})" if r.get("error") else ""))
+        generate = None
+        if (repo / f"{model}_generate").is_dir():  # token streaming: same tokens as local generation
+            from .generate_model import check_generate_model
+
+            generate = check_generate_model(srv.grpc_url, export_dir, f"{model}_generate")
+            n_eq = sum(c["equal"] for c in generate["cases"])
+            say(f"{model}_generate: {n_eq}/{len(generate['cases'])} streams equal local generation "
+                "(greedy and sampled)")
         load = []
         if concurrency:
             run_load(srv.grpc_url, model, pool, 1, bound=bound, duration_s=None, requests=len(pool))  # warm-up, not reported
@@ -163,7 +173,8 @@ def check_repository(repo: str | Path, export_dir: str | Path, model: str = "sml
                     f"{row['mismatches']} mismatches, p50 {row['p50_ms']:.1f} ms, "
                     f"{row['throughput_per_s']:.1f} req/s, mean batch {row['mean_batch']:.2f}")
     passed = (all(r["passed"] for r in rows) and all(r["passed"] for r in bad)
-              and all(r["errors"] == 0 and r["mismatches"] == 0 for r in load))
+              and all(r["errors"] == 0 and r["mismatches"] == 0 for r in load)
+              and (generate is None or generate["passed"]))
     worst = max([worst] + [r["max_err_rel"] for r in load])
     return {"passed": passed, "max_err_rel": worst, "bound": bound, "cases": rows, "bad_input": bad,
-            "load": load}
+            "generate": generate, "load": load}

@@ -318,8 +318,20 @@ def repository_readme(record: dict[str, Any], limits: dict[str, Any]) -> str:
     """README.md written into the repository: what it holds and how to run it on a cluster."""
     py = record["backend"] == "python"
     ort_pkg = "onnxruntime-gpu" if record["kind"] == "KIND_GPU" else "onnxruntime"
-    rows = "\n".join(f"| `{m['name']}` | {m['file']} | {m['max_batch_size']} | "
-                     + ", ".join(f"`{t['name']}` {t['dims']}" for t in m["inputs"]) + " |"
+    def protocol(m: dict) -> str:
+        """What a client sends and gets back (the graph's own inputs can be Triton-kept state)."""
+        if m["name"].endswith("_generate"):
+            return ("prompt `input_ids` INT64 [tokens] (+ optional max_new_tokens, temperature, top_k, seed) over a "
+                    "gRPC stream; one `token_id` per response, `stop_reason` on the last (decoupled)")
+        if m["name"].endswith("_sequence"):
+            return ("`input_ids` INT64 [1, S] with a sequence id, `sequence_start` on the prompt, one token per "
+                    "request after, `sequence_end` on the last; gets `logits` (the server keeps the state)")
+        if m["file"] == "decode.onnx":
+            return ("`input_ids`, `position` [1], every `state.blocks.i`; gets `logits` and `new_state.blocks.i` "
+                    "(the client keeps the state)")
+        return "`input_ids` INT64 [batch, tokens]; gets `logits` [batch, tokens, vocab] and the router outputs"
+
+    rows = "\n".join(f"| `{m['name']}` | {m['file']} | {m['max_batch_size']} | {protocol(m)} |"
                      for m in record["models"])
     batching = (f"Dynamic batching is on for `{record['models'][0]['name']}`: max_batch_size "
                 f"{record['max_batch_size']}, preferred batch sizes {record['preferred_batch_sizes']}, "
@@ -349,7 +361,7 @@ def repository_readme(record: dict[str, Any], limits: dict[str, Any]) -> str:
         "points outside this directory, so it can be copied, mounted read-only or baked into an image. "
         "`smlp_deploy.json` records what was deployed (model checksums, export manifest sha256, options).",
         "",
-        "| model | from | max_batch_size | inputs |",
+        "| model | from | max_batch_size | clients send / get |",
         "|---|---|---|---|",
         rows,
         "",
