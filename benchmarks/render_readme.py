@@ -276,7 +276,8 @@ def serving_load(rep: dict, path: Path, out: Path) -> list[str]:
     lines = ["## Serving under load (real local tritonserver, python backend)", "", *_header(rep),
              f"Each client sends held-out requests of mixed lengths ({cfg.get('pool_lengths')}) back to back for "
              f"{cfg.get('duration_s')} s per row; {cfg.get('rounds')} alternating rounds of batching "
-             "(max_batch_size 8) / no batching, the round with the median throughput shown. Clients run on the "
+             f"(max_batch_size 8, queue delay {cfg.get('queue_delay_us', '?')} us) / no batching, the round with "
+             "the median throughput shown. Clients run on the "
              "same machine as the server. Mismatches: responses differing from the export run in-process by more "
              "than the serving bound (docs/deploy.md).", ""]
     return lines + _load_table(rep) + _goals(rep)

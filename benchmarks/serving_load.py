@@ -52,8 +52,8 @@ def main() -> None:
     print(f"exporting to {tmp} ...", flush=True)
     export_model(model, tmp / "out", target="ort", validate=True, quick=True, force=True)
     configs = {"batching": 8, "no batching": 0}
-    for label, mb in configs.items():
-        write_triton_repository(tmp / "out", tmp / f"repo-{mb}", backend="python", max_batch_size=mb)
+    records = {label: write_triton_repository(tmp / "out", tmp / f"repo-{mb}", backend="python", max_batch_size=mb)
+               for label, mb in configs.items()}
 
     runs: dict[str, list[list[dict]]] = {label: [] for label in configs}
     checks = {}
@@ -88,7 +88,8 @@ def main() -> None:
           f"{all(c['passed'] for cs in checks.values() for c in cs)}")
     _common.save("serving_load", args, {
         "config": {"concurrency": conc, "duration_s": duration, "rounds": rounds, "backend": "python",
-                   "max_batch_size": configs, "pool_lengths": "max_seq_len, /2, /4, 16, 5, 1 (2 windows each)"},
+                   "max_batch_size": configs, "queue_delay_us": records["batching"]["queue_delay_us"],
+                   "preferred_batch_sizes": records["batching"]["preferred_batch_sizes"], "pool_lengths": "max_seq_len, /2, /4, 16, 5, 1 (2 windows each)"},
         "rows": rows, "checks": checks, "goals": goals,
         "ratios": {"batching_hi_over_lo": tput("batching", hi) / tput("batching", lo),
                    "batching_on_over_off_at_hi": tput("batching", hi) / tput("no batching", hi)},

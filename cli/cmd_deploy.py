@@ -45,8 +45,9 @@ def _concurrency(ctx, param, value):
               help="Triton dynamic batching of the full-sequence model: most rows per execution (0 = no batching).")
 @click.option("--preferred-batch-sizes", default=None, callback=_sizes, metavar="B1,B2,..",
               help="Batch sizes the dynamic batcher aims for [default: powers of two up to --max-batch-size].")
-@click.option("--queue-delay-us", default=500, show_default=True, type=click.IntRange(0),
-              help="Longest a request waits in the queue for others to batch with.")
+@click.option("--queue-delay-us", default=0, show_default=True, type=click.IntRange(0),
+              help="Longest a request waits for others to batch with. 0: requests that arrive while the model "
+                   "runs are still batched, and a lone client waits for nothing (docs/deploy.md).")
 @click.option("--check", is_flag=True,
               help="Start a local tritonserver (serve extra; python backend), compare its logits with the export "
                    "and check bad requests get error responses.")

@@ -199,7 +199,7 @@ def write_triton_repository(export_dir: str | Path, repo: str | Path, *, name: s
                             instances: int = 1, gpu: bool = False, intra_op_threads: int = 0,
                             backend: str = "onnxruntime", force: bool = False, max_batch_size: int = 8,
                             preferred_batch_sizes: tuple[int, ...] | None = None,
-                            queue_delay_us: int = 500, sequence: dict[str, Any] | None = None) -> dict[str, Any]:
+                            queue_delay_us: int = 0, sequence: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write a Triton model repository for ``export_dir`` (a ``smlp export`` output) into ``repo``.
 
     The full-sequence model gets Triton's dynamic batcher unless ``max_batch_size`` is 0. The
