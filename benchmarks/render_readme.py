@@ -283,8 +283,38 @@ def serving_load(rep: dict, path: Path, out: Path) -> list[str]:
     return lines + _load_table(rep) + _goals(rep)
 
 
+def serve_generate(rep: dict, path: Path, out: Path) -> list[str]:
+    lines = ["## Streaming generation from Triton (`<name>_generate`)", "", *_header(rep),
+             f"{rep.get('max_new_tokens')} new tokens after {rep.get('prompt_len')}-token held-out prompts, greedy; "
+             "served tokens are compared with local generation (mismatches).", "",
+             "| mode | streams | requests | tokens/s | first token p50 ms | p90 ms | errors | mismatches |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def ms(v):
+        return "-" if v is None else f"{v:.1f}"
+
+    for r in rep["rows"]:
+        lines.append(f"| {r['mode']} | {r['streams']} | {r['requests']} | {r['tokens_per_s']:.0f} | "
+                     f"{ms(r.get('first_token_p50_ms'))} | {ms(r.get('first_token_p90_ms'))} | {r['errors']} | "
+                     f"{r['mismatches']} |")
+    return lines + [""]
+
+
+def sequence_step(rep: dict, path: Path, out: Path) -> list[str]:
+    m = rep["median_ms"]
+    lines = ["## Sequences stepping together (`decode_seq.onnx`)", "", *_header(rep),
+             f"One decode step for {rep['batch']} sequences at positions {rep['positions']} "
+             f"(median of {rep['rounds']} rounds):", "",
+             "| run | median ms |", "|---|---:|"]
+    lines += [f"| {k} | {v:.3f} |" for k, v in m.items()]
+    return lines + ["", f"Stepping together: {rep['batched_gain']:.2f}x the tokens/s of {rep['batch']} separate "
+                        f"B=1 steps; the per-row graph at B=1 costs {rep['per_row_overhead_b1']:.2f}x the "
+                        f"scalar-position graph. Logits max |difference| {rep['logits_max_abs_diff']:.2g}.", ""]
+
+
 SECTIONS = {"exported_vs_eager": exported_vs_eager, "experts_scaling": experts_scaling, "moe_layer": moe_layer,
-            "cpu_real_shapes": cpu_real_shapes, "export_scaling": export_scaling, "serving_load": serving_load}
+            "cpu_real_shapes": cpu_real_shapes, "export_scaling": export_scaling, "serving_load": serving_load,
+            "serve_generate": serve_generate, "sequence_step": sequence_step}
 
 
 def render(results: Path, out: Path) -> str:
