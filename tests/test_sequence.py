@@ -464,3 +464,38 @@ def test_real_tritonserver_validates_the_onnxruntime_sequence_config(deployed, t
         lambda t: t.replace("preferred_batch_size: 8", "preferred_batch_size: 16"))
     assert "must have exactly 2 entries for CONTROL_SEQUENCE_START" in load_error(
         lambda t: t.replace("int32_false_true: [ 0, 1 ]", "int32_false_true: [ 1 ]"))
+
+
+@pytest.mark.serving
+def test_python_sequence_model_drops_abandoned_sequences(deployed, tmp_path):
+    """Clients that vanish without sequence_end: after Triton's idle timeout their state is dropped
+    (logged by the model), and a late request of such a sequence gets an error, not a stale state."""
+    pytest.importorskip("pytriton", reason="needs the serve extra (nvidia-pytriton) for a local tritonserver")
+    import time
+
+    import tritonclient.grpc as gc
+
+    from smlp_export.deploy import write_triton_repository
+    from smlp_export.deploy.server import local_tritonserver
+
+    out = deployed["topk2-partial"][0]
+    write_triton_repository(out, tmp_path / "repo", backend="python", name="m",
+                            sequence={"max_sequence_idle_us": 300_000})
+    p = json.loads((out / "manifest.json").read_text())["decode"]["min_prompt_tokens"]
+    prompt = np.asarray(_prompts(p, [p], seed=2)[0], np.int64)[None]
+
+    def request(c, ids, seq, start, end=False):
+        x = gc.InferInput("input_ids", list(ids.shape), "INT64")
+        x.set_data_from_numpy(ids)
+        return c.infer("m_sequence", [x], sequence_id=seq, sequence_start=start, sequence_end=end)
+
+    with local_tritonserver(tmp_path / "repo") as srv:
+        c = gc.InferenceServerClient(srv.grpc_url)
+        for seq in range(1, 6):  # five sequences started, never ended
+            request(c, prompt, seq, True)
+        time.sleep(1.0)
+        request(c, prompt, 99, True, True)  # any later execution drops the idle ones
+        with pytest.raises(Exception):  # Triton or the model refuses: the sequence must START again
+            request(c, np.array([[1]], np.int64), 3, False)
+        log = srv.log_path.read_text()
+    assert "dropped the state of 5 sequence(s) idle for more than 0.3 s" in log, log[-2000:]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import numpy as np
 import onnxruntime as ort
@@ -38,6 +39,12 @@ class TritonPythonModel:
         self.vocab = int(self.session.get_outputs()[0].shape[-1])
         self.min_prompt = int(params.get("min_prompt_tokens", "1"))
         self.store = {}  # correlation id -> (position [1, 1], [state [1, n, c], ...])
+        # A client that vanishes without END leaves its state here. Triton releases such a sequence
+        # after max_sequence_idle_microseconds (its next request must START again), so the state is
+        # dead then: drop it, or memory grows by one state per abandoned sequence.
+        idle_us = cfg.get("sequence_batching", {}).get("max_sequence_idle_microseconds") or 1_000_000
+        self.idle_s = int(idle_us) / 1e6
+        self.last_used = {}  # correlation id -> time.monotonic() of its last request
 
     @staticmethod
     def _scalar(request, name):
@@ -67,7 +74,17 @@ class TritonPythonModel:
                              f"tokens, got {position + S}")
         return corrid, bool(start), bool(end), ids.astype(np.int64)
 
+    def _drop_idle(self, now):
+        stale = [c for c, t in self.last_used.items() if now - t > self.idle_s]
+        for c in stale:
+            self.store.pop(c, None)
+            self.last_used.pop(c, None)
+        if stale:
+            pb_utils.Logger.log_info(f"smlp sequence model: dropped the state of {len(stale)} sequence(s) idle "
+                                     f"for more than {self.idle_s:g} s without END")
+
     def execute(self, requests):
+        self._drop_idle(time.monotonic())
         responses = [None] * len(requests)
         pending = []
         for k, request in enumerate(requests):
@@ -109,8 +126,10 @@ class TritonPythonModel:
         for j, (k, corrid, _, end, _) in enumerate(group):
             if end:
                 self.store.pop(corrid, None)
+                self.last_used.pop(corrid, None)
             else:
                 self.store[corrid] = (out[1][j:j + 1].copy(), [o[j:j + 1].copy() for o in out[2:]])
+                self.last_used[corrid] = time.monotonic()
             # batch_rows: how many sequences this ONNX Runtime run stepped together (observability)
             responses[k] = pb_utils.InferenceResponse([
                 pb_utils.Tensor("logits", out[0][j:j + 1]),
