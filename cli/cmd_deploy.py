@@ -68,7 +68,16 @@ def _concurrency(ctx, param, value):
 def deploy(export_dir, runtime, output, backend, name, instances, gpu, threads, max_batch_size,
            preferred_batch_sizes, queue_delay_us, check, concurrency, duration, n_requests, json_path,
            sequence_batch, sequence_candidates, force) -> None:
-    """Write a model repository for OUT (refuses exports that failed parity)."""
+    """Write a Triton model repository for OUT (refuses exports that failed parity).
+
+    \b
+    Models: <name> (full sequence, dynamic batching); for an export made with --decode also
+    <name>_sequence (sequence batcher, decode state kept on the server) and, with --backend
+    python, <name>_decode (client-kept state) and <name>_generate (token streaming, see
+    `smlp generate --server`). The repository is self-contained; its README.md says how to run
+    it (NGC container, instances). --check serves it locally and compares every response with
+    the export; --concurrency adds a load sweep (docs/deploy.md).
+    """
     from smlp_export.deploy import write_triton_repository
     from smlp_export.errors import SMLPError
 
