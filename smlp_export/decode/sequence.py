@@ -27,11 +27,10 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..errors import InputError
-from ..model import GMLPBlock, SMLPForCausalLM, SparseBlock
-from .state import check_position, state_names, state_shape
+from ..model import SMLPForCausalLM
+from .state import check_position, run_blocks, state_names, state_shape
 
 
 def _rows_of(weight: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -112,28 +111,9 @@ class SequenceStep(nn.Module):
         S = input_ids.shape[1]
         pos = torch.where(start != 0, torch.zeros_like(position), position)  # [B, 1]
         rows = pos + torch.arange(S, device=input_ids.device)[None, :]  # [B, S]
-        x = m.embed(input_ids)
-        new_states = []
-        for blk, state in zip(m.blocks, states):
-            if isinstance(blk, GMLPBlock):
-                z = F.gelu(blk.proj_in(blk.norm(x)))
-                z1, z2 = z.chunk(2, dim=-1)
-                s, st = dense_spatial_rows(blk.norm_z2(z2), state, rows, blk.spatial.weight, blk.spatial.bias)
-                x = x + blk.proj_out(z1 * s)
-            else:
-                assert isinstance(blk, SparseBlock)
-                x = blk.norm1(x + blk.tmoe(x))
-                sm = blk.smoe
-                z = F.gelu(sm.proj_in(sm.norm(x)))
-                z1, z2 = z.chunk(2, dim=-1)
-                z2 = sm.norm_z2(z2)
-                if sm.router is None:
-                    s, st = deterministic_smoe_rows(z2, state, rows, sm.weight, sm.bias)
-                else:
-                    s, st = partial_smoe_rows(z2, state, rows, sm.weight, sm.bias, sm.router)
-                x = blk.norm2(x + sm.proj_out(z1 * s))
-            new_states.append(st)
-        return (m.lm_head(m.norm_f(x)), pos + S, *new_states)
+        logits, new_states = run_blocks(m, m.embed(input_ids), states, rows, dense_spatial_rows,
+                                        deterministic_smoe_rows, partial_smoe_rows)
+        return (logits, pos + S, *new_states)
 
 
 def step_rows(model: SMLPForCausalLM, input_ids: torch.Tensor, positions: Sequence[int] | np.ndarray | torch.Tensor,

@@ -121,6 +121,34 @@ def partial_smoe_step(z2: torch.Tensor, state: torch.Tensor, rows: torch.Tensor,
     return y * gate[:, None, :], new
 
 
+def run_blocks(m: SMLPForCausalLM, x: torch.Tensor, states: Sequence[torch.Tensor], rows: torch.Tensor,
+               dense, deterministic, partial) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The model's blocks over new tokens ``x`` [B, S, d] at ``rows``, with the spatial products taken
+    from the state by ``dense`` / ``deterministic`` / ``partial`` (``*_step``: one position for the
+    batch; ``sequence.*_rows``: one per row). Returns (logits [B, S, V], new states)."""
+    new_states = []
+    for blk, state in zip(m.blocks, states):
+        if isinstance(blk, GMLPBlock):
+            z = F.gelu(blk.proj_in(blk.norm(x)))
+            z1, z2 = z.chunk(2, dim=-1)
+            s, st = dense(blk.norm_z2(z2), state, rows, blk.spatial.weight, blk.spatial.bias)
+            x = x + blk.proj_out(z1 * s)
+        else:
+            assert isinstance(blk, SparseBlock)
+            x = blk.norm1(x + blk.tmoe(x))
+            sm = blk.smoe
+            z = F.gelu(sm.proj_in(sm.norm(x)))
+            z1, z2 = z.chunk(2, dim=-1)
+            z2 = sm.norm_z2(z2)
+            if sm.router is None:
+                s, st = deterministic(z2, state, rows, sm.weight, sm.bias)
+            else:
+                s, st = partial(z2, state, rows, sm.weight, sm.bias, sm.router)
+            x = blk.norm2(x + sm.proj_out(z1 * s))
+        new_states.append(st)
+    return m.lm_head(m.norm_f(x)), new_states
+
+
 class DecodeStep(nn.Module):
     """``(input_ids [B, S] int64, position [] int64, *states [B, n, c]) -> (logits [B, S, V], *new_states)``.
 
@@ -136,28 +164,9 @@ class DecodeStep(nn.Module):
         m = self.model
         S = input_ids.shape[1]
         rows = position.reshape(()) + torch.arange(S, device=input_ids.device)
-        x = m.embed(input_ids)
-        new_states = []
-        for blk, state in zip(m.blocks, states):
-            if isinstance(blk, GMLPBlock):
-                z = F.gelu(blk.proj_in(blk.norm(x)))
-                z1, z2 = z.chunk(2, dim=-1)
-                s, st = dense_spatial_step(blk.norm_z2(z2), state, rows, blk.spatial.weight, blk.spatial.bias)
-                x = x + blk.proj_out(z1 * s)
-            else:
-                assert isinstance(blk, SparseBlock)
-                x = blk.norm1(x + blk.tmoe(x))
-                sm = blk.smoe
-                z = F.gelu(sm.proj_in(sm.norm(x)))
-                z1, z2 = z.chunk(2, dim=-1)
-                z2 = sm.norm_z2(z2)
-                if sm.router is None:
-                    s, st = deterministic_smoe_step(z2, state, rows, sm.weight, sm.bias)
-                else:
-                    s, st = partial_smoe_step(z2, state, rows, sm.weight, sm.bias, sm.router)
-                x = blk.norm2(x + sm.proj_out(z1 * s))
-            new_states.append(st)
-        return (m.lm_head(m.norm_f(x)), *new_states)
+        logits, new_states = run_blocks(m, m.embed(input_ids), states, rows, dense_spatial_step,
+                                        deterministic_smoe_step, partial_smoe_step)
+        return (logits, *new_states)
 
 
 def check_step_inputs(model: SMLPForCausalLM, input_ids: torch.Tensor, position: int,
