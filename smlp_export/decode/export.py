@@ -165,28 +165,35 @@ def decode_manifest(model, *, target: str, dtype: str, opset: int, file: str = "
     }
 
 
+def publish_graph(proto, path: Path, model) -> list[str]:
+    """Write a traced graph with lazy weights to ``path`` atomically; returns the file names written
+    (the .onnx first, then ``<name>.data`` when the weights went beside it)."""
+    from ..export.pipeline import EXTERNAL_DATA_THRESHOLD
+    from ..export.weights import lazy_bytes, source_for, write_model
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.stem}-", dir=path.parent))
+    try:
+        # large weights go to <name>.data beside it, one tensor at a time (export/weights.py);
+        # the threshold is the one model.onnx uses
+        big = lazy_bytes(proto) > EXTERNAL_DATA_THRESHOLD
+        names = write_model(proto, tmpdir / path.name, source_for(model), external=big)
+        onnx.checker.check_model(str(tmpdir / path.name))
+        for n in reversed(names):  # the .onnx last: a graph file that exists is complete
+            os.replace(tmpdir / n, path.parent / n)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    return names
+
+
 def export_decode_graph(model, path: Path, *, target: str = "ort", dtype: str = "fp32", opset: int = 18) -> dict[str, Any]:
     """Write ``decode.onnx`` to ``path`` (atomically: temp file + rename) and return its manifest
     section (store it as ``manifest["decode"]``). ``model``: an SMLPForCausalLM (any mode; a copy
     is put in eval mode)."""
-    from ..export.weights import lazy_bytes, source_for, write_model
 
     path = Path(path)
     proto = build_decode_onnx(model, target=target, dtype=dtype, opset=opset, lazy=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmpdir = Path(tempfile.mkdtemp(prefix=".decode-", dir=path.parent))
-    try:
-        # large weights go to <name>.data beside it, one tensor at a time (export/weights.py);
-        # the threshold is the one model.onnx uses
-        from ..export.pipeline import EXTERNAL_DATA_THRESHOLD
-
-        big = lazy_bytes(proto) > EXTERNAL_DATA_THRESHOLD
-        names = write_model(proto, tmpdir / path.name, source_for(model), external=big)
-        onnx.checker.check_model(str(tmpdir / path.name))
-        for n in reversed(names):  # the .onnx last: a decode.onnx that exists is complete
-            os.replace(tmpdir / n, path.parent / n)
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
+    names = publish_graph(proto, path, model)
     section = decode_manifest(model, target=target, dtype=dtype, opset=opset, file=path.name)
     if len(names) > 1:
         section["data_file"] = names[1]

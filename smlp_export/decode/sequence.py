@@ -30,7 +30,7 @@ import torch.nn as nn
 
 from ..errors import InputError
 from ..model import SMLPForCausalLM
-from .state import check_position, run_blocks, state_names, state_shape
+from .state import check_position, partial_route, run_blocks, state_names, state_shape
 
 
 def _rows_of(weight: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -84,12 +84,8 @@ def deterministic_smoe_rows(z2, state, rows, weight, bias):
 def partial_smoe_rows(z2, state, rows, weight, bias, router):
     """Partial-prediction sMoE: routing per (row, channel) from state rows [0, p) (router [p, E])."""
     B, S, c = z2.shape
-    p = router.shape[0]
     new = _update(state, rows, z2)
-    dt = torch.promote_types(z2.dtype, torch.float32)  # as ops.route_channels: fp32 router product
-    logits = torch.matmul(new[:, :p, :].transpose(1, 2).to(dt), router.to(dt))  # [B, c, E]
-    probs = torch.softmax(logits.float(), dim=-1).to(z2.dtype)
-    gate, expert = probs.max(dim=-1)  # [B, c]
+    gate, expert = partial_route(new, router, z2.dtype)  # [B, c]
     w = _masked_rows(weight, rows).transpose(0, 1)  # [B, E, S, n]
     y = torch.matmul(w, new[:, None]) + _bias_rows(bias, rows).transpose(0, 1)[..., None]  # [B, E, S, c]
     idx = expert[:, None, None, :].expand(B, 1, S, c)

@@ -16,9 +16,6 @@ Same weights and ops as ``decode.onnx`` (``export.py``), but ``sequence.Sequence
 """
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -94,21 +91,11 @@ def sequence_manifest(model, *, file: str = SEQ_FILE) -> dict[str, Any]:
 def export_sequence_graph(model, path: Path, *, target: str = "ort", dtype: str = "fp32", opset: int = 18) -> dict[str, Any]:
     """Write ``decode_seq.onnx`` to ``path`` atomically (large weights in ``<name>.data`` beside it)
     and return its manifest section (``manifest["decode"]["sequence"]``; ``data_file`` when the weights went beside it)."""
-    from ..export.pipeline import EXTERNAL_DATA_THRESHOLD
-    from ..export.weights import lazy_bytes, source_for, write_model
+    from .export import publish_graph
 
     path = Path(path)
     proto = build_sequence_onnx(model, target=target, dtype=dtype, opset=opset, lazy=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmpdir = Path(tempfile.mkdtemp(prefix=".decode-seq-", dir=path.parent))
-    try:
-        big = lazy_bytes(proto) > EXTERNAL_DATA_THRESHOLD
-        names = write_model(proto, tmpdir / path.name, source_for(model), external=big)
-        onnx.checker.check_model(str(tmpdir / path.name))
-        for n in reversed(names):  # the .onnx last: a decode_seq.onnx that exists is complete
-            os.replace(tmpdir / n, path.parent / n)
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
+    names = publish_graph(proto, path, model)
     section = sequence_manifest(model, file=path.name)
     if len(names) > 1:
         section["data_file"] = names[1]

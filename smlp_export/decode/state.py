@@ -103,17 +103,24 @@ def deterministic_smoe_step(z2: torch.Tensor, state: torch.Tensor, rows: torch.T
     return y.permute(1, 2, 0, 3).reshape(B, S, c), new
 
 
+def partial_route(state: torch.Tensor, router: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Partial-prediction routing per (sequence, channel) from state rows [0, p) (router [p, E]):
+    (gate [B, c] in ``dtype``, expert [B, c]). The router product runs in >= fp32, as
+    ``routing.route_channels`` does in the full forward."""
+    p = router.shape[0]
+    dt = torch.promote_types(dtype, torch.float32)
+    logits = torch.matmul(state[:, :p, :].transpose(1, 2).to(dt), router.to(dt))  # [B, c, E]
+    probs = torch.softmax(logits.float(), dim=-1).to(dtype)
+    return probs.max(dim=-1)
+
+
 def partial_smoe_step(z2: torch.Tensor, state: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor,
                       bias: torch.Tensor, router: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Partial-prediction sMoE for new rows. Routing per (sequence, channel) from state rows [0, p)
     (router [p, E]); valid only once those rows are filled (the caller checks position + S >= p)."""
     B, S, c = z2.shape
-    p = router.shape[0]
     new = _update(state, rows, z2)
-    dt = torch.promote_types(z2.dtype, torch.float32)  # as ops.route_channels: fp32 router product
-    logits = torch.matmul(new[:, :p, :].transpose(1, 2).to(dt), router.to(dt))  # [B, c, E]
-    probs = torch.softmax(logits.float(), dim=-1).to(z2.dtype)
-    gate, expert = probs.max(dim=-1)  # [B, c]
+    gate, expert = partial_route(new, router, z2.dtype)
     w = _masked_rows(weight, rows)  # [E, S, n]
     y = torch.matmul(w[None], new[:, None]) + bias.index_select(1, rows)[None, :, :, None]  # [B, E, S, c]
     idx = expert[:, None, None, :].expand(B, 1, S, c)
