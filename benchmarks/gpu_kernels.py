@@ -257,7 +257,7 @@ def bench_spatial(cfg: dict, device: torch.device, dtype: torch.dtype, timer: Ti
         t_kernel = timer(lambda: kernels.spatial_moe(z2, w, b))
         t_bmm = timer(lambda: torch.bmm(masked, zc))
         t_ref = timer(lambda: ops.spatial_moe_reference(z2, w, b))
-        # the TensorRT plugins' kernels, with the plugins' tiles (smlp_export/plugins/smlp_spatial_moe*/plugin.py)
+        # the TensorRT plugins' kernels, with the plugins' tiles (plugins/smlp_spatial_moe*/plugin.py)
         out = torch.empty_like(z2)
         t_plugin = timer(lambda: pk.spatial_moe_plugin_kernel[(triton.cdiv(T, 64), triton.cdiv(cs, 32), B * E)](
             z2, w, b, T, c, n, out, E=E, BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, INTERP_BF16=interp_bf16(dtype)))

@@ -32,7 +32,8 @@ def build_engine(export_dir, output, precision, max_batch, min_shapes, opt_shape
     model's max_seq_len from OUT/manifest.json) and 1 = decode (seq = 1). --min/--opt/--max-shapes
     replace the prefill profile's bounds. Writes the engine and, next to it, ENGINE.json (TensorRT
     version, GPU, precision, profiles, plugins, the export's model sha256).
-    Needs TensorRT >= 10.10 (the `tensorrt` extra); the plugins ship in the package (smlp_export/plugins/).
+    Needs TensorRT >= 10.10 (the `tensorrt` extra); the plugins ship in the wheel (package
+    smlp_plugins, plugins/ in the source tree).
     """
     import io
     import json
@@ -67,7 +68,7 @@ def build_engine(export_dir, output, precision, max_batch, min_shapes, opt_shape
                                "plugins": plan.plugin_inventory(out / "model.onnx"),
                                "timing_cache": timing_cache}, indent=2))
         return
-    from smlp_export.plugins import build_engine as mod
+    from smlp_plugins import build_engine as mod
 
     printer = plan.ProgressPrinter(io.StringIO() if quiet else sys.stderr)
     try:

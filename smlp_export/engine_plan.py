@@ -10,7 +10,7 @@
 - ``read_timing_cache`` / ``write_bytes_atomic``: the timing-cache file;
 - ``ProgressPrinter``: TensorRT's progress-monitor callbacks as lines on a stream.
 
-``smlp_export/plugins/build_engine.py`` makes the TensorRT calls with these values; everything here is tested
+``plugins/build_engine.py`` makes the TensorRT calls with these values; everything here is tested
 on machines without TensorRT.
 """
 from __future__ import annotations

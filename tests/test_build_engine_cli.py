@@ -299,7 +299,7 @@ class _FakeTRT:
 def _load_build_module():
     import importlib
 
-    return importlib.import_module("smlp_export.plugins.build_engine")
+    return importlib.import_module("smlp_plugins.build_engine")
 
 
 def test_build_engine_with_profiles_makes_the_planned_calls(exports, tmp_path, monkeypatch):

@@ -15,7 +15,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-gg = importlib.import_module("smlp_export.plugins.smlp_grouped_gemm.plugin")
+gg = importlib.import_module("smlp_plugins.smlp_grouped_gemm.plugin")
 
 TOL = {  # as tests/test_kernels.py: the same rounding points as the reference, another summation order
     torch.float32: dict(atol=1e-5, rtol=1e-5),

@@ -28,7 +28,7 @@ from onnx import helper
 
 from smlp_export.export.contract import CONTRACTS
 from smlp_export import engine_plan as plan
-from smlp_export.plugins import _common, _fields, build_engine
+from smlp_plugins import _common, _fields, build_engine
 
 from . import trt_double
 from .trt_double import bindings
@@ -41,7 +41,7 @@ DTYPES = {"fp32": DT.FLOAT, "fp16": DT.HALF, "bf16": DT.BF16}
 
 
 def plugin_module(op_type: str):
-    return importlib.import_module(f"smlp_export.plugins.{FOLDERS[op_type]}.plugin")
+    return importlib.import_module(f"smlp_plugins.{FOLDERS[op_type]}.plugin")
 
 
 @dataclass(frozen=True)

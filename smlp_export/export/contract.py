@@ -4,7 +4,7 @@ Each MoE custom op becomes ONE ONNX node in the ``smlp`` domain whose ``op_type`
 plugin's name; it carries ``plugin_namespace`` / ``plugin_version`` string attributes (TensorRT's
 ONNX parser uses them to pick the plugin over the model-local fallback function) plus the typed
 fields below, which match the plugin creator's fields by name. The exporter writes nodes from this
-table; smlp_export/plugins/ read their names, inputs and fields from it: one place, both sides.
+table; plugins/ read their names, inputs and fields from it: one place, both sides.
 """
 from __future__ import annotations
 

@@ -27,7 +27,7 @@ cannot branch on a string attribute with opset-18 default-domain ops, so the fie
 tried: ONNX Runtime honours them, ``onnx.reference`` silently runs the wrong body.)
 
 ``plugin_node_name`` is the one place that names plugin nodes (TensorRT 10.9's parser may look a
-plugin up by node name; see ``smlp_export/plugins/``).
+plugin up by node name; see ``plugins/``).
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Build a TensorRT engine from a ``--target tensorrt`` ONNX export that holds smlp plugin nodes.
 
-    python -m smlp_export.plugins.build_engine OUT/model.onnx -o model.engine [--fp16|--bf16] [--max-seq n]
+    python -m smlp_plugins.build_engine OUT/model.onnx -o model.engine [--fp16|--bf16] [--max-seq n]
 
 Registers the smlp plugins (``tensorrt.plugin`` AOT implementations, so the engine runs without
 Python), parses the ONNX file, sets an optimization profile for the dynamic batch / sequence
@@ -16,8 +16,8 @@ import os
 import sys
 from pathlib import Path
 
-from smlp_export.plugins._common import TensorRTUnavailable, import_trtp
-from smlp_export.plugins.export_info import resolve_max_seq
+from smlp_plugins._common import TensorRTUnavailable, import_trtp
+from smlp_plugins.export_info import resolve_max_seq
 
 PLUGIN_DIRS = ("smlp_spatial_moe", "smlp_spatial_moe_partial", "smlp_grouped_gemm")
 
@@ -33,7 +33,7 @@ def register_plugins() -> list[str]:
     """
     done = []
     for name in PLUGIN_DIRS:
-        mod = importlib.import_module(f"smlp_export.plugins.{name}.plugin")
+        mod = importlib.import_module(f"smlp_plugins.{name}.plugin")
         mod.register()
         done.append(mod.OP_TYPE)
     return done

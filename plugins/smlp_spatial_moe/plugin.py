@@ -6,8 +6,8 @@ returning the AOT-compiled PTX of ``smlp_export.kernels.plugin_kernels.spatial_m
 """
 from __future__ import annotations
 
-from smlp_export.plugins._aot import aot_compile
-from smlp_export.plugins._common import constant, contract, import_trtp, register_aot
+from smlp_plugins._aot import aot_compile
+from smlp_plugins._common import constant, contract, import_trtp, register_aot
 
 OP_TYPE = "SMLPSpatialMoE"
 BLOCK_M, BLOCK_N, BLOCK_K, NUM_WARPS = 64, 32, 32, 4

@@ -14,8 +14,8 @@ TensorRT times them per optimization profile (decode T=1, prefill), keeping the 
 from __future__ import annotations
 
 from smlp_export.kernels.configs import GemmConfig, grouped_gemm_blocks
-from smlp_export.plugins._aot import aot_compile
-from smlp_export.plugins._common import constant, contract, import_trtp, register_aot, trt_dtype_name
+from smlp_plugins._aot import aot_compile
+from smlp_plugins._common import constant, contract, import_trtp, register_aot, trt_dtype_name
 
 OP_TYPE = "SMLPGroupedExpertGemm"
 # The kernel's ACT codes: smlp_export.kernels.grouped_moe.ACTIVATIONS (0-3) + 4 for identity.

@@ -11,7 +11,7 @@ import re
 from typing import Callable
 
 from smlp_export.export.contract import CONTRACTS, PluginContract
-from smlp_export.plugins._fields import FIELD_ANNOTATIONS, decoding
+from smlp_plugins._fields import FIELD_ANNOTATIONS, decoding
 
 # TensorRT DataType name -> torch dtype name used by smlp_export.kernels.aot
 TRT_DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16"}

@@ -1,7 +1,7 @@
 """Ahead-of-time kernel for a plugin's ``@aot_impl``: compiled for the build GPU, checked launchable."""
 from __future__ import annotations
 
-from smlp_export.plugins import _common
+from smlp_plugins import _common
 
 
 def check_no_scratch(ck: object, op_type: str) -> None:

@@ -6,8 +6,8 @@ returning the AOT-compiled PTX of ``spatial_moe_partial_plugin_kernel``: routing
 """
 from __future__ import annotations
 
-from smlp_export.plugins._aot import aot_compile
-from smlp_export.plugins._common import constant, contract, import_trtp, register_aot
+from smlp_plugins._aot import aot_compile
+from smlp_plugins._common import constant, contract, import_trtp, register_aot
 
 OP_TYPE = "SMLPSpatialMoEPartial"
 BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_P, NUM_WARPS = 64, 32, 32, 16, 4
