@@ -33,18 +33,23 @@ def parse_sets(pairs: tuple[str, ...]) -> dict:
 @seed_option
 @force_option
 def init(preset_name: str, sets: tuple[str, ...], output: str, dtype: str, seed: int, force: bool) -> None:
-    """Create a randomly initialised checkpoint (for trying architectures and for tests)."""
-    import torch
+    """Create a randomly initialised checkpoint (for trying architectures and for tests).
 
-    from smlp_export import SMLPForCausalLM, preset, save_checkpoint
+    Streamed: each tensor is drawn and written straight into model.safetensors (never the whole
+    model in memory); the files equal those of the model built under the same --seed."""
+    from tqdm import tqdm
+
+    from smlp_export import preset
+    from smlp_export.init_weights import file_bytes, init_checkpoint
+    from smlp_export.memory import num_active_parameters, num_parameters, require
     from smlp_export.precision import COMPUTE_DTYPES
-    from smlp_export.memory import require
 
     cfg = preset(preset_name, **parse_sets(sets))
-    require(cfg, "init", what="smlp init")  # before allocating: a clear error, not an OOM kill
-    torch.manual_seed(seed)
-    model = SMLPForCausalLM(cfg)
-    save_checkpoint(model, output, metadata={"kind": "random-init", "preset": preset_name, "seed": seed},
-                    dtype=COMPUTE_DTYPES[dtype], overwrite=force)
-    click.echo(f"wrote {output}: {model.num_parameters():,} parameters "
-               f"({model.num_active_parameters():,} active per token), sparse blocks {cfg.sparse_layer_ids()}")
+    require(cfg, "init", what="smlp init")  # before writing: a clear error, not an OOM kill
+    torch_dtype = COMPUTE_DTYPES[dtype]
+    with tqdm(total=file_bytes(cfg, torch_dtype), unit="B", unit_scale=True, desc="smlp init", leave=False,
+              disable=None) as bar:
+        init_checkpoint(cfg, output, seed=seed, dtype=torch_dtype, overwrite=force, progress=bar.update,
+                        metadata={"kind": "random-init", "preset": preset_name, "seed": seed})
+    click.echo(f"wrote {output}: {num_parameters(cfg):,} parameters "
+               f"({num_active_parameters(cfg):,} active per token), sparse blocks {cfg.sparse_layer_ids()}")

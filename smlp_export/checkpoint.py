@@ -103,14 +103,20 @@ def save_checkpoint(
         from .fsutil import set_default_mode
 
         set_default_mode(tmp / WEIGHTS_FILE)  # safetensors writes 0600 whatever the umask
-        (tmp / CONFIG_FILE).write_text(cfg.to_json() + "\n")
-        (tmp / TOKENIZER_FILE).write_text(tok.to_json() + "\n")
-        meta = dict(metadata or {})
-        meta.update(format_version=FORMAT_VERSION, dtype=FLOAT_DTYPES[dtype],
-                    weights_sha256=sha256_file(tmp / WEIGHTS_FILE),
-                    num_parameters=sum(v.numel() for v in state.values()))
-        (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        write_sidecars(tmp, cfg, tok, metadata, dtype, sha256_file(tmp / WEIGHTS_FILE),
+                       sum(v.numel() for v in state.values()))
     return target
+
+
+def write_sidecars(tmp: Path, cfg: SMLPConfig, tok: ByteTokenizer, metadata: dict[str, Any] | None,
+                   dtype: torch.dtype, weights_sha256: str, num_parameters: int) -> None:
+    """config.json, the tokenizer and metadata.json beside a ``model.safetensors`` already in ``tmp``."""
+    (tmp / CONFIG_FILE).write_text(cfg.to_json() + "\n")
+    (tmp / TOKENIZER_FILE).write_text(tok.to_json() + "\n")
+    meta = dict(metadata or {})
+    meta.update(format_version=FORMAT_VERSION, dtype=FLOAT_DTYPES[dtype], weights_sha256=weights_sha256,
+                num_parameters=num_parameters)
+    (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,11 +144,11 @@ def read_metadata(path_or_name: str | os.PathLike | None = None) -> dict[str, An
 
 
 def _expected_state(cfg: SMLPConfig) -> dict[str, tuple[int, ...]]:
-    from .model import SMLPForCausalLM
+    """Names and shapes by arithmetic (``shapes.state_shapes``): no module is built before the
+    header has been checked against them."""
+    from .shapes import state_shapes
 
-    with torch.device("meta"):
-        m = SMLPForCausalLM(cfg)
-    return {k: tuple(v.shape) for k, v in m.state_dict().items()}
+    return state_shapes(cfg)
 
 
 # safetensors header dtype names of the float dtypes a checkpoint may hold

@@ -20,6 +20,13 @@ SPATIAL_ROUTINGS = ("deterministic", "partial")
 # against erf-GELU). Training with the same activation keeps the `ort` export exact.
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
 CONFIG_FORMAT = 1
+# Plausibility bounds: far beyond any sMLP (the paper's largest is d=2048, n=1024, 64 experts,
+# ~24 blocks) yet small enough that a typo (n_layers=1000000, d_model=400000) is refused by
+# arithmetic before a module, a memory estimate or a file exists.
+LIMITS: dict[str, int] = {
+    "vocab_size": 1 << 20, "d_model": 65536, "n_layers": 1024, "max_seq_len": 16384, "d_ffn": 262144,
+    "n_token_experts": 4096, "d_expert": 262144, "n_spatial_experts": 1024,
+}
 
 
 @dataclass
@@ -107,6 +114,9 @@ class SMLPConfig:
         for name in ("vocab_size", "d_model", "n_layers", "max_seq_len", "d_ffn", "n_token_experts",
                      "d_expert", "n_spatial_experts", "top_k"):
             need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        for name, limit in LIMITS.items():
+            need(getattr(self, name) <= limit,
+                 f"{name} = {getattr(self, name)} is beyond any sMLP (at most {limit}; config.LIMITS)")
         need(self.format_version == CONFIG_FORMAT,
              f"unknown format_version {self.format_version} (this version reads {CONFIG_FORMAT})")
         need(self.n_sparse >= 0, f"n_sparse must be >= 0, got {self.n_sparse}")

@@ -67,6 +67,13 @@ def num_parameters(cfg: SMLPConfig) -> int:
     return cfg.vocab_size * d * 2 + 2 * d + n_dense * gmlp + n_sparse * sparse
 
 
+def num_active_parameters(cfg: SMLPConfig) -> int:
+    """``SMLPForCausalLM.num_active_parameters()`` by arithmetic: all but the unselected token experts."""
+    _, n_sparse = _layer_counts(cfg)
+    per_expert = 2 * cfg.d_model * cfg.d_expert + cfg.d_expert + cfg.d_model
+    return num_parameters(cfg) - n_sparse * (cfg.n_token_experts - cfg.top_k) * per_expert
+
+
 def largest_tensor_numel(cfg: SMLPConfig) -> int:
     _, n_sparse = _layer_counts(cfg)
     sizes = {k: _prod(s) for k, s in tensor_shapes(cfg).items()}
@@ -85,7 +92,7 @@ def _prod(shape: tuple[int, ...]) -> int:
 def estimate(cfg: SMLPConfig, op: str, *, dtype: str = "fp32", checkpoint_dtype: str = "fp32") -> int:
     """Bytes ``op`` needs at its peak (see the module docstring for the terms).
 
-    op: "init" (random init in float32, saved as ``checkpoint_dtype``), "load" (a checkpoint into a
+    op: "init" (streamed random init: one generated slice at a time), "load" (a checkpoint into a
     float32 model), "export" (trace + translate + save, ``dtype`` = the export's compute dtype),
     "export+validate" (export, then parity: the float32 model and an ONNX Runtime session)."""
     if op not in OPS:
@@ -97,8 +104,10 @@ def estimate(cfg: SMLPConfig, op: str, *, dtype: str = "fp32", checkpoint_dtype:
     big = largest_tensor_numel(cfg) * 4
     # activations of one validation case (B x T = 3 x 77 and 1 x n): a few [B T, max(f, f_t, V)]
     acts = 8 * 4 * max(3 * 77, cfg.max_seq_len) * max(cfg.d_ffn, cfg.d_expert, cfg.vocab_size, cfg.d_model)
-    if op == "init":  # the float32 model, then its save (measured 1.2x w32 + 0.3 GB at 1.5 B parameters)
-        return BASE + w32 + w32 // 5 + (wck if checkpoint_dtype not in ("fp32", "float32") else 0)
+    if op == "init":  # streamed (init_weights.py): a float32 slice, its cast and the written copy
+        from .init_weights import peak_numel
+
+        return BASE + 3 * 4 * peak_numel(cfg)
     if op == "load":
         return BASE + w32 + (wck if checkpoint_dtype not in ("fp32", "float32") else 0)
     if op == "export":

@@ -97,16 +97,24 @@ def _no_allocation(monkeypatch) -> None:
     monkeypatch.setattr(SMLPForCausalLM, "__init__", boom)
 
 
-@pytest.mark.parametrize("override", ["d_model=400000", "n_layers=1000000"])
-def test_init_refuses_a_model_that_cannot_fit_before_allocating(override, tmp_path: Path, capsys, monkeypatch) -> None:
+@pytest.mark.parametrize("overrides, message", [
+    (["d_model=400000"], "d_model = 400000 is beyond any sMLP"),
+    (["n_layers=1000000"], "n_layers = 1000000 is beyond any sMLP"),
+    # plausible widths, but a 65-billion-element embedding (not a multiple of 16: drawn whole)
+    (["vocab_size=1000003", "d_model=65535"], "needs about"),
+])
+def test_init_refuses_a_model_that_cannot_fit_before_allocating(overrides, message, tmp_path: Path, capsys,
+                                                                monkeypatch) -> None:
     """Issue 11: `smlp init --set d_model=400000` used to allocate until killed, and n_layers=10**6
-    spent minutes building modules. Both are refused by arithmetic, before any module exists."""
+    spent minutes building modules. Issue 21: implausible configs are refused by the config itself;
+    a plausible one too big for this machine by the memory estimate; both before anything exists."""
     _tight(monkeypatch, 16)
     _no_allocation(monkeypatch)
     out = tmp_path / "ckpt"
-    code, err = _run_cli(["init", "--set", override, "-o", str(out)], capsys)
+    sets = [a for o in overrides for a in ("--set", o)]
+    code, err = _run_cli(["init", *sets, "-o", str(out)], capsys)
     assert code == 1
-    assert "needs about" in err and "GiB" in err and "available" in err and len(err.strip().splitlines()) == 1
+    assert message in err and len(err.strip().splitlines()) == 1, err
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
