@@ -20,8 +20,9 @@ def _size(n: int) -> str:
 @click.option("--target", default="ort", show_default=True, metavar="ort|tensorrt|portable",
               help="ort: fused com.microsoft.MoE for ONNX Runtime; tensorrt: smlp plugin nodes + local "
                    "fallback functions; portable: default-domain ONNX ops only.")
-@click.option("--dtype", default="fp32", show_default=True, metavar="fp32|fp16|bf16",
-              help="Compute dtype of the graph (outputs are float32 either way).")
+@click.option("--dtype", default=None, metavar="fp32|fp16|bf16",
+              help="Compute dtype of the graph (outputs are float32 either way). Default: the "
+                   "checkpoint's dtype (a float16 checkpoint exports as fp16).")
 @click.option("--opset", default=18, show_default=True, type=int, help="ONNX opset (>= 18).")
 @click.option("--validate/--no-validate", default=True, show_default=True,
               help="Check parity against PyTorch before publishing (writes parity.json).")

@@ -327,6 +327,28 @@ def _load_pickle(path: Path, allow_pickle: bool) -> torch.nn.Module:
     return model
 
 
+def stored_dtype(checkpoint: Any) -> str:
+    """"fp32" | "fp16" | "bf16": what a checkpoint holds (an export's default ``--dtype``): an
+    in-memory model's bulk weights, else the safetensors header of the directory's weights (no
+    tensor read). Anything unreadable (missing, pickled, corrupt) gives "fp32" and is reported by
+    the loader that follows."""
+    from .precision import TORCH_TO_NAME, compute_dtype_name
+
+    if hasattr(checkpoint, "embed") and hasattr(checkpoint, "config"):
+        return compute_dtype_name(checkpoint)
+    wpath = resolve(checkpoint) / WEIGHTS_FILE
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(wpath), framework="pt") as f:
+            first = next(iter(f.keys()), None)
+            st = f.get_slice(first).get_dtype() if first is not None else "F32"
+    except Exception:  # the loader names the defect
+        return "fp32"
+    name = SAFETENSORS_DTYPES.get(st, "float32")
+    return TORCH_TO_NAME[getattr(torch, name)]
+
+
 def tokenizer_path(d: Path) -> Path:
     """``smlp_tokenizer.json``, or the legacy ``tokenizer.json`` of older checkpoints if only that exists."""
     if not (d / TOKENIZER_FILE).is_file() and (d / LEGACY_TOKENIZER_FILE).is_file():

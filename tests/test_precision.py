@@ -7,6 +7,7 @@ exports (bf16 checked by onnx.reference, which is what ``smlp export`` uses for 
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import onnx
@@ -143,6 +144,24 @@ def test_export_from_half_checkpoint(ckpt, tmp_path, dtype: str) -> None:
     d = save_checkpoint(load_checkpoint(ckpt), tmp_path / f"ck-{dtype}", dtype=COMPUTE_DTYPES[dtype])
     res = export_model(str(d), tmp_path / "out", target="ort", dtype=dtype, quick=True)
     assert res.parity == "passed" and res.manifest["dtype"] == dtype
+
+
+@pytest.mark.parametrize("stored, asked, want", [("fp16", None, "fp16"), ("bf16", None, "bf16"),
+                                                 ("fp32", None, "fp32"), ("fp16", "fp32", "fp32")])
+def test_export_dtype_follows_the_checkpoint_unless_asked(ckpt, tmp_path, stored, asked, want) -> None:
+    """Issue 21: a half checkpoint exported without --dtype is a half export (it used to be fp32)."""
+    from smlp_cli.main import cli
+
+    d = save_checkpoint(load_checkpoint(ckpt), tmp_path / f"ck-{stored}", dtype=COMPUTE_DTYPES[stored])
+    out = tmp_path / "out"
+    args = ["export", str(d), "-o", str(out), "--no-validate", "--target", "portable"]
+    r = CliRunner().invoke(cli, args + (["--dtype", asked] if asked else []))
+    assert r.exit_code == 0, r.output
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["dtype"] == want
+    from smlp_export.validate.integrity import graph_dtype
+
+    assert graph_dtype(out / "model.onnx") == want
 
 
 def test_init_writes_half_checkpoints(tmp_path) -> None:

@@ -43,13 +43,13 @@ def max_opset() -> int:
     return onnx.defs.onnx_opset_version()
 
 
-def check_options(target: str, dtype: str, opset: int, ort_moe: str = "auto") -> None:
-    """One clear error per bad option, before anything heavy runs."""
+def check_options(target: str, dtype: str | None, opset: int, ort_moe: str = "auto") -> None:
+    """One clear error per bad option, before anything heavy runs (dtype None: the checkpoint's)."""
     if ort_moe not in ORT_MOE_IMPLS:
         raise ExportError(f"unknown --ort-moe {ort_moe!r}; choose one of {', '.join(ORT_MOE_IMPLS)}")
     if target not in TARGETS:
         raise ExportError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
-    if dtype not in DTYPES:
+    if dtype is not None and dtype not in DTYPES:
         raise ExportError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     if dtype == "bf16" and target == "ort" and ort_moe == "fused":
         raise ExportError("--ort-moe fused cannot be used with --dtype bf16: ONNX Runtime's "
@@ -170,7 +170,7 @@ def export_model(
     out: str | os.PathLike,
     *,
     target: str = "ort",
-    dtype: str = "fp32",
+    dtype: str | None = None,
     opset: int = DEFAULT_OPSET,
     force: bool = False,
     validate: bool = True,
@@ -182,6 +182,8 @@ def export_model(
 ) -> ExportResult:
     """Export a checkpoint (path, "default"/None, or a loaded SMLPForCausalLM) to ``out``.
 
+    dtype: the graph's compute dtype; None (default): the checkpoint's own (a float16 checkpoint
+    exports as fp16, LayerNorms and routers in float32; ``checkpoint.stored_dtype``).
     ``progress(stage)`` is called as each stage starts. Raises ``ExportError`` / ``SMLPError``
     with a one-line message for anything the user can fix; ``out`` is only ever complete.
     """
@@ -190,6 +192,10 @@ def export_model(
     from .graph import build_onnx, node_counts
 
     check_options(target, dtype, opset, ort_moe)
+    if dtype is None:
+        from ..checkpoint import stored_dtype
+
+        dtype = stored_dtype(checkpoint)
     if dtype == "bf16" and ort_moe == "auto":
         ort_moe = "loop"  # com.microsoft.MoE has no bfloat16 CPU kernel (precision.py)
     out = Path(out)
