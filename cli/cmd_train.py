@@ -37,10 +37,14 @@ def train(preset_name, sets, corpus, steps, batch_size, lr, warmup, eval_every, 
     from smlp_export.train import TrainArgs
     from smlp_export.train import train as run_train
 
+    from smlp_export.fsutil import check_output
+
     out = Path(output)
     # with --resume, a folder without a trainer state is refused by train() itself (one line)
     if out.exists() and not (force or resume):
         raise SMLPError(f"{out} already exists (use --force to overwrite or --resume to continue)")
+    # --force replaces only a folder smlp wrote, never the checkpoint or corpus it trains from
+    check_output(output, force=True, inputs=[init_from, corpus])
     if threads:
         torch.set_num_threads(threads)
     cfg = None if init_from else preset(preset_name, **parse_sets(sets))

@@ -16,6 +16,31 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def _report_saved(out: str, report, save_inputs: str | None, save_outputs: str | None, providers) -> None:
+    """Where --save-inputs/--save-outputs wrote, and the polygraphy command that replays the check
+    (on stderr, so --json output stays one document)."""
+    import os
+
+    from smlp_export.fsutil import show_path
+
+    poly = report.polygraphy
+    if poly is None:
+        return
+    if save_inputs:
+        click.echo(f"wrote {show_path(save_inputs)}: {poly['cases']} input feeds (polygraphy --load-inputs)", err=True)
+    if save_outputs:
+        click.echo(f"wrote {show_path(save_outputs)}: PyTorch's outputs on them (polygraphy --load-outputs)", err=True)
+    if save_inputs and save_outputs:
+        from smlp_export.validate.polygraphy_io import polygraphy_command
+
+        cmd = polygraphy_command(os.path.join(out, "model.onnx"), save_inputs, save_outputs, poly["atol"],
+                                 list(providers) or None)
+        click.echo("replay with Polygraphy (per-output bounds from the tolerance table; docs/validation.md):", err=True)
+        click.echo(f"  {cmd}", err=True)
+    else:
+        click.echo("polygraphy run needs both files: give --save-inputs and --save-outputs together", err=True)
+
+
 @click.command("validate")
 @click.argument("out", type=click.Path(path_type=str))
 @click.option("--backend", type=click.Choice(["ort", "reference"]), default="ort", show_default=True,
@@ -55,6 +80,7 @@ def validate(out, backend, checkpoint, quick, providers, bisect, bisect_mode, sa
                             providers=list(providers) or None, progress=not as_json and sys.stderr.isatty(),
                             bisect=bisect_mode if bisect else None, save_inputs=save_inputs,
                             save_outputs=save_outputs, atol=atol, rtol=rtol)
+    _report_saved(out, report, save_inputs, save_outputs, providers)
     if as_json:
         click.echo(report.to_json())
     else:

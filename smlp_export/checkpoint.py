@@ -48,20 +48,25 @@ def resolve(path_or_name: str | os.PathLike | None) -> Path:
 # ---------------------------------------------------------------------------------------------
 # save
 # ---------------------------------------------------------------------------------------------
-def atomic_dir(target: Path, overwrite: bool = False):
-    """Context manager: yields a temp dir next to ``target``; renames it into place on success."""
-    return _AtomicDir(Path(target), overwrite)
+def atomic_dir(target: Path, overwrite: bool = False, inputs: tuple = ()):
+    """Context manager: yields a temp dir next to ``target``; renames it into place on success.
+    ``target`` is checked by ``fsutil.check_output`` (``inputs``: paths it must not replace)."""
+    return _AtomicDir(target, overwrite, tuple(inputs))
 
 
 class _AtomicDir:
-    def __init__(self, target: Path, overwrite: bool):
-        self.target, self.overwrite = target, overwrite
+    def __init__(self, target: Path, overwrite: bool, inputs: tuple = ()):
+        if not str(target):  # Path("") is "." (the current directory): check_output refuses ""
+            from .fsutil import check_output
+
+            check_output(target, force=overwrite, error=CheckpointError)
+        self.target, self.overwrite, self.inputs = Path(target), overwrite, inputs
 
     def __enter__(self) -> Path:
-        from .fsutil import clean_stale, temp_dir_for
+        from .fsutil import check_output, clean_stale, temp_dir_for
 
-        if self.target.exists() and not self.overwrite:
-            raise CheckpointError(f"{self.target} already exists (use --force to overwrite)")
+        # an existing target only with overwrite, and only an empty folder or one smlp wrote
+        check_output(self.target, force=self.overwrite, inputs=self.inputs, error=CheckpointError)
         clean_stale(self.target)  # leftovers of writers that were killed
         self.tmp = temp_dir_for(self.target)  # umask permissions, not mkdtemp's 0700
         return self.tmp
@@ -88,8 +93,11 @@ def save_checkpoint(
     metadata: dict[str, Any] | None = None,
     dtype: torch.dtype = torch.float32,
     overwrite: bool = False,
+    inputs: tuple = (),
 ) -> Path:
-    """Write ``model`` (an ``SMLPForCausalLM``) as a checkpoint directory, atomically."""
+    """Write ``model`` (an ``SMLPForCausalLM``) as a checkpoint directory, atomically.
+    ``overwrite`` replaces only an empty folder or one smlp wrote, never one of ``inputs``
+    (``fsutil.check_output``)."""
     from safetensors.torch import save_file
 
     if dtype not in FLOAT_DTYPES:
@@ -97,8 +105,12 @@ def save_checkpoint(
     cfg: SMLPConfig = model.config
     tok = tokenizer or getattr(model, "tokenizer", None) or ByteTokenizer(cfg.vocab_size, cfg.eos_token_id)
     state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
+    if not str(directory):
+        from .fsutil import check_output
+
+        check_output(directory, force=overwrite, error=CheckpointError)
     target = Path(directory)
-    with atomic_dir(target, overwrite) as tmp:
+    with atomic_dir(target, overwrite, inputs) as tmp:
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         from .fsutil import set_default_mode
 

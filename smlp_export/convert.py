@@ -335,9 +335,10 @@ def convert_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, source
 
     if source_format not in SOURCES:
         raise ConversionError(f"unknown source format {source_format!r}; choose one of {', '.join(SOURCES)}")
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise ConversionError(f"{out} already exists (use --force to overwrite)")
+    from .fsutil import check_output
+
+    # before reading SRC; --force never replaces a folder holding SRC, nor one smlp did not write
+    out = check_output(out, force=overwrite, inputs=[src], error=ConversionError)
     sd = read_state_dict(src)
     w = map_gmlp_state_dict(sd, causal=causal, act=act, shift_tokens=shift_tokens, source=str(src))
     try:
@@ -363,5 +364,5 @@ def convert_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, source
                        "layout": w.layout, "prefix": w.prefix, "causal": causal, "act": act,
                        "shift_tokens": shift_tokens, "ignored_tensors": w.ignored},
             "check": None if diff is None else {"max_abs_diff": diff, "logit_scale": scale}}
-    save_checkpoint(model, out, metadata=meta, overwrite=overwrite)
+    save_checkpoint(model, out, metadata=meta, overwrite=overwrite, inputs=(src,))
     return ConvertResult(out, cfg, w.layout, w.prefix, model.num_parameters(), diff, scale, w.ignored)

@@ -15,6 +15,11 @@ three things that get wrong easily:
 - **Permissions.** ``mkdtemp``/``mkstemp`` create 0700/0600, which a server running as another
   user (Triton in a container) cannot read. Published output gets what ``mkdir``/``open`` would
   have given under the process umask (0755/0644 under umask 022).
+- **What ``--force`` may replace** (``check_output``): only an empty directory or one this project
+  wrote (a checkpoint, an export or a model repository, recognised by its marker file), never a
+  command's own input, a plain file, the current directory, or a folder of other files. Every
+  command with ``--force`` calls it before any work, and ``publish_dir`` checks again just before
+  the old directory is moved aside (it may have changed meanwhile).
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ import re
 import shutil
 import socket
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 _AT_FDCWD = -100
@@ -127,6 +133,7 @@ def publish_dir(tmp: str | os.PathLike, target: str | os.PathLike, *, overwrite:
         return
     old = None
     if os.path.lexists(target):
+        check_replaceable(target)  # again: it may have become something else since the command began
         old = target.parent / f".{target.name}.old-{host_tag()}-{os.getpid()}"
         _remove(old)
         os.rename(target, old)
@@ -138,6 +145,114 @@ def publish_dir(tmp: str | os.PathLike, target: str | os.PathLike, *, overwrite:
         raise
     if old is not None:
         _remove(old)
+
+
+# What marks a directory as written by this project: (kind, marker file, key its JSON object must
+# have; None: the file's presence suffices). A training run holds trainer_state.pt before its
+# first checkpoint is saved (train.py).
+PROJECT_MARKERS: tuple[tuple[str, str, str | None], ...] = (
+    ("export", "manifest.json", "target"),
+    ("model repository", "smlp_deploy.json", "models"),
+    ("checkpoint", "metadata.json", "format_version"),
+    ("training run", "trainer_state.pt", None),
+)
+
+
+def project_kind(directory: str | os.PathLike) -> str | None:
+    """The kind in ``PROJECT_MARKERS`` whose marker ``directory`` holds, else None. Checkpoints
+    also need their ``config.json``."""
+    import json
+
+    d = Path(directory)
+    for kind, marker, key in PROJECT_MARKERS:
+        if key is None:
+            if (d / marker).is_file():
+                return kind
+            continue
+        try:
+            obj = json.loads((d / marker).read_text())
+        except (OSError, ValueError, RecursionError):
+            continue
+        if isinstance(obj, dict) and key in obj and (kind != "checkpoint" or (d / "config.json").is_file()):
+            return kind
+    return None
+
+
+def show_path(path: str | os.PathLike) -> str:
+    """A path for a one-line message: control characters (a newline in a file name) escaped."""
+    s = os.fsdecode(path)
+    return s if s.isprintable() else s.encode("unicode_escape", "backslashreplace").decode("ascii")
+
+
+def _inside(a: Path, b: Path) -> bool:
+    """``a`` is ``b`` or lies under it (both resolved)."""
+    return a == b or b in a.parents
+
+
+def check_output(target: str | os.PathLike, *, force: bool, inputs: Iterable[object] = (),
+                 what: str = "output", error: type[Exception] | None = None) -> Path:
+    """Refuse, before any work, an output directory that the command must not write or replace.
+
+    Without ``force`` an existing ``target`` is refused. With it, ``target`` may be replaced only
+    if it is empty or a directory this project wrote (``project_kind``). Always refused: an empty
+    path, the current directory or one above it, and a ``target`` that is, or holds, one of the
+    command's ``inputs`` (paths; other objects, e.g. an in-memory model, are ignored). Raises
+    ``error`` (default ``InputError``) with one line; returns ``Path(target)``.
+    """
+    from .errors import InputError
+
+    try:
+        return _check_output(target, force, inputs, what)
+    except InputError as e:
+        if error is None or isinstance(e, error):
+            raise
+        raise error(str(e)) from None
+
+
+def _check_output(target: str | os.PathLike, force: bool, inputs: Iterable[object], what: str) -> Path:
+    from .errors import InputError
+
+    if not os.fspath(target):
+        raise InputError(f"the {what} path is empty")
+    out = Path(target)
+    shown = show_path(out)
+    real = out.resolve()
+    if _inside(Path.cwd().resolve(), real):
+        raise InputError(f"{shown} is the current directory or contains it: give the {what} a directory of its own")
+    for inp in inputs:
+        if not isinstance(inp, (str, os.PathLike)) or not os.fspath(inp):
+            continue
+        if _inside(Path(inp).resolve(), real):
+            raise InputError(f"{shown} is or holds the input {show_path(inp)}: the {what} would replace it; "
+                             "choose another directory")
+    if not os.path.lexists(out):
+        return out
+    if not force:
+        raise InputError(f"{shown} already exists (use --force to replace it)")
+    check_replaceable(out)
+    return out
+
+
+def check_replaceable(target: str | os.PathLike) -> None:
+    """``InputError`` unless the existing ``target`` is a symlink (replaced, never followed), an
+    empty directory, or a directory this project wrote."""
+    from .errors import InputError
+
+    out = Path(target)
+    shown = show_path(out)
+    if out.is_symlink():
+        return
+    if not out.is_dir():
+        raise InputError(f"{shown} exists and is not a directory: --force replaces only a checkpoint, export "
+                         "or model repository directory")
+    try:
+        empty = not any(out.iterdir())
+    except OSError as e:
+        raise InputError(f"{shown}: cannot read it ({e.strerror})") from None
+    if not empty and project_kind(out) is None:
+        raise InputError(f"{shown} is not a checkpoint, export or model repository written by smlp (no "
+                         "metadata.json + config.json, manifest.json or smlp_deploy.json): --force replaces "
+                         "only those; choose a new directory or remove it yourself")
 
 
 def _pid_alive(pid: int) -> bool:

@@ -212,6 +212,73 @@ def test_polygraphy_round_trip(exports, tmp_path):
     assert "FAILED" in fail.stdout + fail.stderr
 
 
+@pytest.fixture(scope="module")
+def default_export(tmp_path_factory):
+    from smlp_export.export.pipeline import export_model
+
+    out = tmp_path_factory.mktemp("default") / "ort"
+    export_model("default", out, target="ort", validate=False)
+    return out
+
+
+@pytest.mark.slow
+def test_printed_polygraphy_command_passes_default_export_and_fails_corrupted(default_export, tmp_path):
+    """The command `smlp validate --save-inputs/--save-outputs` prints, run as printed (the real
+    polygraphy CLI, every validation case of the embedded default model, whose logits and router
+    logits reach ~20: Polygraphy's default 1e-5 fails it), passes; on an export whose block-5
+    expert 3 is 2 % off (what validate catches), the same command fails."""
+    import os
+    import shlex
+    import stat
+    import subprocess
+    import sys
+
+    from polygraphy.json import load_json
+
+    from smlp_cli.main import cli
+
+    f, g = tmp_path / "in.json", tmp_path / "gold.json"
+    r = CliRunner().invoke(cli, ["validate", str(default_export), "--save-inputs", str(f), "--save-outputs", str(g)])
+    assert r.exit_code == 0, r.output
+    feeds = load_json(str(f))
+    assert len(feeds) == json.loads((default_export / "parity.json").read_text())["polygraphy"]["cases"] >= 13
+    assert (3, 77) in [tuple(x["input_ids"].shape) for x in feeds]  # the full set, not --quick's
+    for p in (f, g):  # where they went is said, with the umask's mode (not mkstemp's 0600)
+        assert f"wrote {p}" in r.output
+        assert stat.S_IMODE(p.stat().st_mode) == 0o666 & ~_umask()
+    line = [x for x in r.output.splitlines() if x.strip().startswith("polygraphy run ")]
+    assert len(line) == 1, r.output
+    argv = shlex.split(line[0])
+    assert argv[argv.index("--atol") + 1].startswith("logits:")
+    exe = os.path.join(os.path.dirname(sys.executable), "polygraphy")
+
+    def run(model_dir):
+        a = [exe] + argv[1:]
+        a[2] = str(model_dir / "model.onnx")
+        return subprocess.run(a, capture_output=True, text=True, timeout=300)
+
+    ok = run(default_export)
+    assert ok.returncode == 0 and "Pass Rate: 100.00%" in ok.stdout + ok.stderr, (ok.stdout + ok.stderr)[-3000:]
+    bad = _corrupt(default_export, tmp_path / "bad", "model.blocks.5.tmoe.w2", 1.0)
+    m = onnx.load(str(bad / "model.onnx"))
+    for init in m.graph.initializer:
+        if init.name == "model.blocks.5.tmoe.w2":
+            w = numpy_helper.to_array(init).copy()
+            w[3] *= 1.02
+            init.CopyFrom(numpy_helper.from_array(w, init.name))
+    onnx.save(m, str(bad / "model.onnx"))
+    fail = run(bad)
+    assert fail.returncode != 0 and "FAILED" in fail.stdout + fail.stderr
+
+
+def _umask() -> int:
+    import os
+
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
 # --- smlp inspect OUT ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("target", ["ort", "tensorrt", "portable"])

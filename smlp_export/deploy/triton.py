@@ -254,7 +254,7 @@ def write_triton_repository(export_dir: str | Path, repo: str | Path, *, name: s
         record["warnings"].append(f"export '{record['export']}' has no parity.json: it was never validated "
                                   "against PyTorch (run `smlp validate` on it first)")
     limits = serving_limits(manifest)
-    with atomic_dir(repo, overwrite=force) as tmp:
+    with atomic_dir(repo, overwrite=force, inputs=(export_dir,)) as tmp:
         for fname, mname in models:
             src = export_dir / fname
             digest = digests[fname]

@@ -155,6 +155,13 @@ def _validate(tmp: Path, checkpoint: Any, quick: bool) -> tuple[str, bool]:
     return ("passed" if report.passed else "failed"), bool(report.passed)
 
 
+def _checkpoint_dir(checkpoint: Any) -> Any:
+    """The path export reads ``checkpoint`` from (None for an in-memory model or the embedded one)."""
+    if isinstance(checkpoint, (str, os.PathLike)) and str(checkpoint) not in ("", "default"):
+        return checkpoint
+    return None
+
+
 def _publish(tmp: Path, out: Path, force: bool) -> None:
     from ..fsutil import publish_dir
 
@@ -198,11 +205,10 @@ def export_model(
         dtype = stored_dtype(checkpoint)
     if dtype == "bf16" and ort_moe == "auto":
         ort_moe = "loop"  # com.microsoft.MoE has no bfloat16 CPU kernel (precision.py)
-    out = Path(out)
-    if out.exists() and not force:
-        raise ExportError(f"{out} already exists (use --force to replace it)")
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"{out} exists and is not a directory")
+    from ..fsutil import check_output
+
+    # --force replaces only an empty folder or one smlp wrote, never the checkpoint being exported
+    out = check_output(out, force=force, inputs=[_checkpoint_dir(checkpoint)], error=ExportError)
     step = progress or (lambda stage: None)
     stages: dict[str, float] = {}
     t0 = last = time.perf_counter()

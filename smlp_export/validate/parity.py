@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.metadata as _md
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -158,15 +159,37 @@ def run_validation(export_dir: str | Path, backend: str = "ort", *, checkpoint: 
     ``validate.bisect.MODES`` to add the per-block comparison (report ``bisect``). The report's ``passed`` is True only if every
     check passed; errors in the inputs (missing files, unknown backend) raise ``SMLPError``.
     """
+    t0 = time.perf_counter()
+    export_dir = Path(export_dir)
+    if backend not in BACKENDS:
+        raise InputError(f"unknown validation backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    # Held from here to the write of parity.json: if OUT is replaced meanwhile (export --force), the
+    # report must not land in the new export (report.write checks this folder is still OUT).
+    try:
+        dir_fd = os.open(export_dir, os.O_RDONLY | os.O_DIRECTORY) if write else None
+    except OSError:
+        dir_fd = None  # read_manifest names the problem
+    try:
+        return _run_validation(export_dir, backend, dir_fd, checkpoint=checkpoint, quick=quick, providers=providers,
+                               progress=progress, write=write, bisect=bisect, save_inputs=save_inputs,
+                               save_outputs=save_outputs, atol=atol, rtol=rtol, t0=t0)
+    finally:
+        if dir_fd is not None:
+            os.close(dir_fd)
+
+
+def _run_validation(export_dir: Path, backend: str, dir_fd: int | None, *, checkpoint: Any, quick: bool,
+                    providers: list[str] | None, progress: bool, write: bool, bisect: str | None,
+                    save_inputs: str | None, save_outputs: str | None, atol: float | None,
+                    rtol: float | None, t0: float) -> ParityReport:
     from tqdm import tqdm
 
     from smlp_export import data
     from smlp_export.runners.torch_runner import ROUTER_PREFIX, TorchRunner
 
-    t0 = time.perf_counter()
-    export_dir = Path(export_dir)
-    if backend not in BACKENDS:
-        raise InputError(f"unknown validation backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    from .polygraphy_io import check_save_paths
+
+    check_save_paths(export_dir, save_inputs, save_outputs)  # before the long run, not after it
     manifest = read_manifest(export_dir)
     digests = verify_files(export_dir, manifest)  # refuse files that changed after export
     target = manifest["target"]
@@ -285,10 +308,13 @@ def run_validation(export_dir: str | Path, backend: str = "ort", *, checkpoint: 
         checks.append({"name": "plugin_attributes", "value": plugins["passed"], "limit": "true",
                        "ok": plugins["passed"]})
         failures += plugins["failures"]
+    poly = None
     if save_inputs or save_outputs:  # Polygraphy JSON of these very inputs and PyTorch's outputs
-        from .polygraphy_io import save_polygraphy
+        from .polygraphy_io import polygraphy_tolerances, save_polygraphy
 
-        save_polygraphy(model, inputs, save_inputs, save_outputs)
+        outs = save_polygraphy(model, inputs, save_inputs, save_outputs)
+        poly = {"cases": len(inputs), "rtol": 0.0, "atol": None if outs is None else polygraphy_tolerances(
+            outs, tol, {ROUTER_PREFIX + layer.name: layer.kind for layer in layers})}
     bis = None
     if bisect:
         from .bisect import bisect_export
@@ -307,9 +333,9 @@ def run_validation(export_dir: str | Path, backend: str = "ort", *, checkpoint: 
                 "windows": "consecutive held-out windows of seq + 1 tokens (input + next-token targets)"},
         time_s=round(time.perf_counter() - t0, 3), quick=quick, decode=decode, coverage=cov_report,
         extra={"plugin_attributes": plugins} if plugins is not None else {}, bisect=bis,
-        tolerance_overrides=overrides)
+        tolerance_overrides=overrides, polygraphy=poly)
     if write:
-        report.write(export_dir)
+        report.write(export_dir, dir_fd)
     return report
 
 

@@ -39,6 +39,8 @@ class ParityReport:
     coverage: dict[str, Any] | None = None  # experts reached per MoE layer (validate/coverage.py)
     tolerance_overrides: dict[str, Any] | None = None  # --atol/--rtol (validate/overrides.py); looser: bool
     bisect: dict[str, Any] | None = None  # --bisect: per-block comparison, first divergence (validate/bisect.py)
+    # --save-inputs/--save-outputs: {cases, rtol, atol: {output: bound}} for `polygraphy run` (polygraphy_io.py)
+    polygraphy: dict[str, Any] | None = None
     format_version: int = REPORT_FORMAT
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -48,10 +50,17 @@ class ParityReport:
     def to_json(self) -> str:
         return json.dumps(_finite(self.to_dict()), indent=2, sort_keys=False, allow_nan=False, default=_jsonable)
 
-    def write(self, export_dir: str | os.PathLike) -> Path:
-        """Write ``export_dir/parity.json`` atomically (temp file in the same folder, then rename)."""
+    def write(self, export_dir: str | os.PathLike, dir_fd: int | None = None) -> Path:
+        """Write ``export_dir/parity.json`` atomically (temp file in the same folder, then rename).
+
+        ``dir_fd``: the export folder opened when validation began. The file then goes into that
+        very folder, and if ``export_dir`` names another one by now (``smlp export --force``
+        replaced it meanwhile) nothing is written there and ``SMLPError`` says so: a report on
+        the old model must never land in the new export."""
         target = Path(export_dir) / PARITY_FILE
         text = self.to_json() + "\n"
+        if dir_fd is not None:
+            return _write_in(dir_fd, Path(export_dir), text)
         fd, tmp = tempfile.mkstemp(prefix=".parity.", suffix=".tmp", dir=target.parent)
         try:
             with os.fdopen(fd, "w") as f:
@@ -62,6 +71,41 @@ class ParityReport:
             Path(tmp).unlink(missing_ok=True)
             raise
         return target
+
+
+def _same_dir(dir_fd: int, path: Path) -> bool:
+    try:
+        a, b = os.fstat(dir_fd), os.stat(path)
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def _write_in(dir_fd: int, export_dir: Path, text: str) -> Path:
+    from ..errors import SMLPError
+    from ..fsutil import file_mode, show_path
+
+    replaced = SMLPError(f"{show_path(export_dir)} was replaced while it was being validated (another "
+                         f"`smlp export --force`?): {PARITY_FILE} not written; validate the new export")
+    if not _same_dir(dir_fd, export_dir):
+        raise replaced
+    tmp = f".parity.{os.getpid()}.{os.urandom(4).hex()}.tmp"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, file_mode(), dir_fd=dir_fd)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, PARITY_FILE, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except FileNotFoundError:  # the folder was removed (replaced and cleaned up) meanwhile
+        raise replaced from None
+    except BaseException:
+        try:
+            os.unlink(tmp, dir_fd=dir_fd)
+        except OSError:
+            pass
+        raise
+    if not _same_dir(dir_fd, export_dir):  # replaced between the check and the rename: it went to the old one
+        raise replaced
+    return export_dir / PARITY_FILE
 
 
 def _jsonable(o: Any) -> Any:

@@ -1,0 +1,155 @@
+"""Issue 20, what a newcomer and an attacker met in the first hour: --force that never replaces an
+input or a folder of other files, the validate / export --force race, Polygraphy save paths,
+progress and --quiet, and one-line errors for the remaining hostile inputs."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from smlp_cli.main import main
+from smlp_export import fsutil, save_checkpoint
+from smlp_export.errors import SMLPError
+
+from .conftest import micro_model
+
+
+def run_cli(capsys, *argv):
+    """(exit code, stdout, stderr) of the real entry point."""
+    with pytest.raises(SystemExit) as e:
+        main([str(a) for a in argv])
+        raise SystemExit(0)
+    out = capsys.readouterr()
+    return e.value.code, out.out, out.err
+
+
+def one_error_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+def tree(d: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    return save_checkpoint(micro_model(), tmp_path_factory.mktemp("ck") / "ckpt")
+
+
+@pytest.fixture(scope="module")
+def export_dir(ckpt, tmp_path_factory) -> Path:
+    from smlp_export.export.pipeline import export_model
+
+    out = tmp_path_factory.mktemp("ex") / "out"
+    export_model(str(ckpt), out, validate=False)
+    return out
+
+
+# ---- --force replaces only what smlp wrote, never an input ---------------------------------------
+def test_export_onto_its_own_checkpoint_is_refused(ckpt, tmp_path, capsys):
+    ck = tmp_path / "ck"
+    shutil.copytree(ckpt, ck)
+    before = tree(ck)
+    for out in (ck, tmp_path):  # the checkpoint itself, and a folder holding it
+        code, _, err = run_cli(capsys, "export", ck, "-o", out, "--force", "--no-validate")
+        assert code == 1 and "is or holds the input" in one_error_line(err), err
+    assert tree(ck) == before
+
+
+def test_convert_into_the_folder_of_its_source_is_refused(tmp_path, capsys):
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "g.pt").write_bytes(b"anything: refused before it is read")
+    (d / "notes.txt").write_text("mine")
+    before = tree(d)
+    code, _, err = run_cli(capsys, "convert", d / "g.pt", "-o", d, "--from", "g-mlp-pytorch", "--causal", "--force")
+    assert code == 1 and "is or holds the input" in one_error_line(err)
+    assert tree(d) == before
+
+
+def test_init_force_keeps_a_folder_of_other_files_and_replaces_a_checkpoint(tmp_path, capsys):
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "thesis.tex").write_text("years of work")
+    code, _, err = run_cli(capsys, "init", "--preset", "micro", "-o", d, "--force")
+    line = one_error_line(err)
+    assert code == 1 and "not a checkpoint, export or model repository written by smlp" in line
+    assert (d / "thesis.tex").read_text() == "years of work" and len(list(d.iterdir())) == 1
+    # an earlier checkpoint is replaced, and so is an empty folder
+    ck, empty = tmp_path / "ck", tmp_path / "empty"
+    empty.mkdir()
+    for out in (ck, ck, empty):
+        code, _, err = run_cli(capsys, "init", "--preset", "micro", "-o", out, "--force", "--seed", "1")
+        assert code == 0, err
+    assert (ck / "metadata.json").is_file() and (empty / "model.safetensors").is_file()
+    # a plain file is not replaced
+    f = tmp_path / "file"
+    f.write_text("x")
+    code, _, err = run_cli(capsys, "init", "--preset", "micro", "-o", f, "--force")
+    assert code == 1 and "is not a directory" in one_error_line(err) and f.read_text() == "x"
+
+
+@pytest.mark.parametrize("out", ["", "."])
+def test_init_into_no_name_or_the_current_directory(tmp_path, capsys, monkeypatch, out):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "keep").write_text("x")
+    code, _, err = run_cli(capsys, "init", "--preset", "micro", "-o", out, "--force")
+    line = one_error_line(err)
+    assert code == 1 and ("path is empty" in line if out == "" else "current directory" in line)
+    assert [p.name for p in tmp_path.iterdir()] == ["keep"]
+
+
+def test_deploy_onto_its_own_export_is_refused(export_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(export_dir, out)
+    before = tree(out)
+    code, _, err = run_cli(capsys, "deploy", out, "-o", out, "--force")
+    assert code == 1 and "is or holds the input" in one_error_line(err)
+    assert tree(out) == before
+
+
+def test_train_force_never_replaces_its_init_checkpoint(ckpt, tmp_path, capsys):
+    ck = tmp_path / "ck"
+    shutil.copytree(ckpt, ck)
+    before = tree(ck)
+    code, _, err = run_cli(capsys, "train", "--init-from", ck, "-o", ck, "--force", "--steps", "1")
+    assert code == 1 and "is or holds the input" in one_error_line(err)
+    assert tree(ck) == before
+
+
+def test_publish_rechecks_what_it_replaces(tmp_path):
+    """A folder that became something else after the command's first check is not replaced."""
+    target, tmp = tmp_path / "out", tmp_path / ".out.tmp"
+    target.mkdir()
+    (target / "user.txt").write_text("x")
+    tmp.mkdir()
+    with pytest.raises(SMLPError, match="not a checkpoint, export or model repository"):
+        fsutil.publish_dir(tmp, target, overwrite=True)
+    assert (target / "user.txt").read_text() == "x"
+
+
+# ---- validate racing export --force -------------------------------------------------------------
+def test_validate_never_writes_parity_into_an_export_that_replaced_its_own(export_dir, tmp_path, monkeypatch):
+    from smlp_export.validate import parity
+
+    out, new = tmp_path / "out", tmp_path / ".new"
+    shutil.copytree(export_dir, out)
+    shutil.copytree(export_dir, new)
+    (new / "marker").write_text("the new export")
+
+    real = parity._check_plugin_attributes
+
+    def replace_meanwhile(*a, **k):  # `smlp export --force` publishing while validate runs
+        fsutil.publish_dir(new, out, overwrite=True)
+        return real(*a, **k)
+
+    monkeypatch.setattr(parity, "_check_plugin_attributes", replace_meanwhile)
+    with pytest.raises(SMLPError, match="was replaced while it was being validated"):
+        parity.run_validation(out, quick=True)
+    assert (out / "marker").is_file() and not (out / "parity.json").exists()
