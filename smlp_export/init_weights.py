@@ -243,7 +243,9 @@ def init_checkpoint(cfg: SMLPConfig, directory: str | os.PathLike, *, seed: int,
 
     if dtype not in FLOAT_DTYPES:
         raise CheckpointError(f"unsupported checkpoint dtype {dtype}")
-    target = Path(directory)
+    from .fsutil import check_output
+
+    target = check_output(directory, force=overwrite, error=CheckpointError)  # "" / a user folder: refused first
     need = file_bytes(cfg, dtype)
     probe = next((p for p in (target, *target.parents) if p.exists()), Path("."))
     free = shutil.disk_usage(probe).free
