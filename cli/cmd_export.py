@@ -22,8 +22,9 @@ def _size(n: int) -> str:
                    "fallback functions; portable: default-domain ONNX ops only.")
 @click.option("--dtype", default=None, metavar="fp32|fp16|bf16",
               help="Compute dtype of the graph (outputs are float32 either way). Default: the "
-                   "checkpoint's dtype (a float16 checkpoint exports as fp16).")
-@click.option("--opset", default=18, show_default=True, type=int, help="ONNX opset (>= 18).")
+                   "checkpoint's dtype (a float16 checkpoint exports as fp16; fp32 with --quantize).")
+@click.option("--opset", default=None, type=int,
+              help="ONNX opset (>= 18; default 18, or 21 for a quantized portable export).")
 @click.option("--validate/--no-validate", default=True, show_default=True,
               help="Check parity against PyTorch before publishing (writes parity.json).")
 @click.option("--quick", is_flag=True, help="Quick validation (fewer held-out batches).")
@@ -34,9 +35,17 @@ def _size(n: int) -> str:
 @click.option("--decode", is_flag=True,
               help="Also export the incremental decode graphs (decode.onnx; decode_seq.onnx: one position "
                    "per row, for Triton's sequence batcher).")
+@click.option("--quantize", default=None, metavar="int8|int4",
+              help="Weight-only quantization: experts through com.microsoft.QMoE and dense layers through "
+                   "MatMulNBits (ort), or blockwise DequantizeLinear (portable); validated against a fake-quant "
+                   "twin and against the float model (docs/export.md, \"Quantized exports\").")
+@click.option("--block-size", default=None, type=int, metavar="32|64|128",
+              help="Weights per quantization scale along the input features (default 32; int8 experts: one "
+                   "scale per output channel).")
 @force_option
 @json_flag
-def export(checkpoint, allow_pickle, output, target, dtype, opset, validate, quick, ort_moe, decode, force, as_json) -> None:
+def export(checkpoint, allow_pickle, output, target, dtype, opset, validate, quick, ort_moe, decode, quantize,
+           block_size, force, as_json) -> None:
     """Export CKPT (default: the embedded model) to ONNX in OUTPUT, validate it, print a summary."""
     import json
 
@@ -44,7 +53,12 @@ def export(checkpoint, allow_pickle, output, target, dtype, opset, validate, qui
 
     from smlp_export.export.pipeline import check_options, export_model
 
-    check_options(target, dtype, opset, ort_moe)  # fail before the progress bar appears
+    if opset is None:
+        from smlp_export.export.pipeline import DEFAULT_OPSET
+        from smlp_export.quantize import MIN_OPSET_DQ
+
+        opset = MIN_OPSET_DQ if (quantize and target == "portable") else DEFAULT_OPSET
+    check_options(target, dtype, opset, ort_moe, quantize, block_size)  # fail before the progress bar appears
     stages = ["load", "trace + translate", "save", "check"] + (["decode graph"] if decode else []) \
         + (["validate"] if validate else []) + ["publish"]
     bar = tqdm(total=len(stages), desc="export", unit="stage", leave=False, disable=None)
@@ -56,7 +70,8 @@ def export(checkpoint, allow_pickle, output, target, dtype, opset, validate, qui
 
     try:
         res = export_model(checkpoint, output, target=target, dtype=dtype, opset=opset, force=force,
-                           validate=validate, quick=quick, decode=decode, ort_moe=ort_moe, allow_pickle=allow_pickle,
+                           validate=validate, quick=quick, decode=decode, ort_moe=ort_moe, quantize=quantize,
+                           block_size=block_size, allow_pickle=allow_pickle,
                            progress=progress)
         bar.update(bar.total - bar.n)
     finally:
@@ -75,6 +90,9 @@ def export(checkpoint, allow_pickle, output, target, dtype, opset, validate, qui
     more = len(res.node_counts) - 8
     click.echo(f"exported {m['checkpoint']['name']} -> {res.out_dir}")
     moe = f", token MoE {m['ort_moe']}" if m.get("ort_moe") else ""
+    if m.get("quantization"):
+        q = m["quantization"]
+        moe += f", {q['method']} block {q['block_size']}: {q['bits_per_weight']} bits/weight"
     click.echo(f"  target   {m['target']} ({m['dtype']}, opset {m['opset']}, IR {m['ir_version']}{moe})")
     click.echo(f"  size     {_size(res.model_bytes)} ({', '.join(f['name'] for f in m['files'])})")
     click.echo(f"  nodes    {sum(res.node_counts.values())}: {top}" + (f", +{more} more types" if more > 0 else ""))

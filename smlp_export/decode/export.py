@@ -165,12 +165,17 @@ def decode_manifest(model, *, target: str, dtype: str, opset: int, file: str = "
     }
 
 
-def publish_graph(proto, path: Path, model) -> list[str]:
+def publish_graph(proto, path: Path, model, quantize=None, target: str = "ort") -> list[str]:
     """Write a traced graph with lazy weights to ``path`` atomically; returns the file names written
-    (the .onnx first, then ``<name>.data`` when the weights went beside it)."""
+    (the .onnx first, then ``<name>.data`` when the weights went beside it). ``quantize``: a
+    ``smlp_export.quantize.QuantScheme`` applied to the graph's weights for ``target`` first."""
     from ..export.pipeline import EXTERNAL_DATA_THRESHOLD
     from ..export.weights import lazy_bytes, source_for, write_model
 
+    if quantize is not None:
+        from ..quantize import quantize_graph
+
+        quantize_graph(proto, source_for(model), quantize, target)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.stem}-", dir=path.parent))
     try:
@@ -186,14 +191,15 @@ def publish_graph(proto, path: Path, model) -> list[str]:
     return names
 
 
-def export_decode_graph(model, path: Path, *, target: str = "ort", dtype: str = "fp32", opset: int = 18) -> dict[str, Any]:
+def export_decode_graph(model, path: Path, *, target: str = "ort", dtype: str = "fp32", opset: int = 18,
+                        quantize=None) -> dict[str, Any]:
     """Write ``decode.onnx`` to ``path`` (atomically: temp file + rename) and return its manifest
     section (store it as ``manifest["decode"]``). ``model``: an SMLPForCausalLM (any mode; a copy
     is put in eval mode)."""
 
     path = Path(path)
     proto = build_decode_onnx(model, target=target, dtype=dtype, opset=opset, lazy=True)
-    names = publish_graph(proto, path, model)
+    names = publish_graph(proto, path, model, quantize, target)
     section = decode_manifest(model, target=target, dtype=dtype, opset=opset, file=path.name)
     if len(names) > 1:
         section["data_file"] = names[1]

@@ -270,6 +270,10 @@ class OrtDecoder:
         so = ort.SessionOptions()
         if threads:
             so.intra_op_num_threads = threads
+        from ..quantize import ORT_EXACT_SESSION_CONFIG
+
+        for k, v in ORT_EXACT_SESSION_CONFIG.items():  # quantized portable graphs: float activations
+            so.add_session_config_entry(k, v)
         self.session = ort.InferenceSession(str(self.path), so, providers=list(providers or ["CPUExecutionProvider"]))
         s = self.section
         self.state_names: list[str] = list(s["inputs"]["states"])

@@ -88,14 +88,15 @@ def sequence_manifest(model, *, file: str = SEQ_FILE) -> dict[str, Any]:
             "position_shape": ["batch", 1]}
 
 
-def export_sequence_graph(model, path: Path, *, target: str = "ort", dtype: str = "fp32", opset: int = 18) -> dict[str, Any]:
+def export_sequence_graph(model, path: Path, *, target: str = "ort", dtype: str = "fp32", opset: int = 18,
+                          quantize=None) -> dict[str, Any]:
     """Write ``decode_seq.onnx`` to ``path`` atomically (large weights in ``<name>.data`` beside it)
     and return its manifest section (``manifest["decode"]["sequence"]``; ``data_file`` when the weights went beside it)."""
     from .export import publish_graph
 
     path = Path(path)
     proto = build_sequence_onnx(model, target=target, dtype=dtype, opset=opset, lazy=True)
-    names = publish_graph(proto, path, model)
+    names = publish_graph(proto, path, model, quantize, target)
     section = sequence_manifest(model, file=path.name)
     if len(names) > 1:
         section["data_file"] = names[1]

@@ -38,7 +38,12 @@ def validate_sequence(export_dir: str | Path, model, section: dict[str, Any], *,
     path = Path(export_dir) / section["file"]
     if tol is None:
         tol = tolerance_for(graph_dtype(path))
-    sess = ort.InferenceSession(str(path), providers=list(providers or ["CPUExecutionProvider"]))
+    from ..quantize import ORT_EXACT_SESSION_CONFIG
+
+    so = ort.SessionOptions()
+    for k, v in ORT_EXACT_SESSION_CONFIG.items():  # quantized portable graphs: float activations
+        so.add_session_config_entry(k, v)
+    sess = ort.InferenceSession(str(path), so, providers=list(providers or ["CPUExecutionProvider"]))
     ins, outs = section["inputs"], section["outputs"]
     out_names = [outs["logits"], outs["position"], *outs["states"]]
     cfg = model.config

@@ -43,8 +43,10 @@ def max_opset() -> int:
     return onnx.defs.onnx_opset_version()
 
 
-def check_options(target: str, dtype: str | None, opset: int, ort_moe: str = "auto") -> None:
-    """One clear error per bad option, before anything heavy runs (dtype None: the checkpoint's)."""
+def check_options(target: str, dtype: str | None, opset: int, ort_moe: str = "auto", quantize: str | None = None,
+                  block_size: int | None = None):
+    """One clear error per bad option, before anything heavy runs (dtype None: the checkpoint's);
+    returns the quantization scheme or None."""
     if ort_moe not in ORT_MOE_IMPLS:
         raise ExportError(f"unknown --ort-moe {ort_moe!r}; choose one of {', '.join(ORT_MOE_IMPLS)}")
     if target not in TARGETS:
@@ -59,6 +61,15 @@ def check_options(target: str, dtype: str | None, opset: int, ort_moe: str = "au
                           "(LayerNormalization, Reduce*/Split with axes inputs)")
     if opset > max_opset():
         raise ExportError(f"opset {opset} is newer than this onnx package supports ({max_opset()})")
+    if quantize is None:
+        if block_size is not None:
+            raise ExportError("--block-size needs --quantize int8|int4")
+        return None
+    from ..quantize import QuantScheme, check_request
+
+    scheme = QuantScheme.make(quantize, block_size)
+    check_request(scheme, target=target, dtype=dtype, opset=opset)
+    return scheme
 
 
 @dataclass
@@ -184,13 +195,17 @@ def export_model(
     quick: bool = False,
     decode: bool = False,
     ort_moe: str = "auto",
+    quantize: str | None = None,
+    block_size: int | None = None,
     allow_pickle: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> ExportResult:
     """Export a checkpoint (path, "default"/None, or a loaded SMLPForCausalLM) to ``out``.
 
     dtype: the graph's compute dtype; None (default): the checkpoint's own (a float16 checkpoint
-    exports as fp16, LayerNorms and routers in float32; ``checkpoint.stored_dtype``).
+    exports as fp16, LayerNorms and routers in float32; ``checkpoint.stored_dtype``), fp32 when quantizing.
+    ``quantize`` "int8" | "int4" (``block_size`` 32 | 64 | 128): weight-only quantized graphs
+    (``smlp_export.quantize``; the ort target then runs token MoE as QMoE for every token count).
     ``progress(stage)`` is called as each stage starts. Raises ``ExportError`` / ``SMLPError``
     with a one-line message for anything the user can fix; ``out`` is only ever complete.
     """
@@ -198,11 +213,13 @@ def export_model(
 
     from .graph import build_onnx, node_counts
 
-    check_options(target, dtype, opset, ort_moe)
+    scheme = check_options(target, dtype, opset, ort_moe, quantize, block_size)
     if dtype is None:
         from ..checkpoint import stored_dtype
 
-        dtype = stored_dtype(checkpoint)
+        dtype = "fp32" if scheme is not None else stored_dtype(checkpoint)
+    if scheme is not None and target == "ort":
+        ort_moe = "fused"  # QMoE carries the quantized experts for every token count
     if dtype == "bf16" and ort_moe == "auto":
         ort_moe = "loop"  # com.microsoft.MoE has no bfloat16 CPU kernel (precision.py)
     from ..fsutil import check_output
@@ -233,11 +250,20 @@ def export_model(
     from .weights import source_for
 
     source = source_for(model)  # build_onnx traces a meta twin; save reads the weights from here
+    if scheme is not None:
+        from ..quantize import check_model
+
+        check_model(model, scheme, target=target)  # block size vs widths: before tracing
     mark("load")
 
     step("trace + translate")
     proto = build_onnx(model, target=target, dtype=dtype, opset=opset, ir_version=IR_VERSION, ort_moe=ort_moe,
                        lazy=True)
+    quantized = None
+    if scheme is not None:
+        from ..quantize import quantize_graph
+
+        quantized = quantize_graph(proto, source, scheme, target)
     mark("trace + translate")
 
     from ..fsutil import clean_stale, temp_dir_for
@@ -253,17 +279,22 @@ def export_model(
         onnx.checker.check_model(str(tmp / MODEL_FILE), full_check=True)
         manifest = build_manifest(model, proto, target=target, dtype=dtype, opset=opset,
                                   checkpoint=checkpoint, files=files, ort_moe=ort_moe)
+        if scheme is not None:
+            from ..quantize import manifest_entry
+
+            manifest["quantization"] = manifest_entry(scheme, quantized, model)
         mark("check")
         if decode:
             step("decode graph")
             from ..decode.export import export_decode_graph
 
-            manifest["decode"] = export_decode_graph(model, tmp / DECODE_FILE, target=target, dtype=dtype, opset=opset)
+            manifest["decode"] = export_decode_graph(model, tmp / DECODE_FILE, target=target, dtype=dtype, opset=opset,
+                                                     quantize=scheme)
             # the per-row-position twin for Triton's sequence batcher (decode/sequence_export.py)
             from ..decode.sequence_export import SEQ_FILE, export_sequence_graph
 
             seq = manifest["decode"]["sequence"] = export_sequence_graph(model, tmp / SEQ_FILE, target=target,
-                                                                         dtype=dtype, opset=opset)
+                                                                         dtype=dtype, opset=opset, quantize=scheme)
             for name in [DECODE_FILE] + ([manifest["decode"]["data_file"]] if "data_file" in manifest["decode"] else []) + \
                     [SEQ_FILE] + ([seq["data_file"]] if "data_file" in seq else []):
                 d = tmp / name

@@ -61,7 +61,9 @@ class OrtRunner(Runner):
         self.graph_optimization = graph_optimization
         # SessionOptions config entries, e.g. {"session.disable_prepacking": "1"} (validation of
         # large models: no second, prepacked copy of every weight)
-        self.session_config = dict(session_config or {})
+        from smlp_export.quantize import ORT_EXACT_SESSION_CONFIG
+
+        self.session_config = {**ORT_EXACT_SESSION_CONFIG, **(session_config or {})}
         self.session: Any = None
         self._output_types: dict[str, str] = {}
 

@@ -97,6 +97,33 @@ def _load_reference_model(manifest: dict, checkpoint: Any, export_dir: Path):
     return model.float().eval(), ckpt
 
 
+def _quantization_quality(float_model, onnx_path: Path, backend: str, providers, source: str, quick: bool,
+                          scheme) -> dict[str, Any]:
+    """Held-out windows of max_seq_len tokens through the float model and the quantized export."""
+    from smlp_export import data
+    from smlp_export.quantize.quality import measure_quality
+    from smlp_export.runners.torch_runner import TorchRunner
+
+    cfg = float_model.config
+    rows = 4 if quick else 16
+    # offset far past the parity cases' windows: the quality text is its own sample
+    wins = [data.heldout_windows(2, cfg.max_seq_len + 1, source, offset=1000 + 2 * i,
+                                 vocab_size=cfg.vocab_size).numpy() for i in range(rows // 2)]
+    ref, runner = TorchRunner(float_model), _make_backend(backend, onnx_path, providers)
+    ref.load()
+    try:
+        return measure_quality(ref.run, runner.run, wins, start=cfg.prefix_len, bits=scheme.bits)
+    finally:
+        runner.close()
+        ref.close()
+
+
+def _scheme(manifest: dict):
+    from smlp_export.quantize import QuantScheme
+
+    return QuantScheme.from_manifest(manifest["quantization"])
+
+
 def _same_config(cfg, recorded: dict) -> bool:
     try:
         return type(cfg).from_dict(recorded) == cfg
@@ -201,6 +228,11 @@ def _run_validation(export_dir: Path, backend: str, dir_fd: int | None, *, check
 
     tol, overrides = apply_overrides(tol, atol, rtol)  # --atol/--rtol; looser ones are flagged
     model, ckpt = _load_reference_model(manifest, checkpoint, export_dir)
+    float_model = model
+    if manifest.get("quantization"):  # compare with the fake-quant twin: the export's exact numbers
+        from smlp_export.quantize.twin import fake_quant_twin
+
+        model = fake_quant_twin(model, _scheme(manifest))
     cfg = model.config
     source = data.corpus_source_of(model)
     base = CASES_REFERENCE if backend == "reference" else (CASES_QUICK if quick else CASES_FULL)
@@ -294,6 +326,10 @@ def _run_validation(export_dir: Path, backend: str, dir_fd: int | None, *, check
             if not d["complete"]:
                 failures.append(f"{name}: no validation input reaches experts {d['missing']} (held-out and "
                                 "synthetic search exhausted): their weights are unchecked")
+    quality = None
+    if manifest.get("quantization"):  # what the quantization costs: export vs the float model
+        quality = _quantization_quality(float_model, onnx_path, backend, providers, source, quick, _scheme(manifest))
+        checks += quality["checks"]
     failures += [f"{c['name']} = {c['value']} (limit {c['limit']})" for c in checks if not c["ok"]]
     decode = None
     if manifest.get("decode"):
@@ -332,7 +368,8 @@ def _run_validation(export_dir: Path, backend: str, dir_fd: int | None, *, check
         corpus={"source": source, "split": "held-out", "ppl_from_position": p,
                 "windows": "consecutive held-out windows of seq + 1 tokens (input + next-token targets)"},
         time_s=round(time.perf_counter() - t0, 3), quick=quick, decode=decode, coverage=cov_report,
-        extra={"plugin_attributes": plugins} if plugins is not None else {}, bisect=bis,
+        extra={**({"plugin_attributes": plugins} if plugins is not None else {}),
+               **({"quantization": {"scheme": manifest["quantization"], **quality}} if quality else {})}, bisect=bis,
         tolerance_overrides=overrides, polygraphy=poly)
     if write:
         report.write(export_dir, dir_fd)
