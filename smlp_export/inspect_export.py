@@ -39,6 +39,7 @@ def describe_onnx(path: Path) -> dict[str, Any]:
     import onnx
 
     from .export import contract
+    from .quantize.summary import quantized_summary, tensor_bytes
 
     try:
         m = onnx.load(str(path), load_external_data=False)
@@ -49,7 +50,7 @@ def describe_onnx(path: Path) -> dict[str, Any]:
     inline = 0
     for t in g.initializer:
         # tensor bytes from dims x element size: the same figure whether the data is inline or not
-        n = int(np.prod(t.dims, dtype=np.int64)) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        n = tensor_bytes(t)  # int4 packs two values per byte
         if t.data_location == t.EXTERNAL:
             loc = {e.key: e.value for e in t.external_data}.get("location", "?")
             ext[loc] = ext.get(loc, 0) + n
@@ -84,6 +85,7 @@ def describe_onnx(path: Path) -> dict[str, Any]:
                          "external_bytes": sum(ext.values())},
         "external_data": [{"file": k, "bytes": v, "present": (path.parent / k).is_file()} for k, v in sorted(ext.items())],
         "metadata_props": meta,
+        "quantized": quantized_summary(g),  # None unless weights are stored in int8 / int4
     }
 
 
@@ -101,6 +103,7 @@ def describe_export(path: str | Path) -> dict[str, Any]:
         out["manifest"] = {k: m.get(k) for k in ("target", "dtype", "opset", "ort_moe", "ir_version",
                                                  "custom_domains", "checkpoint", "tool_versions", "files")}
         out["manifest"]["decode"] = bool(m.get("decode"))
+        out["manifest"]["quantization"] = m.get("quantization")
     par = p / "parity.json"
     if par.is_file():
         r = json.loads(par.read_text())
@@ -120,6 +123,12 @@ def export_lines(d: dict[str, Any]) -> list[str]:
         lines.append(f"target  {m['target']} / {m['dtype']}, opset {m['opset']}, IR {m['ir_version']}, "
                      f"decode graph: {'yes' if m['decode'] else 'no'}")
         lines.append(f"source  {ck.get('name')} sha256 {str(ck.get('weights_sha256'))[:16]}...")
+        q = m.get("quantization")
+        if q:
+            lines.append(f"quant   {q['method']} weight-only, block {q['block_size']} (experts: "
+                         f"{'per channel' if not q['expert_block'] else 'block ' + str(q['expert_block'])}), "
+                         f"symmetric; {q['quantized_weights']:,} weights in {q['quantized_bytes']:,} B = "
+                         f"{q['bits_per_weight']} bits/weight; {q['float_weights']:,} weights stay float")
     for name, g in d["graphs"].items():
         lines.append(f"{name}  {g['bytes']:,} bytes; initializers {g['initializers']['count']} "
                      f"({g['initializers']['inline_bytes']:,} B inline, {g['initializers']['external_bytes']:,} B external)")
@@ -127,6 +136,10 @@ def export_lines(d: dict[str, Any]) -> list[str]:
         for io in ("inputs", "outputs"):
             for v in g[io]:
                 lines.append(f"  {io[:-1]:<6s} {v['name']}: {v['dtype']} [{', '.join(map(str, v['shape']))}]")
+        qs = g.get("quantized")
+        if qs:
+            lines.append(f"  quantized  {qs['weights']:,} weights in {qs['bytes']:,} B ({qs['bits_per_weight']} bits/weight) "
+                         "via " + ", ".join(f"{k} x{v}" for k, v in sorted(qs["by_op"].items())))
         for e in g["external_data"]:
             lines.append(f"  external {e['file']} {e['bytes']:,} B{'' if e['present'] else ' (MISSING)'}")
         for pn in g["plugin_nodes"]:

@@ -225,6 +225,12 @@ def test_int4_ort_export_passes_both_checks(micro_int4):
     names = {c["name"]: c for c in report["checks"]}
     assert names["max_abs_err_rel"]["ok"] and names["quantized_ppl_delta_rel"]["ok"]
     assert names["expert_coverage"]["value"].split("/")[0] == names["expert_coverage"]["value"].split("/")[1]
+    from smlp_export.inspect_export import describe_export, export_lines
+
+    d = describe_export(out)
+    qs = d["graphs"]["model.onnx"]["quantized"]  # read from the graph, must agree with the manifest
+    assert (qs["weights"], qs["bytes"]) == (q["quantized_weights"], q["quantized_bytes"])
+    assert any(ln.startswith("quant   int4") for ln in export_lines(d))
     qual = report["extra"]["quantization"]["metrics"]
     assert qual["ppl_quantized"] != qual["ppl_float"]  # measured against the float model, not the twin
     assert set(qual["routing_changed"]) == {"blocks.1.tmoe", "blocks.2.tmoe"} or qual["routing_changed"]
