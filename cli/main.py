@@ -48,6 +48,12 @@ def cli(ctx: click.Context, debug: bool) -> None:
     ctx.obj["debug"] = debug
 
 
+def _one_line(message: str) -> str:
+    from smlp_export.errors import one_line
+
+    return one_line(message)
+
+
 def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     if not debug:
@@ -64,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
     except click.UsageError as e:  # bad option/argument: one line naming it, exit 2 like click
         where = e.ctx.command_path if e.ctx is not None else "smlp"
-        click.echo(f"error: {e.format_message()} (see '{where} --help')", err=True)
+        click.echo(f"error: {_one_line(e.format_message())} (see '{where} --help')", err=True)
         sys.exit(e.exit_code)
     except click.ClickException as e:
         e.show()
@@ -80,9 +86,9 @@ def main(argv: list[str] | None = None) -> None:
         if debug:
             raise
         if isinstance(e, SMLPError):
-            click.echo(f"error: {e}", err=True)
+            click.echo(f"error: {_one_line(str(e))}", err=True)
             sys.exit(1)
-        click.echo(f"error: {type(e).__name__}: {e} (run with --debug for the traceback)", err=True)
+        click.echo(f"error: {type(e).__name__}: {_one_line(str(e))} (run with --debug for the traceback)", err=True)
         sys.exit(1)
 
 

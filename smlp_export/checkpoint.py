@@ -141,6 +141,8 @@ def _read_json(path: Path) -> Any:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:  # json recurses once per level: "[[[[...]]]]" 100000 deep
+        raise CheckpointError(f"{path}: not a checkpoint file (JSON nested too deeply to read)") from None
 
 
 def read_config(path_or_name: str | os.PathLike | None = None) -> SMLPConfig:

@@ -175,6 +175,8 @@ class SMLPConfig:
             d = json.loads(text)
         except json.JSONDecodeError as e:
             raise ConfigError(f"invalid config: not JSON ({e})") from None
+        except RecursionError:
+            raise ConfigError("invalid config: JSON nested too deeply to read") from None
         return cls.from_dict(d)
 
     def replace(self, **changes: Any) -> "SMLPConfig":

@@ -7,6 +7,12 @@ else is a bug and keeps its traceback.
 from __future__ import annotations
 
 
+def one_line(message: str) -> str:
+    """``message`` with control characters escaped (a newline in a file name becomes ``\\n``), so
+    an error is always one line."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in message)
+
+
 class SMLPError(Exception):
     """Base class: a user-facing, one-line error."""
 

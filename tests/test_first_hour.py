@@ -153,3 +153,49 @@ def test_validate_never_writes_parity_into_an_export_that_replaced_its_own(expor
     with pytest.raises(SMLPError, match="was replaced while it was being validated"):
         parity.run_validation(out, quick=True)
     assert (out / "marker").is_file() and not (out / "parity.json").exists()
+
+
+# ---- --save-inputs / --save-outputs: refused before validation runs -------------------------------
+@pytest.mark.parametrize("case", ["same", "graph", "inside", "under_a_file", "dir"])
+def test_polygraphy_save_paths_refused_before_validation(export_dir, tmp_path, capsys, monkeypatch, case):
+    from smlp_export.validate import parity
+
+    out = tmp_path / "out"
+    shutil.copytree(export_dir, out)
+    before = tree(out)
+    (tmp_path / "file").write_text("x")
+
+    def started(*a, **k):
+        raise AssertionError("validation ran before the paths were checked")
+
+    monkeypatch.setattr(parity, "_load_reference_model", started)
+    f, g = {"same": (tmp_path / "a.json", tmp_path / "a.json"),
+            "graph": (tmp_path / "a.json", out / "model.onnx"),
+            "inside": (out / "in.json", tmp_path / "b.json"),
+            "under_a_file": (tmp_path / "file" / "x.json", tmp_path / "b.json"),
+            "dir": (tmp_path, tmp_path / "b.json")}[case]
+    code, text, err = run_cli(capsys, "validate", out, "--save-inputs", f, "--save-outputs", g)
+    line = one_error_line(err)
+    assert code == 1 and text == "", err
+    assert {"same": "is the same file as --save-inputs", "graph": "is inside the export",
+            "inside": "is inside the export", "under_a_file": "is not a directory",
+            "dir": "is a directory"}[case] in line
+    assert tree(out) == before and not (tmp_path / "a.json").exists() and not (tmp_path / "b.json").exists()
+
+
+# ---- one line, whatever the path holds ------------------------------------------------------------
+def test_a_newline_in_a_path_stays_on_the_error_line(tmp_path, capsys):
+    bad = tmp_path / "two\nlines"
+    code, _, err = run_cli(capsys, "export", bad, "-o", tmp_path / "x", "--no-validate")
+    line = one_error_line(err)
+    assert code == 1 and "two\\nlines" in line
+
+
+@pytest.mark.parametrize("file", ["config.json", "metadata.json", "smlp_tokenizer.json"])
+def test_json_nested_100000_deep_is_one_line(ckpt, tmp_path, capsys, file):
+    ck = tmp_path / "ck"
+    shutil.copytree(ckpt, ck)
+    (ck / file).write_text("[" * 100000 + "]" * 100000)
+    code, _, err = run_cli(capsys, "inspect", ck, "--no-heldout")
+    line = one_error_line(err)
+    assert code == 1 and f"{file}: not a checkpoint file (JSON nested too deeply" in line, line
