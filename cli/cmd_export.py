@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from .options import force_option, json_flag, with_checkpoint
+from .options import force_option, json_flag, quiet_option, with_checkpoint
 
 
 def _size(n: int) -> str:
@@ -43,11 +43,13 @@ def _size(n: int) -> str:
               help="Weights per quantization scale along the input features (default 32; int8 experts: one "
                    "scale per output channel).")
 @force_option
+@quiet_option
 @json_flag
 def export(checkpoint, allow_pickle, output, target, dtype, opset, validate, quick, ort_moe, decode, quantize,
-           block_size, force, as_json) -> None:
+           block_size, force, quiet, as_json) -> None:
     """Export CKPT (default: the embedded model) to ONNX in OUTPUT, validate it, print a summary."""
     import json
+    import sys
 
     from tqdm import tqdm
 
@@ -61,7 +63,8 @@ def export(checkpoint, allow_pickle, output, target, dtype, opset, validate, qui
     check_options(target, dtype, opset, ort_moe, quantize, block_size)  # fail before the progress bar appears
     stages = ["load", "trace + translate", "save", "check"] + (["decode graph"] if decode else []) \
         + (["validate"] if validate else []) + ["publish"]
-    bar = tqdm(total=len(stages), desc="export", unit="stage", leave=False, disable=None)
+    # stderr; None: tqdm shows it only on a terminal
+    bar = tqdm(total=len(stages), desc="export", unit="stage", leave=False, disable=True if quiet else None)
 
     def progress(stage: str) -> None:
         if stage != "load":
@@ -72,7 +75,7 @@ def export(checkpoint, allow_pickle, output, target, dtype, opset, validate, qui
         res = export_model(checkpoint, output, target=target, dtype=dtype, opset=opset, force=force,
                            validate=validate, quick=quick, decode=decode, ort_moe=ort_moe, quantize=quantize,
                            block_size=block_size, allow_pickle=allow_pickle,
-                           progress=progress)
+                           progress=progress, validate_progress=not quiet and sys.stderr.isatty())
         bar.update(bar.total - bar.n)
     finally:
         bar.close()
@@ -97,6 +100,10 @@ def export(checkpoint, allow_pickle, output, target, dtype, opset, validate, qui
     click.echo(f"  size     {_size(res.model_bytes)} ({', '.join(f['name'] for f in m['files'])})")
     click.echo(f"  nodes    {sum(res.node_counts.values())}: {top}" + (f", +{more} more types" if more > 0 else ""))
     if m.get("decode"):
-        click.echo(f"  decode   {m['decode'].get('file', 'decode.onnx')}")
+        graphs = [f"{m['decode'].get('file', 'decode.onnx')} (incremental decode)"]
+        seq = m["decode"].get("sequence")
+        if seq:
+            graphs.append(f"{seq['file']} (one position per row: Triton's sequence batcher)")
+        click.echo(f"  decode   {', '.join(graphs)}")
     click.echo(f"  parity   {res.parity}")
     click.echo(f"  time     {res.seconds:.1f} s")

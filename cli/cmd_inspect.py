@@ -45,11 +45,21 @@ def inspect(checkpoint, allow_pickle, heldout, windows, as_json) -> None:
     m = d["metadata"]
     if m.get("kind") == "trained":
         h = m["heldout"]
+        rec = f" over {h['tokens']:,} tokens" if "tokens" in h else ""
         click.echo(f"trained     {m['steps']} steps in {m['wall_time_s']} s; recorded held-out ppl {h['ppl']:.3f}, "
-                   f"{h['bits_per_byte']:.3f} bits/byte (unigram {m['unigram_bits_per_byte']:.3f})")
+                   f"{h['bits_per_byte']:.3f} bits/byte{rec} at the end of training "
+                   f"(unigram {m['unigram_bits_per_byte']:.3f})")
     if heldout:
         ev = d["heldout_eval"]
-        click.echo(f"held-out    ppl {ev['ppl']:.3f}, {ev['bits_per_byte']:.3f} bits/byte over {ev['tokens']:,} tokens")
+        click.echo(f"held-out    ppl {ev['ppl']:.3f}, {ev['bits_per_byte']:.3f} bits/byte over {ev['tokens']:,} tokens "
+                   f"(the first {windows} held-out windows)")
+        if m.get("kind") == "trained" and m["heldout"].get("tokens") not in (None, ev["tokens"]):
+            # same text, same model: only the sample differs (the recorded figure used more windows)
+            per = ev["tokens"] // windows
+            want = m["heldout"]["tokens"] // per if per else None
+            again = f"; --windows {want} reproduces it" if want and want * per == m["heldout"]["tokens"] else ""
+            click.echo(f"            differs from the recorded ppl by sample: {ev['tokens']:,} of the "
+                       f"{m['heldout']['tokens']:,} held-out tokens it was measured on{again}")
         for name, load in ev["expert_load"].items():
             click.echo(f"expert load {name}")
             for line in histogram_lines(load):

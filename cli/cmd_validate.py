@@ -5,7 +5,7 @@ import sys
 
 import click
 
-from .options import json_flag
+from .options import json_flag, quiet_option
 
 
 def _fmt(v) -> str:
@@ -47,7 +47,8 @@ def _report_saved(out: str, report, save_inputs: str | None, save_outputs: str |
               help="ort: ONNX Runtime; reference: onnx.reference.ReferenceEvaluator (independent, slow: small cases).")
 @click.option("--checkpoint", default=None, metavar="CKPT",
               help="Checkpoint to compare with (default: the one named in manifest.json; its sha256 must match).")
-@click.option("--quick", is_flag=True, help="Fewer cases (what `smlp export` runs).")
+@click.option("--quick", is_flag=True,
+              help="Fewer cases (what `smlp export --quick` runs; a plain `smlp export` runs the full set).")
 @click.option("--provider", "providers", multiple=True, metavar="NAME",
               help="ONNX Runtime execution provider (repeatable; default CPUExecutionProvider). No silent fallback.")
 @click.option("--bisect", "bisect", is_flag=True,
@@ -64,9 +65,10 @@ def _report_saved(out: str, report, save_inputs: str | None, save_outputs: str |
               help="Absolute allowance on logits errors: a case passes if max|diff| <= atol + rtol * scale (default 0).")
 @click.option("--rtol", type=float, default=None,
               help="Logits error bound relative to their scale, instead of the dtype table's (a looser one is flagged).")
+@quiet_option
 @json_flag
 def validate(out, backend, checkpoint, quick, providers, bisect, bisect_mode, save_inputs, save_outputs,
-             atol, rtol, as_json) -> None:
+             atol, rtol, quiet, as_json) -> None:
     """Compare OUT (an export folder) with PyTorch; write OUT/parity.json; exit 0 only if it passes."""
     from smlp_export.validate import run_validation
 
@@ -77,7 +79,7 @@ def validate(out, backend, checkpoint, quick, providers, bisect, bisect_mode, sa
         # that into one line ("fell back from ..."), so keep only fatal messages in this process.
         onnxruntime.set_default_logger_severity(4)
     report = run_validation(out, backend, checkpoint=checkpoint, quick=quick,
-                            providers=list(providers) or None, progress=not as_json and sys.stderr.isatty(),
+                            providers=list(providers) or None, progress=not (quiet or as_json) and sys.stderr.isatty(),
                             bisect=bisect_mode if bisect else None, save_inputs=save_inputs,
                             save_outputs=save_outputs, atol=atol, rtol=rtol)
     _report_saved(out, report, save_inputs, save_outputs, providers)

@@ -7,7 +7,11 @@ checkpoint_argument = click.argument("checkpoint", required=False, default=None,
 allow_pickle_option = click.option("--allow-pickle", is_flag=True,
                                    help="Allow a pickled .pt checkpoint (loaded with weights_only=True).")
 json_flag = click.option("--json", "as_json", is_flag=True, help="Print a JSON report instead of a table.")
-force_option = click.option("--force", is_flag=True, help="Overwrite the output if it exists.")
+force_option = click.option("--force", is_flag=True,
+                            help="Replace the output if it exists (only an empty folder or a checkpoint, export or "
+                                 "model repository smlp wrote; never the command's input).")
+quiet_option = click.option("-q", "--quiet", is_flag=True,
+                            help="No progress on stderr (it is shown only when stderr is a terminal).")
 
 
 def _option_name(param: click.Parameter | None) -> str:

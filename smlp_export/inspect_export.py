@@ -109,7 +109,9 @@ def describe_export(path: str | Path) -> dict[str, Any]:
         r = json.loads(par.read_text())
         mt = r.get("metrics") or {}
         out["parity"] = {"passed": r.get("passed"), "backend": r.get("backend"), "quick": r.get("quick"),
-                         "max_abs_err_rel": mt.get("max_abs_err_rel"), "top1_agreement": mt.get("top1_agreement"),
+                         "max_abs_err_rel": mt.get("max_abs_err_rel"),
+                         "max_abs_err_rel_limit": (r.get("tolerances") or {}).get("max_abs_err_rel"),
+                         "top1_agreement": mt.get("top1_agreement"),
                          "ppl_rel_delta": mt.get("ppl_rel_delta"), "failures": r.get("failures"),
                          "first_divergence": (r.get("bisect") or {}).get("first_divergence")}
     return out
@@ -152,6 +154,10 @@ def export_lines(d: dict[str, Any]) -> list[str]:
                          f"{len(meta.get('smlp.probes') or [])}")
     if "parity" in d:
         p = d["parity"]
+        err = p["max_abs_err_rel"]
+        err = f"{err:.3g}" if isinstance(err, (int, float)) else str(err)
+        lim = p.get("max_abs_err_rel_limit")
+        lim = f" (limit {lim:.3g})" if isinstance(lim, (int, float)) else ""
         lines.append(f"parity  {'passed' if p['passed'] else 'FAILED'} ({p['backend']}{', quick' if p['quick'] else ''}); "
-                     f"max_abs_err_rel {p['max_abs_err_rel']}; first divergence {p['first_divergence'] or '-'}")
+                     f"largest logits error / logits scale {err}{lim}; first divergence {p['first_divergence'] or '-'}")
     return lines

@@ -442,11 +442,11 @@ def test_generate_torch_backend_on_an_export_whose_checkpoint_changed(exported, 
     man = json.loads((out / "manifest.json").read_text())
     man["checkpoint"]["weights_sha256"] = "0" * 64
     (out / "manifest.json").write_text(json.dumps(man))
-    code, text, err = run_cli(capsys, "generate", out, "--prompt", "def ", "--max-new-tokens", "2")
+    code, text, err = run_cli(capsys, "generate", out, "--backend", "torch", "--prompt", "def ", "--max-new-tokens", "2")
     assert code == 1 and "weights have changed" in one_error_line(err) and text == ""
     man["checkpoint"]["path"] = None
     (out / "manifest.json").write_text(json.dumps(man))
-    code, text, err = run_cli(capsys, "generate", out, "--prompt", "def ", "--max-new-tokens", "2")
+    code, text, err = run_cli(capsys, "generate", out, "--backend", "torch", "--prompt", "def ", "--max-new-tokens", "2")
     assert code == 1 and "--backend ort" in one_error_line(err) and "metadata.json" not in err
 
 

@@ -157,12 +157,13 @@ def _save(proto, directory: Path, source) -> list[dict[str, Any]]:
     return [{"name": n, "bytes": (directory / n).stat().st_size, "sha256": _sha256(directory / n)} for n in names]
 
 
-def _validate(tmp: Path, checkpoint: Any, quick: bool) -> tuple[str, bool]:
+def _validate(tmp: Path, checkpoint: Any, quick: bool, progress: bool = False) -> tuple[str, bool]:
     from ..precision import validation_backend
     from ..validate import run_validation
 
     manifest = json.loads((tmp / MANIFEST_FILE).read_text())
-    report = run_validation(tmp, validation_backend(manifest["dtype"]), checkpoint=checkpoint, quick=quick)
+    report = run_validation(tmp, validation_backend(manifest["dtype"]), checkpoint=checkpoint, quick=quick,
+                            progress=progress)
     return ("passed" if report.passed else "failed"), bool(report.passed)
 
 
@@ -199,6 +200,7 @@ def export_model(
     block_size: int | None = None,
     allow_pickle: bool = False,
     progress: Callable[[str], None] | None = None,
+    validate_progress: bool = False,
 ) -> ExportResult:
     """Export a checkpoint (path, "default"/None, or a loaded SMLPForCausalLM) to ``out``.
 
@@ -206,7 +208,8 @@ def export_model(
     exports as fp16, LayerNorms and routers in float32; ``checkpoint.stored_dtype``), fp32 when quantizing.
     ``quantize`` "int8" | "int4" (``block_size`` 32 | 64 | 128): weight-only quantized graphs
     (``smlp_export.quantize``; the ort target then runs token MoE as QMoE for every token count).
-    ``progress(stage)`` is called as each stage starts. Raises ``ExportError`` / ``SMLPError``
+    ``progress(stage)`` is called as each stage starts; ``validate_progress`` shows the validation's
+    case counter on stderr. Raises ``ExportError`` / ``SMLPError``
     with a one-line message for anything the user can fix; ``out`` is only ever complete.
     """
     import onnx
@@ -305,7 +308,8 @@ def export_model(
         if validate:
             step("validate")
             # the validator reloads the checkpoint by path; an in-memory model is passed as is
-            parity, ok = _validate(tmp, model if in_memory else manifest["checkpoint"]["path"], quick)
+            parity, ok = _validate(tmp, model if in_memory else manifest["checkpoint"]["path"], quick,
+                                   validate_progress)
             mark("validate")
         if not ok:
             failed = out.parent / f"{out.name}.failed"

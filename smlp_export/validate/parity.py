@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.metadata as _md
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -196,27 +197,35 @@ def run_validation(export_dir: str | Path, backend: str = "ort", *, checkpoint: 
         dir_fd = os.open(export_dir, os.O_RDONLY | os.O_DIRECTORY) if write else None
     except OSError:
         dir_fd = None  # read_manifest names the problem
+    from tqdm import tqdm
+
+    # stderr, stage + case counter; progress=False (not a terminal, --quiet, --json) shows nothing
+    bar = tqdm(desc=f"validate {backend}", unit=" cases", disable=not progress, leave=False, file=sys.stderr)
     try:
         return _run_validation(export_dir, backend, dir_fd, checkpoint=checkpoint, quick=quick, providers=providers,
-                               progress=progress, write=write, bisect=bisect, save_inputs=save_inputs,
+                               bar=bar, write=write, bisect=bisect, save_inputs=save_inputs,
                                save_outputs=save_outputs, atol=atol, rtol=rtol, t0=t0)
     finally:
+        bar.close()
         if dir_fd is not None:
             os.close(dir_fd)
 
 
 def _run_validation(export_dir: Path, backend: str, dir_fd: int | None, *, checkpoint: Any, quick: bool,
-                    providers: list[str] | None, progress: bool, write: bool, bisect: str | None,
+                    providers: list[str] | None, bar: Any, write: bool, bisect: str | None,
                     save_inputs: str | None, save_outputs: str | None, atol: float | None,
                     rtol: float | None, t0: float) -> ParityReport:
-    from tqdm import tqdm
-
     from smlp_export import data
+
+    def stage(name: str) -> None:
+        bar.set_description_str(f"validate {backend}: {name}")
+
     from smlp_export.runners.torch_runner import ROUTER_PREFIX, TorchRunner
 
     from .polygraphy_io import check_save_paths
 
     check_save_paths(export_dir, save_inputs, save_outputs)  # before the long run, not after it
+    stage("checksums")
     manifest = read_manifest(export_dir)
     digests = verify_files(export_dir, manifest)  # refuse files that changed after export
     target = manifest["target"]
@@ -227,6 +236,7 @@ def _run_validation(export_dir: Path, backend: str, dir_fd: int | None, *, check
     from .overrides import apply_overrides
 
     tol, overrides = apply_overrides(tol, atol, rtol)  # --atol/--rtol; looser ones are flagged
+    stage("load")
     model, ckpt = _load_reference_model(manifest, checkpoint, export_dir)
     float_model = model
     if manifest.get("quantization"):  # compare with the fake-quant twin: the export's exact numbers
@@ -290,15 +300,18 @@ def _run_validation(export_dir: Path, backend: str, dir_fd: int | None, *, check
         else:
             row.update({"ppl_tokens": 0, "synthetic": True})
         rows.append(row)
+        bar.update(1)
 
     try:
         offset = 0
-        for b, t in tqdm(shapes, desc=f"parity {backend}", unit="case", disable=not progress, leave=False):
+        stage(f"{len(shapes)} held-out cases")
+        for b, t in shapes:
             win = data.heldout_windows(b, t + 1, source, offset=offset, vocab_size=cfg.vocab_size).numpy()
             offset += b
             run_case(f"{b}x{t}", win[:, :t], win[:, 1:])
         if fused_cov is not None:
             # Many short inputs through the fused branch: fixed shapes, then a search for every expert.
+            stage("fused-branch expert coverage")
             for b, t in FUSED_SHAPES:
                 win = data.heldout_windows(b, t + 1, source, offset=offset, vocab_size=cfg.vocab_size).numpy()
                 offset += b
@@ -306,6 +319,7 @@ def _run_validation(export_dir: Path, backend: str, dir_fd: int | None, *, check
             _cover(run_case, ref_runner, fused_cov, source, cfg.vocab_size, fused_max, "fused ",
                    coverage.SHORT_SCAN_WINDOWS, batch_rows=False)
         L = min(cfg.max_seq_len, COVERAGE_SEQ)
+        stage("expert coverage")
         _cover(run_case, ref_runner, cov, source, cfg.vocab_size, L, "coverage ", coverage.SCAN_WINDOWS,
                batch_rows=True)
     finally:
@@ -333,6 +347,7 @@ def _run_validation(export_dir: Path, backend: str, dir_fd: int | None, *, check
     failures += [f"{c['name']} = {c['value']} (limit {c['limit']})" for c in checks if not c["ok"]]
     decode = None
     if manifest.get("decode"):
+        stage("decode graph")
         decode = _validate_decode(export_dir, model, backend, quick, providers)
         if decode.get("passed") is not None:
             checks.append({"name": "decode", "value": decode["passed"], "limit": "true", "ok": bool(decode["passed"])})
@@ -348,6 +363,7 @@ def _run_validation(export_dir: Path, backend: str, dir_fd: int | None, *, check
     if save_inputs or save_outputs:  # Polygraphy JSON of these very inputs and PyTorch's outputs
         from .polygraphy_io import polygraphy_tolerances, save_polygraphy
 
+        stage("polygraphy files")
         outs = save_polygraphy(model, inputs, save_inputs, save_outputs)
         poly = {"cases": len(inputs), "rtol": 0.0, "atol": None if outs is None else polygraphy_tolerances(
             outs, tol, {ROUTER_PREFIX + layer.name: layer.kind for layer in layers})}
@@ -355,6 +371,7 @@ def _run_validation(export_dir: Path, backend: str, dir_fd: int | None, *, check
     if bisect:
         from .bisect import bisect_export
 
+        stage("bisect")
         bis = bisect_export(export_dir, model, inputs, tol, backend=backend, providers=providers, mode=bisect,
                             routing=[(layer.name, layer.kind, layer.k) for layer in layers],
                             decode=manifest.get("decode") if backend == "ort" else None)
