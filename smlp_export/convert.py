@@ -80,8 +80,10 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             obj = torch.load(p, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
             # weights_only refuses any global that is not a tensor/container: code in the pickle.
-            g = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-            what = f"it references {g.group(1)}" if g else _first_line(e)
+            from .safe_load import describe_load_error, forbidden_global
+
+            g = forbidden_global(e)
+            what = f"it references {g}" if g else describe_load_error(e)
             raise ConversionError(f"{p}: refused: the pickle holds more than tensors ({what}); only state dicts "
                                   "are read (torch.load weights_only=True), code is never unpickled") from None
         except (EOFError, RuntimeError, zipfile.BadZipFile, ValueError, OSError) as e:
@@ -93,6 +95,27 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
                                                        for k, v in obj.items()):
         raise ConversionError(f"{p}: expected a state dict (parameter name -> tensor), got {type(obj).__name__}")
     return obj
+
+
+def require_memory(sd: dict[str, torch.Tensor], source: str) -> int:
+    """Refuse, with one line, a state dict whose tensors need more memory once materialised than
+    this machine has. What a file stores says little: ``torch.load`` returns views, and a view with
+    stride 0 (``expand``) spans billions of elements over a one-element storage (a 5 KB file can
+    ask for 17 GB). The estimate counts every tensor's elements: its float32 copy and the model's
+    own parameters (2 x 4 bytes each) plus the interpreter (``memory.BASE``). Returns the estimate."""
+    from . import memory
+
+    logical = 4 * sum(v.numel() for v in sd.values())
+    stored = sum({v.untyped_storage().data_ptr(): v.untyped_storage().nbytes() for v in sd.values()}.values())
+    need = memory.BASE + 2 * logical
+    have = memory.available_bytes()
+    if need > have and os.environ.get("SMLP_SKIP_MEMORY_CHECK") != "1":
+        views = (f" (the file stores {stored:,} bytes of tensor data: its tensors are views that repeat it)"
+                 if logical > 2 * stored else "")
+        raise ConversionError(f"{source}: its tensors hold {logical / memory.GiB:,.1f} GiB in float32{views}; "
+                              f"converting needs about {need / memory.GiB:,.1f} GiB of memory but only "
+                              f"{have / memory.GiB:,.1f} GiB is available (SMLP_SKIP_MEMORY_CHECK=1 to try anyway)")
+    return need
 
 
 def _first_line(e: BaseException) -> str:
@@ -340,6 +363,7 @@ def convert_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, source
     # before reading SRC; --force never replaces a folder holding SRC, nor one smlp did not write
     out = check_output(out, force=overwrite, inputs=[src], error=ConversionError)
     sd = read_state_dict(src)
+    require_memory(sd, str(src))  # before map_gmlp_state_dict materialises every tensor in float32
     w = map_gmlp_state_dict(sd, causal=causal, act=act, shift_tokens=shift_tokens, source=str(src))
     try:
         cfg = gmlp_config(w, eos_token_id=eos_token_id)

@@ -21,9 +21,24 @@ def _first_sentence(text: str) -> str:
     return re.split(r"(?<=[a-z0-9])\. ", text, maxsplit=1)[0].rstrip(".")
 
 
+# torch <= 2.5: "Unsupported global: GLOBAL os.system was not an allowed global by default";
+# 2.13: "Trying to load unsupported GLOBAL posix.system whose module posix is blocked."
+_GLOBAL = re.compile(r"unsupported (?:global:\s+)?GLOBAL\s+([\w.]+)", re.I)
+
+
+def forbidden_global(e: BaseException) -> str | None:
+    """The module.name of the global a weights-only load refused, if its message names one."""
+    m = _GLOBAL.search(_ANSI.sub("", str(e)))
+    return m.group(1).rstrip(".") if m else None
+
+
 def describe_load_error(e: BaseException) -> str:
     """One line saying why ``torch.load(weights_only=True)`` failed, without torch's advice."""
     text = _ANSI.sub("", str(e))
+    g = forbidden_global(e)
+    if g is not None:
+        return (f"it holds a forbidden global {g}, a Python object that is not a tensor or plain container "
+                "(refused; nothing in it was run)")
     m = re.search(r"WeightsUnpickler error:\s*(.+)", text, re.S)
     if m:
         # e.g. "Unsupported global: GLOBAL builtins.object was not an allowed global by default. ..."
@@ -31,7 +46,11 @@ def describe_load_error(e: BaseException) -> str:
         if detail.startswith("Unsupported global"):
             return f"it holds a Python object that is not a tensor or plain container ({detail})"
         return f"not a torch.save file, or corrupt ({detail})"
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    # torch's advice paragraph ("Weights only load failed. ... `weights_only` set to `False` will likely
+    # succeed ...") and its pointer to the docs say nothing about this file: keep what follows them
+    paras = [" ".join(p.split()) for p in re.split(r"\n\s*\n", text) if p.strip()]
+    paras = [p for p in paras if "weights_only" not in p and not p.startswith("Check the documentation")] or paras
+    lines = [ln.strip() for ln in paras[0].splitlines() if ln.strip()] if paras else []
     first = _first_sentence(lines[0]) if lines else type(e).__name__
     if "weights_only" in first:  # any other message that carries the advice: drop it entirely
         return f"cannot be read as a weights-only file ({type(e).__name__})"

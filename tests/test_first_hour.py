@@ -309,3 +309,38 @@ def test_inspect_export_rounds_the_parity_error_and_names_it(export_dir, tmp_pat
     line = next(x for x in text.splitlines() if x.startswith("parity"))
     want = f"largest logits error / logits scale {rep.metrics['max_abs_err_rel']:.3g} (limit 0.0001)"
     assert code == 0 and want in line and repr(rep.metrics["max_abs_err_rel"]) not in line, line
+
+
+# ---- convert: memory estimate before materialising; what a refused pickle holds --------------------
+def test_convert_refuses_stride0_views_that_would_not_fit(tmp_path, capsys, monkeypatch):
+    from smlp_export import memory
+
+    src = tmp_path / "views.pt"
+    one = torch.zeros(1)
+    torch.save({"to_embed.weight": one.expand(50000, 40000), "to_logits.1.weight": one.expand(50000, 40000)}, src)
+    assert src.stat().st_size < 10_000
+    monkeypatch.setattr(memory, "available_bytes", lambda: 4 * memory.GiB)
+    monkeypatch.delenv("SMLP_SKIP_MEMORY_CHECK", raising=False)
+    code, _, err = run_cli(capsys, "convert", src, "-o", tmp_path / "out", "--from", "g-mlp-pytorch", "--causal")
+    line = one_error_line(err)
+    assert code == 1 and "its tensors hold 14.9 GiB in float32 (the file stores" in line
+    assert "views that repeat it" in line and "only 4.0 GiB is available" in line
+    assert not (tmp_path / "out").exists()
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("echo never-run",))
+
+
+def test_a_pickled_os_system_is_named_as_a_forbidden_global(tmp_path, capsys):
+    src = tmp_path / "evil.pt"
+    torch.save({"config": {}, "state_dict": {}, "x": _Evil()}, src)
+    code, _, err = run_cli(capsys, "inspect", src, "--allow-pickle", "--no-heldout")
+    line = one_error_line(err)
+    assert code == 1 and "holds a forbidden global posix.system" in line and "corrupt" not in line
+    code, _, err = run_cli(capsys, "convert", src, "-o", tmp_path / "o", "--from", "g-mlp-pytorch", "--causal")
+    line = one_error_line(err)
+    assert code == 1 and "it references posix.system" in line
+    for text in (line, err):
+        assert "will likely succeed" not in text and "weights_only` set to `False" not in text
