@@ -1,9 +1,10 @@
 """Weight-only quantized exports side by side: model bytes, prefill latency, decode tokens/s.
 
 For one shape (default: the ``small`` preset, d=768, n=1024, 12 blocks, 16 token experts; random
-init, float32) this exports the ``ort`` target with ``--decode`` as fp32, fp16, int8 and int4
-(``smlp export --quantize``, block 32; exports run as subprocesses, skipped when the work folder
-already holds them), then, one variant at a time in this process at ``--threads`` (default 1):
+init, float32) this exports the ``ort`` target as fp32, fp16, int8 and int4
+(``--quantize``, block 32; model.onnx + decode.onnx, no validation (the tests and
+docs/validation.md cover that); each export in a subprocess, skipped when the work folder already
+holds it), then, one variant at a time in this process at ``--threads`` (default 1):
 
 - model bytes (model.onnx + data, decode.onnx + data);
 - prefill p50 at B=1, T=``--seq`` (model.onnx, held-out-like token ids);
@@ -33,7 +34,7 @@ import numpy as np  # noqa: E402
 
 import _common  # noqa: E402
 
-VARIANTS = {"fp32": [], "fp16": ["--dtype", "fp16"], "int8": ["--quantize", "int8"], "int4": ["--quantize", "int4"]}
+VARIANTS = ("fp32", "fp16", "int8", "int4")
 
 
 def _smlp() -> list[str]:
@@ -81,12 +82,36 @@ def bytes_per_token(decode_onnx: Path, cfg: dict) -> int:
     return int(total)
 
 
-def export(ckpt: Path, out: Path, extra: list[str]) -> dict:
+def export_one(ckpt: Path, out: Path, variant: str) -> None:
+    """model.onnx + decode.onnx of one variant (no decode_seq.onnx, no validation: timing only)."""
+    import shutil
+
+    from smlp_export.decode.export import export_decode_graph
+    from smlp_export.export.pipeline import export_model
+    from smlp_export.export.weights import open_checkpoint
+    from smlp_export.quantize import QuantScheme
+
+    q = {"int8": "int8", "int4": "int4"}.get(variant)
+    dtype = "fp16" if variant == "fp16" else "fp32"
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    res = export_model(str(ckpt), tmp, target="ort", dtype=dtype, quantize=q, validate=False, force=True)
+    model = open_checkpoint(str(ckpt), dtype=dtype)
+    man = res.manifest
+    man["decode"] = export_decode_graph(model, tmp / "decode.onnx", target="ort", dtype=dtype,
+                                        quantize=QuantScheme.make(q) if q else None)
+    man["files"] += [{"name": n, "bytes": (tmp / n).stat().st_size} for n in ("decode.onnx", "decode.onnx.data")
+                     if (tmp / n).exists()]
+    (tmp / "manifest.json").write_text(json.dumps(man, indent=2))
+    tmp.rename(out)
+
+
+def export(ckpt: Path, out: Path, variant: str) -> dict:
     if (out / "manifest.json").exists():
         return {"status": "ok", "reused": True}
     t = time.perf_counter()
-    r = subprocess.run([*_smlp(), "export", str(ckpt), "-o", str(out), "--target", "ort", "--decode", "--no-validate",
-                        "--force", *extra], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, __file__, "--export-one", variant, str(ckpt), str(out)],
+                       capture_output=True, text=True)
     if r.returncode:
         return {"status": "failed", "reason": (r.stderr.strip().splitlines() or ["?"])[-1]}
     return {"status": "ok", "seconds": round(time.perf_counter() - t, 1)}
@@ -129,6 +154,9 @@ def time_decode(out: Path, ids: np.ndarray, threads: int, batch: int, steps: int
 
 
 def main() -> None:
+    if len(sys.argv) == 5 and sys.argv[1] == "--export-one":  # child process: one export, then exit
+        export_one(Path(sys.argv[3]), Path(sys.argv[4]), sys.argv[2])
+        return
     p = _common.parser(__doc__.splitlines()[0])
     p.add_argument("--preset", default="small")
     p.add_argument("--workdir", type=Path, default=Path("/var/tmp/smlp-quant-bench"))
@@ -157,7 +185,7 @@ def main() -> None:
     for name in args.variants.split(","):
         out = work / f"{args.preset}-{name}"
         print(f"[{name}] export", flush=True)
-        row = {"variant": name, **export(ckpt, out, VARIANTS[name])}
+        row = {"variant": name, **export(ckpt, out, name)}
         if row["status"] != "ok":
             print(f"[{name}] {row['reason']}")
             rows.append(row)

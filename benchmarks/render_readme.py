@@ -312,9 +312,38 @@ def sequence_step(rep: dict, path: Path, out: Path) -> list[str]:
                         f"scalar-position graph. Logits max |difference| {rep['logits_max_abs_diff']:.2g}.", ""]
 
 
+def _quantized_table(rep: dict) -> list[str]:
+    cfg, bw = rep["config"], rep["bandwidth"]
+    m = cfg["model"]
+    lines = [f"Shape: preset `{cfg['preset']}` (d={m['d_model']}, f={m['d_ffn']}, n={m['max_seq_len']}, "
+             f"{m['n_layers']} blocks ({m['n_sparse']} sparse), {m['n_token_experts']} token / "
+             f"{m['n_spatial_experts']} spatial experts), ort target, {cfg['threads']} thread(s); prefill B=1, "
+             f"T={cfg['seq']} (median of {cfg['reps']}); decode: median of {cfg['steps']} single-token steps after a "
+             f"64-token prefill. Memory bandwidth measured in the same run (1 thread): read {bw['read_gb_s']:.1f} GB/s, "
+             f"copy {bw['copy_gb_s']:.1f} GB/s. Bytes per token: weights a B=1 decode step reads (k/E of the experts, "
+             f"one row of each spatial weight). Bound = read bandwidth / bytes per token.", "",
+             "| variant | model.onnx MB | bits/weight (quantized part) | prefill p50 ms | decode tok/s B=1 | "
+             "decode tok/s B=8 | MB read per token | bound tok/s B=1 | B=1 vs fp32 |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    base = next((r.get("decode_tok_s_b1") for r in rep["rows"] if r["variant"] == "fp32" and r.get("status") == "ok"), None)
+    for r in rep["rows"]:
+        if r.get("status") != "ok":
+            lines.append(f"| {r['variant']} | {r.get('status')}: {r.get('reason', '')} | | | | | | | |")
+            continue
+        rel = f"{r['decode_tok_s_b1'] / base:.2f}x" if base else "-"
+        lines.append(f"| {r['variant']} | {r['model_bytes'] / 1e6:.0f} | {r.get('bits_per_weight') or '-'} | "
+                     f"{r['prefill_p50_ms']:.0f} | {r['decode_tok_s_b1']:.1f} | {r['decode_tok_s_b8']:.1f} | "
+                     f"{r['bytes_per_token'] / 1e6:.0f} | {r['bound_tok_s_b1']:.1f} | {rel} |")
+    return lines + [""]
+
+
+def quantized(rep: dict, path: Path, out: Path) -> list[str]:
+    return ["## Quantized exports (int8 / int4 weight-only)", "", *_header(rep), *_quantized_table(rep), *_goals(rep)]
+
+
 SECTIONS = {"exported_vs_eager": exported_vs_eager, "experts_scaling": experts_scaling, "moe_layer": moe_layer,
             "cpu_real_shapes": cpu_real_shapes, "export_scaling": export_scaling, "serving_load": serving_load,
-            "serve_generate": serve_generate, "sequence_step": sequence_step}
+            "serve_generate": serve_generate, "sequence_step": sequence_step, "quantized": quantized}
 
 
 def render(results: Path, out: Path) -> str:
@@ -344,7 +373,8 @@ README_END = "<!-- BENCHMARKS:END -->"
 README_SECTIONS = {"exported_vs_eager": "Exported vs eager", "experts_scaling": "Cost vs number of experts",
                    "moe_layer": "MoE layer alone", "decode_latency": "Incremental decoding",
                    "gpu_kernels": "GPU kernels", "cpu_real_shapes": "CPU at real shapes (d=1024, n=1024)",
-                   "export_scaling": "Export cost vs model size", "serving_load": "Serving under load (Triton)"}
+                   "export_scaling": "Export cost vs model size", "serving_load": "Serving under load (Triton)",
+                   "quantized": "Quantized exports (int8 / int4 weight-only)"}
 
 
 def readme_summary(results: Path, readme: Path) -> list[str]:
@@ -369,6 +399,8 @@ def readme_summary(results: Path, readme: Path) -> list[str]:
             lines += _export_scaling_table(rep)
         if name == "serving_load":
             lines += _load_table(rep)
+        if name == "quantized":
+            lines += _quantized_table(rep)
         lines += _goals(rep) or ["(no goals recorded)", ""]
         if name == "export_scaling":
             lines += _img(path, readme)

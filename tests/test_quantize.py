@@ -207,8 +207,12 @@ def micro_int4(micro_ckpt, tmp_path_factory):
     from smlp_export.export.pipeline import export_model
 
     out = tmp_path_factory.mktemp("q") / "int4"
-    res = export_model(micro_ckpt, out, target="ort", quantize="int4", block_size=32, quick=True)
+    res = export_model(micro_ckpt, out, target="ort", quantize="int4", block_size=32, quick=True, decode=True)
     return out, res
+
+
+def report_decode_passed(out) -> bool:
+    return bool(json.loads((out / "parity.json").read_text())["decode"]["passed"])
 
 
 @pytest.mark.slow
@@ -219,8 +223,10 @@ def test_int4_ort_export_passes_both_checks(micro_int4):
     q = m["quantization"]
     assert (q["method"], q["bits"], q["block_size"], q["expert_block"]) == ("int4", 4, 32, 32)
     assert q["bits_per_weight"] == pytest.approx(4 + 32 / 32)  # 4-bit values + one fp32 scale per 32
-    ops = {n.op_type for n in onnx.load(out / "model.onnx").graph.node}
-    assert {"QMoE", "MatMulNBits"} <= ops and "MoE" not in ops
+    for f in ("model.onnx", "decode.onnx", "decode_seq.onnx"):  # the decode graphs are quantized the same way
+        ops = {n.op_type for n in onnx.load(out / f).graph.node}
+        assert {"QMoE", "MatMulNBits"} <= ops and "MoE" not in ops, f
+    assert report_decode_passed(out)
     report = json.loads((out / "parity.json").read_text())
     names = {c["name"]: c for c in report["checks"]}
     assert names["max_abs_err_rel"]["ok"] and names["quantized_ppl_delta_rel"]["ok"]
