@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from .options import FiniteFloat
+from .options import FiniteFloat, elsewhere_option
 
 
 def _int_list(text: str, what: str) -> list[int]:
@@ -39,6 +39,11 @@ def _int_list(text: str, what: str) -> list[int]:
               help="After timing, profile each ONNX Runtime backend (ORT profiler) at the largest batch/seq and print per-op time.")
 @click.option("--profile-runs", type=click.IntRange(1), default=10, show_default=True, help="Runs in each profile.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@elsewhere_option("--providers", "the ONNX Runtime provider is part of each backend's name: --backends ort (CPU), "
+                                 "ort-cuda (CUDA), tensorrt (a TensorRT engine)")
+@elsewhere_option("--concurrency-range", "bench times one request at a time; a load sweep runs against a served "
+                                         "repository: smlp deploy OUT -o REPO --backend python --check "
+                                         "--concurrency-range 1:16:4")
 def bench(source, backends, batch, seq, dtypes, threads, warmup, min_runs, min_time, max_time, quick, json_path,
           plot_path, profile, profile_runs, no_progress):
     """Time a checkpoint (or an export folder / .onnx file) on each backend.

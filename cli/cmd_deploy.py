@@ -29,6 +29,14 @@ def _concurrency(ctx, param, value):
     return parse_concurrency(value)
 
 
+def _concurrency_range(ctx, param, value):
+    if value is None:
+        return None
+    from smlp_export.deploy.load import parse_concurrency_range
+
+    return parse_concurrency_range(value)
+
+
 @click.command("deploy")
 @click.argument("export_dir", metavar="OUT")
 @click.option("--runtime", type=click.Choice(["triton"]), default="triton", show_default=True,
@@ -53,6 +61,8 @@ def _concurrency(ctx, param, value):
                    "and check bad requests get error responses.")
 @click.option("--concurrency", default=None, callback=_concurrency, metavar="C1,C2,..",
               help="With --check: a load sweep, e.g. 1,4,16 concurrent clients sending held-out requests.")
+@click.option("--concurrency-range", default=None, callback=_concurrency_range, metavar="START:END[:STEP]",
+              help="perf_analyzer's spelling of --concurrency: 1:16:4 sweeps 1,5,9,13 (STEP defaults to 1).")
 @click.option("--duration", default=5.0, show_default=True, type=FiniteFloat(min=0.1),
               help="Seconds of load per concurrency.")
 @click.option("--requests", "n_requests", default=None, type=click.IntRange(1),
@@ -66,8 +76,8 @@ def _concurrency(ctx, param, value):
               help="Sequences in flight per instance of <name>_sequence (oldest strategy; default 64).")
 @force_option
 def deploy(export_dir, runtime, output, backend, name, instances, gpu, threads, max_batch_size,
-           preferred_batch_sizes, queue_delay_us, check, concurrency, duration, n_requests, json_path,
-           sequence_batch, sequence_candidates, force) -> None:
+           preferred_batch_sizes, queue_delay_us, check, concurrency, concurrency_range, duration, n_requests,
+           json_path, sequence_batch, sequence_candidates, force) -> None:
     """Write a Triton model repository for OUT (refuses exports that failed parity).
 
     \b
@@ -84,6 +94,9 @@ def deploy(export_dir, runtime, output, backend, name, instances, gpu, threads, 
     # every refusal before anything is written
     if check and backend != "python":
         raise SMLPError("--check needs --backend python (the local tritonserver has only the python backend)")
+    if concurrency and concurrency_range:
+        raise SMLPError("give --concurrency or --concurrency-range, not both")
+    concurrency = concurrency or concurrency_range
     if (concurrency or json_path) and not check:
         raise SMLPError(f"{'--concurrency' if concurrency else '--json'} needs --check (it serves the repository)")
     if check:

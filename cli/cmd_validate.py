@@ -5,7 +5,7 @@ import sys
 
 import click
 
-from .options import json_flag, quiet_option
+from .options import json_flag, parse_providers, quiet_option
 
 
 def _fmt(v) -> str:
@@ -51,6 +51,8 @@ def _report_saved(out: str, report, save_inputs: str | None, save_outputs: str |
               help="Fewer cases (what `smlp export --quick` runs; a plain `smlp export` runs the full set).")
 @click.option("--provider", "providers", multiple=True, metavar="NAME",
               help="ONNX Runtime execution provider (repeatable; default CPUExecutionProvider). No silent fallback.")
+@click.option("--providers", "providers_list", multiple=True, metavar="P1,P2", callback=parse_providers,
+              help="Polygraphy's spelling of --provider: comma-separated, short names allowed (cpu, cuda, tensorrt).")
 @click.option("--bisect", "bisect", is_flag=True,
               help="Also compare every block's output (tMoE / sMoE inside sparse blocks) with PyTorch and "
                    "name the first divergence (on a temporary copy of the graph).")
@@ -67,11 +69,12 @@ def _report_saved(out: str, report, save_inputs: str | None, save_outputs: str |
               help="Logits error bound relative to their scale, instead of the dtype table's (a looser one is flagged).")
 @quiet_option
 @json_flag
-def validate(out, backend, checkpoint, quick, providers, bisect, bisect_mode, save_inputs, save_outputs,
+def validate(out, backend, checkpoint, quick, providers, providers_list, bisect, bisect_mode, save_inputs, save_outputs,
              atol, rtol, quiet, as_json) -> None:
     """Compare OUT (an export folder) with PyTorch; write OUT/parity.json; exit 0 only if it passes."""
     from smlp_export.validate import run_validation
 
+    providers = tuple(providers) + tuple(providers_list)
     if providers:
         import onnxruntime
 

@@ -60,6 +60,38 @@ class SeedType(click.ParamType):
 seed_option = click.option("--seed", type=SeedType(), default=0, show_default=True, help="Random seed.")
 
 
+def elsewhere_option(name: str, instead: str):
+    """A hidden option for a flag users bring from another tool (trtexec, perf_analyzer, Polygraphy)
+    that this command has no equivalent for: given, it is refused with one line saying what to use."""
+    def refuse(ctx, param, value):
+        if value is not None:
+            from smlp_export.errors import InputError
+
+            raise InputError(f"{name} is not an option of `{ctx.command_path}`: {instead}")
+        return value
+
+    return click.option(name, default=None, hidden=True, expose_value=False, callback=refuse, metavar="X")
+
+
+# ONNX Runtime provider names as Polygraphy's --providers accepts them (short, case-insensitive)
+PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
+                    "tensorrt": "TensorrtExecutionProvider", "trt": "TensorrtExecutionProvider",
+                    "rocm": "ROCMExecutionProvider", "openvino": "OpenVINOExecutionProvider",
+                    "dml": "DmlExecutionProvider", "coreml": "CoreMLExecutionProvider"}
+
+
+def parse_providers(ctx, param, value) -> tuple[str, ...]:
+    """--providers (Polygraphy's spelling): comma- or space-separated names, each an ONNX Runtime
+    provider or a short form (cpu, cuda, tensorrt, ...)."""
+    if not value:
+        return ()
+    out = []
+    for v in value:
+        for name in v.replace(",", " ").split():
+            out.append(PROVIDER_ALIASES.get(name.lower(), name))
+    return tuple(out)
+
+
 def with_checkpoint(f):
     """[CKPT] argument (default: the embedded default model) + --allow-pickle."""
     return checkpoint_argument(allow_pickle_option(f))

@@ -344,3 +344,36 @@ def test_a_pickled_os_system_is_named_as_a_forbidden_global(tmp_path, capsys):
     assert code == 1 and "it references posix.system" in line
     for text in (line, err):
         assert "will likely succeed" not in text and "weights_only` set to `False" not in text
+
+
+# ---- flags users bring from perf_analyzer / Polygraphy ---------------------------------------------
+def test_concurrency_range_like_perf_analyzer(export_dir, tmp_path, capsys):
+    from smlp_export.deploy.load import parse_concurrency_range
+
+    assert parse_concurrency_range("1:16:4") == [1, 5, 9, 13]
+    assert parse_concurrency_range("2:4") == [2, 3, 4]
+    for bad in ("16:1", "1:16:0", "a:b", "1", "0:4", "1:300"):
+        with pytest.raises(SMLPError, match="--concurrency-range"):
+            parse_concurrency_range(bad)
+    # it reaches deploy's own load-sweep option: the same rule (needs --check) applies to it
+    code, _, err = run_cli(capsys, "deploy", export_dir, "-o", tmp_path / "r", "--concurrency-range", "1:16:4")
+    assert code == 1 and "--concurrency needs --check" in one_error_line(err) and not (tmp_path / "r").exists()
+    code, _, err = run_cli(capsys, "deploy", export_dir, "-o", tmp_path / "r", "--concurrency", "1",
+                           "--concurrency-range", "1:4")
+    assert code == 1 and "not both" in one_error_line(err)
+
+
+@pytest.mark.parametrize("flag, value, says", [("--providers", "cuda", "--backends ort (CPU), ort-cuda (CUDA)"),
+                                               ("--concurrency-range", "1:16:4", "smlp deploy OUT -o REPO")])
+def test_bench_says_which_flag_to_use_instead(capsys, flag, value, says):
+    code, _, err = run_cli(capsys, "bench", flag, value)
+    line = one_error_line(err)
+    assert code == 1 and f"{flag} is not an option of `smlp bench`" in line and says in line
+
+
+def test_validate_accepts_polygraphy_providers(export_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(export_dir, out)
+    code, text, err = run_cli(capsys, "validate", out, "--quick", "--providers", "cpu", "--json")
+    assert code == 0, err
+    assert json.loads(text)["backend_metadata"]["providers"] == ["CPUExecutionProvider"]

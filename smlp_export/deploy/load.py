@@ -235,6 +235,24 @@ def parse_concurrency(text: str) -> list[int]:
     return values
 
 
+def parse_concurrency_range(text: str) -> list[int]:
+    """perf_analyzer's ``START:END[:STEP]`` (linear, END included when reached): '1:16:4' ->
+    [1, 5, 9, 13]; same bounds as ``parse_concurrency``."""
+    parts = text.split(":")
+    try:
+        nums = [int(x) for x in parts]
+    except ValueError:
+        nums = []
+    if len(nums) not in (2, 3) or (len(nums) == 3 and nums[2] < 1) or nums[0] > nums[1]:
+        raise SMLPError(f"--concurrency-range must be START:END[:STEP] with START <= END and STEP >= 1, "
+                        f"like 1:16:4, got {text!r}")
+    start, end, step = nums[0], nums[1], nums[2] if len(nums) == 3 else 1
+    values = list(range(start, end + 1, step))
+    if start < 1 or end > 256:
+        raise SMLPError(f"--concurrency-range values must be in [1, 256], got {text!r}")
+    return values
+
+
 def table_lines(rows: list[dict[str, Any]]) -> list[str]:
     """The load rows as an aligned text table (CLI output) ."""
     head = ["concurrency", "requests", "errors", "mismatches", "p50_ms", "p90_ms", "p99_ms", "throughput_per_s",
