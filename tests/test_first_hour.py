@@ -377,3 +377,13 @@ def test_validate_accepts_polygraphy_providers(export_dir, tmp_path, capsys):
     code, text, err = run_cli(capsys, "validate", out, "--quick", "--providers", "cpu", "--json")
     assert code == 0, err
     assert json.loads(text)["backend_metadata"]["providers"] == ["CPUExecutionProvider"]
+
+
+def test_export_never_replaces_the_embedded_default_model(tmp_path, capsys):
+    from smlp_export.checkpoint import default_checkpoint_dir
+
+    d = default_checkpoint_dir()
+    before = tree(d)
+    code, _, err = run_cli(capsys, "export", "-o", d, "--force", "--no-validate")
+    assert code == 1 and "is or holds the input" in one_error_line(err)
+    assert tree(d) == before

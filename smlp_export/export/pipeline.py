@@ -168,9 +168,12 @@ def _validate(tmp: Path, checkpoint: Any, quick: bool, progress: bool = False) -
 
 
 def _checkpoint_dir(checkpoint: Any) -> Any:
-    """The path export reads ``checkpoint`` from (None for an in-memory model or the embedded one)."""
-    if isinstance(checkpoint, (str, os.PathLike)) and str(checkpoint) not in ("", "default"):
-        return checkpoint
+    """The path export reads ``checkpoint`` from (the embedded model's folder for None / "default";
+    None for an in-memory model)."""
+    from ..checkpoint import resolve
+
+    if checkpoint is None or isinstance(checkpoint, (str, os.PathLike)):
+        return resolve(checkpoint)
     return None
 
 
