@@ -43,6 +43,8 @@ def scatter_inplace_check(threads: int, rows: int = 2048, channels: int = 2048) 
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
+    from smlp_export.runners.ort_session import create_session
+
     g = helper.make_graph(
         [helper.make_node("ScatterND", ["state", "idx", "upd"], ["new_state"])], "scatter",
         [helper.make_tensor_value_info("state", TensorProto.FLOAT, [1, rows, channels]),
@@ -51,9 +53,7 @@ def scatter_inplace_check(threads: int, rows: int = 2048, channels: int = 2048) 
         [helper.make_tensor_value_info("new_state", TensorProto.FLOAT, [1, rows, channels])])
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
     m.ir_version = 10
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    sess = create_session(m.SerializeToString(), intra_op_threads=threads)
     buf = np.zeros((1, rows, channels), np.float32)
     ov = ort.OrtValue.ortvalue_from_numpy(buf)
     out: dict = {"state_mib": buf.nbytes / 2**20}
@@ -92,7 +92,6 @@ def main() -> None:
     threads = _common.setup_threads(args.threads)
 
     import numpy as np
-    import onnxruntime as ort
     import torch
 
     from smlp_export import load_checkpoint
@@ -101,6 +100,7 @@ def main() -> None:
     from smlp_export.decode.runtime import OrtDecoder, OrtGenerator, TorchGenerator
     from smlp_export.decode.state import init_states, step
     from smlp_export.export.pipeline import export_model
+    from smlp_export.runners.ort_session import create_session
 
     model = load_checkpoint(args.checkpoint)
     cfg = model.config
@@ -118,9 +118,7 @@ def main() -> None:
     export_model(model, tmp / "out", target="ort", validate=False, decode=True, force=True)
     out = tmp / "out"
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    full_sess = ort.InferenceSession(str(out / "model.onnx"), so, providers=["CPUExecutionProvider"])
+    full_sess = create_session(out / "model.onnx", intra_op_threads=threads)
     dec = OrtDecoder(out, threads=threads)
     dec.bind(1)
     dec.step_bound(ids, 0)  # fill every state row once (see module docstring)

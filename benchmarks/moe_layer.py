@@ -55,8 +55,9 @@ def ort_moe_layer(w1, b1, w2, b2, routing: str, k: int, threads: int):
     """
     import numpy as np
     import onnx
-    import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
+
+    from smlp_export.runners.ort_session import create_session
 
     E, f, d = w1.shape
     inits = [numpy_helper.from_array(t.numpy().astype(np.float32), n)
@@ -73,9 +74,7 @@ def ort_moe_layer(w1, b1, w2, b2, routing: str, k: int, threads: int):
         [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", d])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
     model.ir_version = 10
-    so = ort.SessionOptions()
-    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    sess = create_session(model.SerializeToString(), intra_op_threads=threads, inter_op_threads=1)
 
     def run(hidden, logits, *_):
         return torch.from_numpy(sess.run(None, {"x": hidden.numpy(), "logits": logits.numpy()})[0])

@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from smlp_export import data, load_checkpoint
-    from smlp_export.bench.ort_session import check_provider
+    from smlp_export.runners.ort_session import check_provider
     from smlp_export.export.pipeline import export_model
     from smlp_export.runners import RunnerUnavailable, get_runner
     from smlp_export.validate.parity import run_validation

@@ -36,13 +36,13 @@ def main() -> None:
     args = p.parse_args()
     threads = _common.setup_threads(args.threads)
     import numpy as np
-    import onnxruntime as ort
 
     from smlp_export import load_checkpoint
     from smlp_export.bench.machine import describe_machine
     from smlp_export.data import corpus_source_of, heldout_windows
     from smlp_export.decode.export import export_decode_graph
     from smlp_export.decode.sequence_export import export_sequence_graph
+    from smlp_export.runners.ort_session import create_session
 
     model = load_checkpoint(args.checkpoint)
     cfg = model.config
@@ -52,10 +52,8 @@ def main() -> None:
     try:
         export_decode_graph(model, tmp / "decode.onnx", target="ort")
         export_sequence_graph(model, tmp / "decode_seq.onnx", target="ort")
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads
-        dec = ort.InferenceSession(str(tmp / "decode.onnx"), so, providers=["CPUExecutionProvider"])
-        seq = ort.InferenceSession(str(tmp / "decode_seq.onnx"), so, providers=["CPUExecutionProvider"])
+        dec = create_session(tmp / "decode.onnx", intra_op_threads=threads)
+        seq = create_session(tmp / "decode_seq.onnx", intra_op_threads=threads)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     names = [i.name for i in dec.get_inputs()][2:]

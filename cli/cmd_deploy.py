@@ -45,7 +45,7 @@ def _concurrency_range(ctx, param, value):
 @click.option("--backend", type=click.Choice(["onnxruntime", "python"]), default="onnxruntime", show_default=True,
               help="Triton backend: onnxruntime, or python (an ONNX Runtime session in the python backend).")
 @click.option("--name", default="smlp", show_default=True, help="Model name in the repository.")
-@click.option("--instances", default=1, show_default=True, type=int, help="Model instances.")
+@click.option("--instances", default=1, show_default=True, type=click.IntRange(1), help="Model instances.")
 @click.option("--gpu", is_flag=True, help="Place instances on GPUs (KIND_GPU) instead of CPUs.")
 @click.option("--threads", default=0, show_default=True, type=click.IntRange(0),
               help="ONNX Runtime intra-op threads per instance (0 = runtime default).")
@@ -57,8 +57,9 @@ def _concurrency_range(ctx, param, value):
               help="Longest a request waits for others to batch with. 0: requests that arrive while the model "
                    "runs are still batched, and a lone client waits for nothing (docs/deploy.md).")
 @click.option("--check", is_flag=True,
-              help="Start a local tritonserver (serve extra; python backend), compare its logits with the export "
-                   "and check bad requests get error responses.")
+              help="Start a local tritonserver (serve extra), compare its logits with the export and check bad "
+                   "requests get error responses. The local server has only the python backend: an onnxruntime "
+                   "repository is checked through its python-backend twin (same graphs and batching).")
 @click.option("--concurrency", default=None, callback=_concurrency, metavar="C1,C2,..",
               help="With --check: a load sweep, e.g. 1,4,16 concurrent clients sending held-out requests.")
 @click.option("--concurrency-range", default=None, callback=_concurrency_range, metavar="START:END[:STEP]",
@@ -74,10 +75,14 @@ def _concurrency_range(ctx, param, value):
                    "(Triton sequence batcher; default 8).")
 @click.option("--sequence-candidates", type=click.IntRange(1), default=None,
               help="Sequences in flight per instance of <name>_sequence (oldest strategy; default 64).")
+@click.option("--sequence-idle-us", type=click.IntRange(1), default=None,
+              help="<name>_sequence: a sequence idle this long without END is evicted (its slot freed, its state "
+                   "dropped; default 5000000 = 5 s). While every candidate slot is held, a new sequence waits "
+                   "up to this long (docs/decode.md).")
 @force_option
 def deploy(export_dir, runtime, output, backend, name, instances, gpu, threads, max_batch_size,
            preferred_batch_sizes, queue_delay_us, check, concurrency, concurrency_range, duration, n_requests,
-           json_path, sequence_batch, sequence_candidates, force) -> None:
+           json_path, sequence_batch, sequence_candidates, sequence_idle_us, force) -> None:
     """Write a Triton model repository for OUT (refuses exports that failed parity).
 
     \b
@@ -92,8 +97,6 @@ def deploy(export_dir, runtime, output, backend, name, instances, gpu, threads, 
     from smlp_export.errors import SMLPError
 
     # every refusal before anything is written
-    if check and backend != "python":
-        raise SMLPError("--check needs --backend python (the local tritonserver has only the python backend)")
     if concurrency and concurrency_range:
         raise SMLPError("give --concurrency or --concurrency-range, not both")
     concurrency = concurrency or concurrency_range
@@ -103,12 +106,12 @@ def deploy(export_dir, runtime, output, backend, name, instances, gpu, threads, 
         from smlp_export.deploy.server import find_pytriton
 
         find_pytriton()  # the serve extra is missing: say so now, not after writing the repository
-    rec = write_triton_repository(export_dir, output, name=name, instances=instances, gpu=gpu,
-                                  intra_op_threads=threads, backend=backend, force=force,
-                                  max_batch_size=max_batch_size, preferred_batch_sizes=preferred_batch_sizes,
-                                  queue_delay_us=queue_delay_us,
-                                  sequence={"max_batch_size": sequence_batch,
-                                            "max_candidate_sequences": sequence_candidates})
+    options = dict(name=name, instances=instances, gpu=gpu, intra_op_threads=threads,
+                   max_batch_size=max_batch_size, preferred_batch_sizes=preferred_batch_sizes,
+                   queue_delay_us=queue_delay_us,
+                   sequence={"max_batch_size": sequence_batch, "max_candidate_sequences": sequence_candidates,
+                             "max_sequence_idle_us": sequence_idle_us})
+    rec = write_triton_repository(export_dir, output, backend=backend, force=force, **options)
     for w in rec.get("warnings", []):
         click.echo(f"warning: {w}", err=True)
     for m in rec["models"]:
@@ -118,19 +121,29 @@ def deploy(export_dir, runtime, output, backend, name, instances, gpu, threads, 
     click.echo(f"serve with: tritonserver --model-repository {output}  (see {output}/README.md)")
     if not check:
         return
+    import tempfile
+    from pathlib import Path
+
     from smlp_export.deploy.load import table_lines
     from smlp_export.deploy.server import check_repository
 
-    res = check_repository(output, export_dir, model=name, concurrency=concurrency,
-                           duration_s=None if n_requests else duration,
-                           requests=n_requests, progress=lambda msg: click.echo(f"  {msg}"))
+    with tempfile.TemporaryDirectory(prefix="smlp-check-") as tmp:
+        served = output
+        if backend != "python":
+            served = Path(tmp) / "repo"
+            write_triton_repository(export_dir, served, backend="python", **options)
+            click.echo(f"checking through a python-backend twin of {output} (same graphs and batching): the local "
+                       "tritonserver has no onnxruntime backend")
+        res = check_repository(served, export_dir, model=name, concurrency=concurrency,
+                               duration_s=None if n_requests else duration,
+                               requests=n_requests, progress=lambda msg: click.echo(f"  {msg}"))
     if res["load"]:
         click.echo("\n".join(table_lines(res["load"])))
     if json_path:
         from smlp_export.bench.machine import describe_machine
         from smlp_export.bench.report import write_json
 
-        write_json({"format_version": 1, "repository": str(output), "model": name, "deploy": rec,
+        write_json({"format_version": 1, "repository": str(output), "served_backend": "python", "model": name, "deploy": rec,
                     "machine": describe_machine(), "check": {k: v for k, v in res.items() if k != "load"},
                     "load": res["load"]}, json_path)
         click.echo(f"wrote {json_path}")

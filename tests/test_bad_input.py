@@ -459,12 +459,6 @@ def test_export_given_where_a_checkpoint_is_needed(exported, capsys, tmp_path):
 
 
 # ---- deploy -------------------------------------------------------------------------------------------
-def test_deploy_check_with_onnxruntime_backend_refused_before_writing(exported, tmp_path, capsys):
-    code, _, err = run_cli(capsys, "deploy", exported / "out", "-o", tmp_path / "repo", "--check")
-    assert code == 1 and "--check needs --backend python" in one_error_line(err)
-    assert not (tmp_path / "repo").exists()
-
-
 def test_deploy_without_parity_warns_and_copies_with_ordinary_modes(exported, tmp_path, capsys, umask022):
     import shutil
 
@@ -477,9 +471,10 @@ def test_deploy_without_parity_warns_and_copies_with_ordinary_modes(exported, tm
     served = tmp_path / "repo" / "smlp" / "1" / "model.onnx"
     assert mode(served) == 0o644 and mode(tmp_path / "repo") == 0o755
     # decode.onnx's scalar `position` travels as [1]: Triton has no scalars for non-batching models
-    cfg = (tmp_path / "repo" / "smlp_decode" / "config.pbtxt").read_text()
-    block = cfg[cfg.index('name: "position"'):]
-    assert block.split("}")[0].split("dims: ")[1].strip() == "[ 1 ]"
+    from smlp_export.deploy.model_config import parse_config
+
+    cfg = parse_config((tmp_path / "repo" / "smlp_decode" / "config.pbtxt").read_text())
+    assert [list(t.dims) for t in cfg.input if t.name == "position"] == [[1]]
 
 
 def test_deploy_onnxruntime_backend_serves_decode_as_a_sequence_model(exported, tmp_path, capsys):

@@ -180,7 +180,7 @@ def test_real_token_ids_are_heldout_text():
 
 def test_sweep_ort_matches_numpy_and_torch_eager(micro_ckpt, bigram_onnx):
     from smlp_export.bench.backends import BACKENDS, Source
-    from smlp_export.bench.ort_session import OrtFileRunner
+    from smlp_export.runners.ort_runner import OrtRunner
     from smlp_export.bench.sweep import run_sweep
 
     # The ORT runner the sweep times computes the right thing.
@@ -189,7 +189,7 @@ def test_sweep_ort_matches_numpy_and_torch_eager(micro_ckpt, bigram_onnx):
 
     init = {t.name: numpy_helper.to_array(t) for t in onnx.load(bigram_onnx).graph.initializer}
     ids = np.array([[1, 2, 255, 256]], dtype=np.int64)
-    with OrtFileRunner(bigram_onnx, intra_op_threads=1) as r:
+    with OrtRunner(bigram_onnx, intra_op_threads=1) as r:
         np.testing.assert_allclose(r.run(ids)["logits"], init["emb"][ids] @ init["out"], rtol=1e-5, atol=1e-5)
         assert r.metadata()["intra_op_threads"] == 1
 

@@ -330,14 +330,16 @@ def test_simulated_batcher_refuses_what_triton_refuses(deployed):
 
 def test_cli_deploy_sequence_options(deployed, tmp_path, capsys):
     from smlp_cli.main import main
+    from smlp_export.deploy.model_config import parse_config
 
     out = deployed["base-deterministic"][0]
     with pytest.raises(SystemExit) as e:
         main(["deploy", str(out), "-o", str(tmp_path / "repo"), "--sequence-batch", "4", "--sequence-candidates", "16"])
         raise SystemExit(0)
     assert e.value.code == 0 and "m_sequence" not in capsys.readouterr().out  # default name: smlp
-    cfg = (tmp_path / "repo" / "smlp_sequence" / "config.pbtxt").read_text()
-    assert "max_batch_size: 4" in cfg and "max_candidate_sequences: 16 preferred_batch_size: 2 preferred_batch_size: 4" in cfg
+    cfg = parse_config((tmp_path / "repo" / "smlp_sequence" / "config.pbtxt").read_text())
+    assert cfg.max_batch_size == 4 and cfg.sequence_batching.oldest.max_candidate_sequences == 16
+    assert list(cfg.sequence_batching.oldest.preferred_batch_size) == [2, 4]
     with pytest.raises(SystemExit) as e:
         main(["deploy", str(out), "-o", str(tmp_path / "r2"), "--sequence-batch", "32", "--sequence-candidates", "16"])
     assert e.value.code == 1 and "max_candidate_sequences (16)" in capsys.readouterr().err
@@ -463,7 +465,7 @@ def test_real_tritonserver_validates_the_onnxruntime_sequence_config(deployed, t
     assert "preferred batch size must be <= max batch size" in load_error(
         lambda t: t.replace("preferred_batch_size: 8", "preferred_batch_size: 16"))
     assert "must have exactly 2 entries for CONTROL_SEQUENCE_START" in load_error(
-        lambda t: t.replace("int32_false_true: [ 0, 1 ]", "int32_false_true: [ 1 ]"))
+        lambda t: t.replace("int32_false_true: 0\n", "", 1))  # START's [0, 1] -> [1]
 
 
 @pytest.mark.serving
@@ -499,3 +501,36 @@ def test_python_sequence_model_drops_abandoned_sequences(deployed, tmp_path):
             request(c, np.array([[1]], np.int64), 3, False)
         log = srv.log_path.read_text()
     assert "dropped the state of 5 sequence(s) idle for more than 0.3 s" in log, log[-2000:]
+
+
+@pytest.mark.serving
+def test_abandoned_sequences_do_not_starve_new_ones(deployed, tmp_path):
+    """Every candidate slot held by a sequence opened without END: a new sequence is served once the
+    idle timeout (default 5 s) evicts the abandoned ones, not after a minute."""
+    pytest.importorskip("pytriton", reason="needs the serve extra (nvidia-pytriton) for a local tritonserver")
+    import time
+
+    import tritonclient.grpc as gc
+
+    from smlp_export.deploy import write_triton_repository
+    from smlp_export.deploy.server import local_tritonserver
+
+    out = deployed["base-deterministic"][0]
+    write_triton_repository(out, tmp_path / "repo", backend="python", name="m",
+                            sequence={"max_batch_size": 2, "max_candidate_sequences": 2})
+    prompt = np.array([[5, 6, 7]], np.int64)
+
+    def request(c, seq, start, end=False):
+        x = gc.InferInput("input_ids", list(prompt.shape), "INT64")
+        x.set_data_from_numpy(prompt)
+        return c.infer("m_sequence", [x], sequence_id=seq, sequence_start=start, sequence_end=end,
+                       client_timeout=30)
+
+    with local_tritonserver(tmp_path / "repo") as srv:
+        c = gc.InferenceServerClient(srv.grpc_url)
+        for seq in (1, 2):  # both slots held, never ended
+            request(c, seq, True)
+        t0 = time.monotonic()
+        request(c, 3, True, True)  # waits for an evicted slot; the old 60 s default timed out here
+        waited = time.monotonic() - t0
+    assert waited < 20, f"a new sequence waited {waited:.1f} s for a slot"

@@ -138,7 +138,7 @@ def make_runner(spec: BackendSpec, source: Source, workdir: Path, threads: int |
             return TorchCompileRunner(ckpt, compile=True, threads=threads)
         return get_runner("torch", ckpt, threads=threads)
     if spec.runtime == "ort":
-        from .ort_session import check_provider
+        from smlp_export.runners.ort_session import check_provider
 
         check_provider(spec.provider)
         onnx = source.onnx.get((spec.target, dtype)) or source.onnx.get(("file", "file"))

@@ -74,11 +74,11 @@ def profile_onnx(path: str | os.PathLike, input_ids: np.ndarray, *, runs: int = 
                  keep_trace: str | os.PathLike | None = None) -> dict[str, Any]:
     """Profile ``runs`` calls of the ONNX model on ``input_ids`` (after ``warmup`` calls, which are
     dropped from the summary). ``keep_trace``: where to copy ORT's raw trace (else it is deleted)."""
-    from .ort_session import OrtFileRunner
+    from smlp_export.runners.ort_runner import OrtRunner
 
     with tempfile.TemporaryDirectory(prefix="smlp-prof-") as tmp:
-        runner = OrtFileRunner(path, provider=provider, intra_op_threads=intra_op_threads,
-                               profile_prefix=str(Path(tmp) / "ort"))
+        runner = OrtRunner(path, providers=[provider], intra_op_threads=intra_op_threads,
+                           profile_prefix=str(Path(tmp) / "ort"))
         runner.load()
         for _ in range(warmup):
             runner.run(input_ids)

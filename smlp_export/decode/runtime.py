@@ -264,17 +264,12 @@ class OrtDecoder:
     thread); ``bind`` + ``step_bound`` the same on one default stream (single-threaded)."""
 
     def __init__(self, path: str | Path, *, providers: Sequence[str] | None = None, threads: int | None = None) -> None:
-        import onnxruntime as ort
+        from ..quantize import ORT_EXACT_SESSION_CONFIG  # quantized portable graphs: float activations
+        from ..runners.ort_session import create_session
 
         self.path, self.section = read_decode_section(path)
-        so = ort.SessionOptions()
-        if threads:
-            so.intra_op_num_threads = threads
-        from ..quantize import ORT_EXACT_SESSION_CONFIG
-
-        for k, v in ORT_EXACT_SESSION_CONFIG.items():  # quantized portable graphs: float activations
-            so.add_session_config_entry(k, v)
-        self.session = ort.InferenceSession(str(self.path), so, providers=list(providers or ["CPUExecutionProvider"]))
+        self.session = create_session(self.path, providers=providers, intra_op_threads=threads or None,
+                                      config=ORT_EXACT_SESSION_CONFIG)
         s = self.section
         self.state_names: list[str] = list(s["inputs"]["states"])
         self.state_out_names: list[str] = list(s["outputs"]["states"])

@@ -28,22 +28,18 @@ def validate_sequence(export_dir: str | Path, model, section: dict[str, Any], *,
     ``validate.tolerances.Tolerance`` (default: the table for the graph's dtype). Returns
     ``{"passed", "max_abs_err_rel", "last_positions", "min_distinct_positions", ...}``.
     """
-    import onnxruntime as ort
     import torch
 
     from ..data import heldout_windows
+    from ..quantize import ORT_EXACT_SESSION_CONFIG  # quantized portable graphs: float activations
+    from ..runners.ort_session import create_session
     from ..validate.integrity import graph_dtype
     from ..validate.tolerances import tolerance_for
 
     path = Path(export_dir) / section["file"]
     if tol is None:
         tol = tolerance_for(graph_dtype(path))
-    from ..quantize import ORT_EXACT_SESSION_CONFIG
-
-    so = ort.SessionOptions()
-    for k, v in ORT_EXACT_SESSION_CONFIG.items():  # quantized portable graphs: float activations
-        so.add_session_config_entry(k, v)
-    sess = ort.InferenceSession(str(path), so, providers=list(providers or ["CPUExecutionProvider"]))
+    sess = create_session(path, providers=providers, config=ORT_EXACT_SESSION_CONFIG)
     ins, outs = section["inputs"], section["outputs"]
     out_names = [outs["logits"], outs["position"], *outs["states"]]
     cfg = model.config

@@ -27,7 +27,20 @@ class ServedLimits:
     max_seq_len: int
 
 
+def check_server_address(server: str) -> str:
+    """``server`` if it is HOST:PORT (or [IPv6]:PORT) with a port in 1..65535, else one SMLPError.
+    gRPC itself takes a port modulo 65536 (99999 dials 34463) and logs pages for an empty address."""
+    host, sep, port = str(server).rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    ok_host = bool(host) and not any(c.isspace() or not c.isprintable() or c in "/@?#" for c in host)
+    if not sep or not ok_host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise SMLPError(f"--server must be HOST:PORT with a port in 1..65535, got {server!r}")
+    return server
+
+
 def _client(server: str):
+    check_server_address(server)
     try:
         import tritonclient.grpc as grpcclient
     except ImportError:

@@ -94,6 +94,8 @@ class TritonPythonModel:
         with open(os.path.join(here, LIMITS_FILE)) as f:
             self.limits = json.load(f)
         config = json.loads(args["model_config"])
+        # Not smlp_export.runners.ort_session.create_session: this file runs inside tritonserver, where
+        # smlp_export is not installed (docs/architecture.md).
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = int(config.get("parameters", {}).get("intra_op_thread_count", {})
                                         .get("string_value", "0"))

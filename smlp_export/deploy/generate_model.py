@@ -19,6 +19,8 @@ from typing import Any
 
 from ..errors import SMLPError
 from ..fsutil import copy_file
+from . import model_config as mc
+from .model_config import write_config
 
 MODEL_SOURCE = Path(__file__).with_name("triton_generate.py")
 SAMPLING_SOURCE = Path(__file__).parent.parent / "decode" / "sampling.py"
@@ -36,30 +38,21 @@ OUTPUTS = [("token_id", "TYPE_INT64", "1"), ("stop_reason", "TYPE_STRING", "1")]
 
 
 def generate_config(name: str, *, instances: int, kind: str, intra_op_threads: int, max_streams: int,
-                    limits: dict[str, Any]) -> str:
-    """config.pbtxt of the streaming model (decoupled transaction policy)."""
-    ins = [f'  {{ name: "{n}" data_type: {t} dims: [ {d} ]{" optional: true" if o else ""} }}' for n, t, d, o in INPUTS]
-    outs = [f'  {{ name: "{n}" data_type: {t} dims: [ {d} ] }}' for n, t, d in OUTPUTS]
-
-    def param(k: str, v: Any) -> str:
-        return f'  {{ key: "{k}" value: {{ string_value: "{v}" }} }}'
-
+                    limits: dict[str, Any]) -> Any:
+    """Triton ``ModelConfig`` (protobuf) of the streaming model (decoupled transaction policy)."""
+    cfg = mc.new_config(name, backend="python", max_batch_size=0)
+    cfg.model_transaction_policy.decoupled = True
+    for n, t, d, o in INPUTS:
+        mc.add_tensor(cfg.input, n, t, [int(d)], **({"optional": True} if o else {}))
+    for n, t, d in OUTPUTS:
+        mc.add_tensor(cfg.output, n, t, [int(d)])
+    mc.add_instances(cfg, instances, kind)
     # vocab_size / eos_token_id / max_seq_len are informational (clients build their tokenizer from them);
     # the model itself reads smlp_generate.json
-    params = [param("intra_op_thread_count", intra_op_threads), param("max_streams", max_streams),
-              param("vocab_size", limits["vocab_size"]), param("max_seq_len", limits["max_seq_len"]),
-              param("eos_token_id", "" if limits["eos_token_id"] is None else limits["eos_token_id"])]
-    return "\n".join([
-        f'name: "{name}"',
-        'backend: "python"',
-        "max_batch_size: 0",
-        "model_transaction_policy { decoupled: true }",
-        "input [\n" + ",\n".join(ins) + "\n]",
-        "output [\n" + ",\n".join(outs) + "\n]",
-        f"instance_group [ {{ count: {instances} kind: {kind} }} ]",
-        "parameters [\n" + ",\n".join(params) + "\n]",
-        "",
-    ])
+    mc.set_parameters(cfg, {"intra_op_thread_count": intra_op_threads, "max_streams": max_streams,
+                            "vocab_size": limits["vocab_size"], "max_seq_len": limits["max_seq_len"],
+                            "eos_token_id": "" if limits["eos_token_id"] is None else limits["eos_token_id"]})
+    return cfg
 
 
 def generate_spec(section: dict[str, Any]) -> dict[str, Any]:
@@ -96,7 +89,7 @@ def write_generate_model(export_dir: Path, model_dir: Path, manifest: dict[str, 
     copy_file(MODEL_SOURCE, version / "model.py")
     copy_file(SAMPLING_SOURCE, version / "smlp_sampling.py")
     (version / SPEC_FILE).write_text(json.dumps(spec, indent=2) + "\n")
-    (model_dir / "config.pbtxt").write_text(generate_config(
+    write_config(model_dir, generate_config(
         model_dir.name, instances=instances, kind=kind, intra_op_threads=intra_op_threads,
         max_streams=max_streams, limits=spec))
     return {"name": model_dir.name, "file": src.name, "sha256": digest, "kind": "generate", "max_batch_size": 0,

@@ -54,14 +54,14 @@ def request_pool(export_dir, lengths: Sequence[int], *, per_length: int = 2, bat
     import json
     from pathlib import Path
 
-    import onnxruntime as ort
+    from smlp_export.runners.ort_session import create_session
 
     from ..data import heldout_windows
 
     export_dir = Path(export_dir)
     cfg = json.loads((export_dir / "manifest.json").read_text())["config"]
     n, vocab = int(cfg["max_seq_len"]), int(cfg["vocab_size"])
-    sess = ort.InferenceSession(str(export_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    sess = create_session(export_dir / "model.onnx")
     pool = []
     for i, t in enumerate(lengths):
         t = max(1, min(int(t), n))

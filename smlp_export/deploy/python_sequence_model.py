@@ -27,6 +27,8 @@ class TritonPythonModel:
         cfg = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in cfg.get("parameters", {}).items()}
         here = os.path.join(args["model_repository"], args["model_version"])
+        # Not smlp_export.runners.ort_session.create_session: this file runs inside tritonserver, where
+        # smlp_export is not installed (docs/architecture.md).
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = int(params.get("intra_op_thread_count", "0"))
         self.session = ort.InferenceSession(os.path.join(here, "model.onnx"), opts,

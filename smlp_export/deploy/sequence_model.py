@@ -11,8 +11,8 @@ state (``new_position`` = position + S), every ``state.blocks.{i}`` too, and the
 makes a starting row use position 0. The client sends only ``input_ids`` [1, S] per request (a
 prompt with START, then one token per request) with its sequence id; the response is ``logits``.
 
-The config written here is checked against Triton's own protobuf schema (``parse_config``:
-tritonclient's ``model_config_pb2`` + ``text_format``). This machine's tritonserver has no
+The config written here is Triton's own ``ModelConfig`` protobuf (``model_config``: tritonclient's
+``model_config_pb2`` + ``text_format``). This machine's tritonserver has no
 onnxruntime backend, so ``SequenceBatcherSim`` reproduces the batcher's implicit-state rules
 in-process around the deployed ``model.onnx`` (ONNX Runtime), for the tests and for
 ``simulate_generation``. With ``--backend python`` the same ``<name>_sequence`` (same client
@@ -29,12 +29,15 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..errors import InputError, SMLPError
+from . import model_config as mc
+from .model_config import parse_config  # noqa: F401 - the simulation and its tests read configs with it
 
 # defaults for `smlp deploy` (the sequence model): batch of up to 8 sequences (preferred: half and
 # all of it), up to 64 sequences in flight per instance, 1 ms of queue delay to let a batch fill
 SEQUENCE_DEFAULTS: dict[str, Any] = {"max_batch_size": 8, "max_candidate_sequences": 64,
                                      "preferred_batch_sizes": None, "max_queue_delay_us": 1000,
-                                     "max_sequence_idle_us": 60_000_000}
+                                     # evicts abandoned sequences: docs/decode.md, "Open sequences"
+                                     "max_sequence_idle_us": 5_000_000}
 
 
 def check_sequence_options(opts: dict[str, Any]) -> dict[str, Any]:
@@ -44,10 +47,11 @@ def check_sequence_options(opts: dict[str, Any]) -> dict[str, Any]:
         raise SMLPError(f"unknown sequence batching option(s): {', '.join(sorted(unknown))}")
     given = {k: v for k, v in opts.items() if v is not None}
     o = {**SEQUENCE_DEFAULTS, **given}
-    mb = int(o["max_batch_size"])
-    cand = int(given.get("max_candidate_sequences", max(SEQUENCE_DEFAULTS["max_candidate_sequences"], mb)))
-    if mb < 1:
-        raise SMLPError(f"sequence max_batch_size must be >= 1, got {mb}")
+    mb = mc.check_range("--sequence-batch", o["max_batch_size"], 1, mc.INT32_MAX)
+    cand = mc.check_range("--sequence-candidates", given.get(
+        "max_candidate_sequences", max(SEQUENCE_DEFAULTS["max_candidate_sequences"], mb)), 1, mc.INT32_MAX)
+    mc.check_range("--sequence-idle-us", o["max_sequence_idle_us"], 1, mc.MAX_IDLE_US)
+    mc.check_range("sequence max_queue_delay_us", o["max_queue_delay_us"], 0, mc.INT32_MAX)
     if cand < mb:
         raise SMLPError(f"max_candidate_sequences ({cand}) must be >= the sequence max_batch_size ({mb})")
     if o["preferred_batch_sizes"] is None:  # half and all of the batch (a half of 1 is no preference)
@@ -56,15 +60,13 @@ def check_sequence_options(opts: dict[str, Any]) -> dict[str, Any]:
         pref = sorted({int(x) for x in o["preferred_batch_sizes"]})
         if not pref or pref[0] < 1 or pref[-1] > mb:
             raise SMLPError(f"preferred batch sizes must lie in [1, max_batch_size {mb}], got {list(o['preferred_batch_sizes'])}")
-    if int(o["max_queue_delay_us"]) < 0 or int(o["max_sequence_idle_us"]) < 1:
-        raise SMLPError("max_queue_delay_us must be >= 0 and max_sequence_idle_us >= 1")
     return {**o, "max_batch_size": mb, "max_candidate_sequences": cand, "preferred_batch_sizes": tuple(pref)}
 
 
-def sequence_config_pbtxt(name: str, section: dict[str, Any], inputs: list[dict], outputs: list[dict], *,
-                          instances: int, kind: str, intra_op_threads: int, options: dict[str, Any] | None = None,
-                          backend: str = "onnxruntime", min_prompt_tokens: int = 1) -> str:
-    """Triton ``config.pbtxt`` for decode_seq.onnx under the sequence batcher.
+def sequence_config(name: str, section: dict[str, Any], inputs: list[dict], outputs: list[dict], *,
+                    instances: int, kind: str, intra_op_threads: int, options: dict[str, Any] | None = None,
+                    backend: str = "onnxruntime", min_prompt_tokens: int = 1) -> Any:
+    """Triton ``ModelConfig`` (protobuf) for decode_seq.onnx under the sequence batcher.
 
     onnxruntime backend: implicit state (Triton keeps position and states), control input START.
     python backend (Triton's python backend has no implicit state): control inputs START, END and
@@ -78,80 +80,50 @@ def sequence_config_pbtxt(name: str, section: dict[str, Any], inputs: list[dict]
     for t in (*inputs, *outputs):
         if not t["dims"] or t["dims"][0] != -1:
             raise SMLPError(f"{section['file']}: {t['name']} has no dynamic batch axis first (dims {t['dims']})")
-
-    def dims(t: dict) -> str:
-        return ", ".join(str(d) for d in t["dims"][1:])
-
-    def tensor(t: dict) -> str:
-        return f'  {{\n    name: "{t["name"]}"\n    data_type: {t["data_type"]}\n    dims: [ {dims(t)} ]\n  }}'
-
-    def state(i_name: str, o_name: str) -> str:
-        t = by_in[i_name]
-        if by_out[o_name]["dims"] != t["dims"] or by_out[o_name]["data_type"] != t["data_type"]:
-            raise SMLPError(f"{section['file']}: state {i_name} -> {o_name} changes shape or type")
-        if any(d < 0 for d in t["dims"][1:]):
-            raise SMLPError(f"{section['file']}: state {i_name} has a dynamic axis besides the batch: {t['dims']}")
-        return (f'    {{\n      input_name: "{i_name}"\n      output_name: "{o_name}"\n'
-                f'      data_type: {t["data_type"]}\n      dims: [ {dims(t)} ]\n'
-                f'      initial_state: {{\n        data_type: {t["data_type"]}\n        dims: [ {dims(t)} ]\n'
-                f'        zero_data: true\n        name: "zero {i_name}"\n      }}\n    }}')
-
-    pairs = [(ins["position"], outs["position"]), *zip(ins["states"], outs["states"])]
     control = ins["start"]
     if by_in[control]["data_type"] != "TYPE_INT32" or by_in[control]["dims"][1:] != [1]:
         raise SMLPError(f"{section['file']}: control input {control} must be int32 [batch, 1]")
-    pref = " ".join(f"preferred_batch_size: {x}" for x in o["preferred_batch_sizes"])
 
-    def flag(tensor_name: str, kind: str) -> str:
-        return f'{{ name: "{tensor_name}" control [ {{ kind: {kind} int32_false_true: [ 0, 1 ] }} ] }}'
-
+    pb = mc.pb()
+    dtype = pb.DataType.Value
+    cfg = mc.new_config(name, backend=backend, max_batch_size=o["max_batch_size"])
+    t = by_in[ins["input_ids"]]
+    mc.add_tensor(cfg.input, t["name"], t["data_type"], t["dims"][1:])
+    t = by_out[outs["logits"]]
+    mc.add_tensor(cfg.output, t["name"], t["data_type"], t["dims"][1:])
     if backend == "python":
-        controls = [flag(control, "CONTROL_SEQUENCE_START"), flag("END", "CONTROL_SEQUENCE_END"),
-                    '{ name: "CORRID" control [ { kind: CONTROL_SEQUENCE_CORRID data_type: TYPE_UINT64 } ] }']
-        state_block = []
-        extra = [f'  {{ key: "min_prompt_tokens" value: {{ string_value: "{int(min_prompt_tokens)}" }} }}']
+        mc.add_tensor(cfg.output, "batch_rows", "TYPE_INT32", [1])
+    sb = cfg.sequence_batching
+    sb.max_sequence_idle_microseconds = o["max_sequence_idle_us"]
+    sb.oldest.max_candidate_sequences = o["max_candidate_sequences"]
+    sb.oldest.preferred_batch_size.extend(o["preferred_batch_sizes"])
+    sb.oldest.max_queue_delay_microseconds = o["max_queue_delay_us"]
+    kinds = pb.ModelSequenceBatching.Control.Kind
+
+    def flag(tensor_name: str, kind: str) -> None:
+        sb.control_input.add(name=tensor_name).control.add(kind=kinds.Value(kind), int32_false_true=[0, 1])
+
+    flag(control, "CONTROL_SEQUENCE_START")
+    params: dict[str, Any] = {"intra_op_thread_count": intra_op_threads}
+    if backend == "python":
+        flag("END", "CONTROL_SEQUENCE_END")
+        sb.control_input.add(name="CORRID").control.add(kind=kinds.Value("CONTROL_SEQUENCE_CORRID"),
+                                                         data_type=dtype("TYPE_UINT64"))
+        params["min_prompt_tokens"] = int(min_prompt_tokens)
     else:
-        controls = [flag(control, "CONTROL_SEQUENCE_START")]
-        state_block = ["  state [\n" + ",\n".join(state(i, j) for i, j in pairs) + "\n  ]"]
-        extra = []
-    return "\n".join([
-        f'name: "{name}"',
-        f'backend: "{backend}"',
-        f"max_batch_size: {o['max_batch_size']}",
-        "input [\n" + tensor(by_in[ins["input_ids"]]) + "\n]",
-        "output [\n" + tensor(by_out[outs["logits"]]) + (
-            ',\n  {\n    name: "batch_rows"\n    data_type: TYPE_INT32\n    dims: [ 1 ]\n  }' if backend == "python" else "")
-        + "\n]",
-        "sequence_batching {",
-        f"  max_sequence_idle_microseconds: {o['max_sequence_idle_us']}",
-        f"  oldest {{ max_candidate_sequences: {o['max_candidate_sequences']} {pref} "
-        f"max_queue_delay_microseconds: {o['max_queue_delay_us']} }}",
-        "  control_input [\n    " + ",\n    ".join(controls) + "\n  ]",
-        *state_block,
-        "}",
-        f"instance_group [ {{ count: {instances} kind: {kind} }} ]",
-        "parameters [",
-        ",\n".join([f'  {{ key: "intra_op_thread_count" value: {{ string_value: "{intra_op_threads}" }} }}', *extra]),
-        "]",
-        "",
-    ])
-
-
-def parse_config(text: str, *, optional: bool = False):
-    """``config.pbtxt`` text -> ``inference.ModelConfig`` through Triton's own schema (tritonclient);
-    a misspelled or misplaced field raises SMLPError with the parser's line and column.
-    ``optional``: return None when tritonclient is not installed (the serve extra)."""
-    try:
-        from google.protobuf import text_format
-        from tritonclient.grpc import model_config_pb2
-    except ImportError:
-        if optional:
-            return None
-        raise SMLPError("checking a Triton config needs tritonclient (install the 'serve' extra)") from None
-    try:
-        return text_format.Parse(text, model_config_pb2.ModelConfig())
-    except text_format.ParseError as e:
-        raise SMLPError(f"config.pbtxt does not parse as Triton's ModelConfig: {e}") from None
+        for i_name, o_name in [(ins["position"], outs["position"]), *zip(ins["states"], outs["states"])]:
+            t = by_in[i_name]
+            if by_out[o_name]["dims"] != t["dims"] or by_out[o_name]["data_type"] != t["data_type"]:
+                raise SMLPError(f"{section['file']}: state {i_name} -> {o_name} changes shape or type")
+            if any(d < 0 for d in t["dims"][1:]):
+                raise SMLPError(f"{section['file']}: state {i_name} has a dynamic axis besides the batch: {t['dims']}")
+            st = sb.state.add(input_name=i_name, output_name=o_name, data_type=dtype(t["data_type"]),
+                              dims=t["dims"][1:])
+            st.initial_state.add(data_type=dtype(t["data_type"]), dims=t["dims"][1:], zero_data=True,
+                                 name=f"zero {i_name}")
+    mc.add_instances(cfg, instances, kind)
+    mc.set_parameters(cfg, params)
+    return cfg
 
 
 # ---- in-process stand-in for the sequence batcher ------------------------------------------------
@@ -195,7 +167,7 @@ class SequenceBatcherSim:
     log: list[dict[str, Any]] = field(default_factory=list)  # per execution: batch size, corrids, positions
 
     def __post_init__(self) -> None:
-        import onnxruntime as ort
+        from smlp_export.runners.ort_session import create_session
 
         self.model_dir = Path(self.model_dir)
         cfg = self.config = parse_config((self.model_dir / "config.pbtxt").read_text())
@@ -221,10 +193,7 @@ class SequenceBatcherSim:
                     self.controls.append((ci.name, np.float32, *c.fp32_false_true))
                 else:
                     self.controls.append((ci.name, np.bool_, *c.bool_false_true))
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = self.threads
-        self.session = ort.InferenceSession(str(self.model_dir / "1" / "model.onnx"), so,
-                                            providers=["CPUExecutionProvider"])
+        self.session = create_session(self.model_dir / "1" / "model.onnx", intra_op_threads=self.threads)
         self.store: dict[int, dict[str, np.ndarray]] = {}  # corrid -> its state inputs for the next request
         self.queue: deque[Request] = deque()
         self.active: set[int] = set()  # sequences started (START seen) and not ended

@@ -73,6 +73,9 @@ def local_tritonserver(repo: str | Path, *, timeout_s: float = 120.0) -> Iterato
         # so the served model imports this environment's onnxruntime even when the virtualenv was
         # never activated (smlp run as .venv/bin/smlp).
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        # The python backend imports each model.py from the repository: without this its stub writes
+        # __pycache__ into the repository being checked (which ships to other machines).
+        env["PYTHONDONTWRITEBYTECODE"] = "1"
         http, grpc, metrics = _free_port(), _free_port(), _free_port()
         log = open(Path(tmp) / "server.log", "w+")
         proc = subprocess.Popen(
@@ -121,7 +124,7 @@ def check_repository(repo: str | Path, export_dir: str | Path, model: str = "sml
     streams are compared token for token with local generation (``check_generate_model``).
     Returns ``{"passed", "max_err_rel", "bound", "cases", "bad_input", "generate", "load"}``.
     """
-    import onnxruntime as ort
+    from smlp_export.runners.ort_session import create_session
 
     from ..data import heldout_windows
     from .load import Client, check_bad_inputs, relative_error, request_pool, run_load, serving_bound
@@ -133,7 +136,7 @@ def check_repository(repo: str | Path, export_dir: str | Path, model: str = "sml
     deployed = json.loads((repo / "smlp_deploy.json").read_text())
     mb = next((int(m.get("max_batch_size", 0)) for m in deployed["models"] if m["name"] == model), 0)
     bound = serving_bound(manifest.get("dtype", "fp32"))
-    sess = ort.InferenceSession(str(export_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    sess = create_session(export_dir / "model.onnx")
     say = progress or (lambda msg: None)
     rows, worst = [], 0.0
     with local_tritonserver(repo) as srv:

@@ -45,6 +45,8 @@ class TritonPythonModel:
             self.spec = json.load(f)
         config = json.loads(args["model_config"])
         params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+        # Not smlp_export.runners.ort_session.create_session: this file runs inside tritonserver, where
+        # smlp_export is not installed (docs/architecture.md).
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = int(params.get("intra_op_thread_count", "0") or 0)
         providers = ["CPUExecutionProvider"]

@@ -1,7 +1,6 @@
 """ONNX Runtime runner over an export folder (``model.onnx``) or one ``.onnx`` file.
 
-ONNX Runtime silently falls back to the CPU provider when CUDA is requested but unusable, so
-``load`` compares ``session.get_providers()`` with what was asked and refuses a fallback: a
+The session comes from ``ort_session.create_session``, which refuses a silent provider fallback: a
 benchmark or parity figure labelled "CUDA" that actually ran on the CPU would be a lie.
 """
 from __future__ import annotations
@@ -14,6 +13,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .base import Runner, RunnerUnavailable
+from .ort_session import create_session
 
 MODEL_FILE = "model.onnx"
 
@@ -44,7 +44,8 @@ class OrtRunner(Runner):
 
     providers: execution providers in priority order (default: CPU only). intra_op_threads:
     fixed, default the cores this process may use; inter_op_threads 1 with sequential execution
-    (the graph is a chain). Both are recorded in ``metadata()``.
+    (the graph is a chain). Both are recorded in ``metadata()``. graph_optimization: none | basic |
+    extended | all. profile_prefix: record ORT's profile (``end_profiling``).
     run(input_ids int64 [B, T]) -> every graph output by name; float16 outputs are returned as
     float32 (comparisons and perplexity are computed in float32; the rounding already happened).
     """
@@ -53,17 +54,20 @@ class OrtRunner(Runner):
 
     def __init__(self, path: str | os.PathLike, *, providers: Sequence[str] | None = None,
                  intra_op_threads: int | None = None, inter_op_threads: int = 1,
-                 graph_optimization: str = "all", session_config: dict[str, str] | None = None):
+                 graph_optimization: str = "all", session_config: dict[str, str] | None = None,
+                 prepacking: bool = True, profile_prefix: str | None = None):
         self.path = resolve_onnx(path)
         self.providers = list(providers or ["CPUExecutionProvider"])
         self.intra_op_threads = intra_op_threads or len(os.sched_getaffinity(0))
         self.inter_op_threads = inter_op_threads
         self.graph_optimization = graph_optimization
-        # SessionOptions config entries, e.g. {"session.disable_prepacking": "1"} (validation of
-        # large models: no second, prepacked copy of every weight)
-        from smlp_export.quantize import ORT_EXACT_SESSION_CONFIG
+        from smlp_export.quantize import ORT_EXACT_SESSION_CONFIG  # quantized portable graphs: float activations
 
+        # further SessionOptions config entries
         self.session_config = {**ORT_EXACT_SESSION_CONFIG, **(session_config or {})}
+        # False for large models: no second, prepacked copy of every weight
+        self.prepacking = prepacking
+        self.profile_prefix = profile_prefix  # ORT's profiler on: end_profiling() returns the trace
         self.session: Any = None
         self._output_types: dict[str, str] = {}
 
@@ -75,35 +79,15 @@ class OrtRunner(Runner):
             raise RunnerUnavailable(f"onnxruntime is not installed ({e})") from None
 
     def load(self) -> None:
-        self.check_available()
-        import onnxruntime as ort
-
-        missing = [p for p in self.providers if p not in ort.get_available_providers()]
-        if missing:
-            raise RunnerUnavailable(f"{', '.join(missing)} not in this onnxruntime build "
-                                    f"(has {', '.join(ort.get_available_providers())})")
-        levels = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-                  "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-                  "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = self.intra_op_threads
-        so.inter_op_num_threads = self.inter_op_threads
-        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        so.graph_optimization_level = levels[self.graph_optimization]
-        so.log_severity_level = 3  # the CUDA-fallback warning is checked below instead
-        for k, v in sorted(self.session_config.items()):
-            so.add_session_config_entry(k, v)
-        try:
-            self.session = ort.InferenceSession(str(self.path), so, providers=self.providers)
-        except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
-            from smlp_export.errors import SMLPError
-
-            raise SMLPError(f"onnxruntime cannot load {self.path}: {str(e).splitlines()[0]}") from None
-        got = self.session.get_providers()
-        if self.providers[0] not in got:
-            self.session = None
-            raise RunnerUnavailable(f"onnxruntime fell back from {self.providers[0]} to {', '.join(got)}")
+        self.session = create_session(self.path, providers=self.providers, intra_op_threads=self.intra_op_threads,
+                                      inter_op_threads=self.inter_op_threads, sequential=True,
+                                      graph_optimization=self.graph_optimization, config=self.session_config,
+                                      prepacking=self.prepacking, profile_prefix=self.profile_prefix)
         self._output_types = {o.name: o.type for o in self.session.get_outputs()}
+
+    def end_profiling(self) -> str:
+        """Stop profiling (``profile_prefix``); returns the path of ORT's chrome-trace JSON file."""
+        return self.session.end_profiling()
 
     def run(self, input_ids: np.ndarray) -> dict[str, np.ndarray]:
         if self.session is None:
@@ -119,7 +103,7 @@ class OrtRunner(Runner):
                 "providers": self.session.get_providers() if self.session is not None else None,
                 "intra_op_threads": self.intra_op_threads, "inter_op_threads": self.inter_op_threads,
                 "execution_mode": "sequential", "graph_optimization": self.graph_optimization,
-                "session_config": self.session_config,
+                "session_config": self.session_config, "prepacking": self.prepacking,
                 "output_types": self._output_types}
 
     def close(self) -> None:

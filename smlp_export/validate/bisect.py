@@ -341,9 +341,9 @@ def _bisect_decode(export_dir: Path, dec: dict[str, Any], model, cases, tol: Tol
         return f
 
     def make_runner(path: Path):
-        import onnxruntime as ort
+        from smlp_export.runners.ort_session import create_session
 
-        sess = ort.InferenceSession(str(path), providers=providers or ["CPUExecutionProvider"])
+        sess = create_session(path, providers=providers)
         wanted = [o.name for o in sess.get_outputs()]
 
         def run(f):

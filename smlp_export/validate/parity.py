@@ -159,7 +159,7 @@ def _make_backend(backend: str, onnx_path: Path, providers: list[str] | None):
     kwargs = {"providers": providers} if backend == "ort" and providers else {}
     if backend == "ort" and (onnx_path.parent / f"{onnx_path.name}.data").is_file():
         # a large (external-data) model: no prepacked second copy of the weights (docs/export.md)
-        kwargs["session_config"] = {"session.disable_prepacking": "1"}
+        kwargs["prepacking"] = False
     runner = get_runner(backend, onnx_path, **kwargs)
     try:
         runner.load()
