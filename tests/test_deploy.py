@@ -104,9 +104,10 @@ def test_deploy_refuses_an_output_that_overlaps_the_export(export_dir, tmp_path,
     out = tmp_path / "out"
     shutil.copytree(export_dir, out)
     before = sorted(p.name for p in out.iterdir())
-    for repo, where in [(out, "is"), (out / "repo", "is inside"), (tmp_path, "contains")]:
+    for repo, words in [(out, "is or holds the input"), (out / "repo", "is inside the export"),
+                        (tmp_path, "is or holds the input")]:
         code, _, err = _cli(capsys, "deploy", out, "-o", repo, "--force")
-        assert code == 1 and err.count("\n") == 1 and f"{where} the export" in err, err
+        assert code == 1 and err.count("\n") == 1 and words in err, err
     assert sorted(p.name for p in out.iterdir()) == before
 
 

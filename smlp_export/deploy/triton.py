@@ -30,7 +30,7 @@ from typing import Any
 
 from ..checkpoint import atomic_dir
 from ..errors import SMLPError
-from ..fsutil import copy_file
+from ..fsutil import check_output, copy_file
 from ..fsutil import sha256_file as _sha256
 from . import model_config as mc
 from .model_config import pb, write_config
@@ -168,13 +168,13 @@ def batching_options(max_batch_size: int, preferred_batch_sizes: tuple[int, ...]
     return max_batch_size, tuple(sorted(set(preferred_batch_sizes)))
 
 
-def _check_apart(export_dir: Path, repo: Path) -> None:
-    """The repository may not be the export, lie inside it or contain it: writing it (or --force
-    replacing it) would destroy the export it is made from."""
-    e, r = export_dir.resolve(), repo.resolve()
-    if r == e or e in r.parents or r in e.parents:
-        where = "is" if r == e else "is inside" if e in r.parents else "contains"
-        raise SMLPError(f"-o {repo} {where} the export {export_dir}: write the repository to a separate directory")
+def _check_apart(export_dir: Path, repo: Path, force: bool) -> None:
+    """Before any work: the repository may not be the export or hold it (fsutil.check_output: --force
+    would replace it), nor lie inside it (the export would carry a repository of itself, and a later
+    `smlp export --force` of it would delete the repository)."""
+    check_output(repo, force=force, inputs=(export_dir,), what="repository")
+    if export_dir.resolve() in repo.resolve().parents:
+        raise SMLPError(f"-o {repo} is inside the export {export_dir}: write the repository to a separate directory")
 
 
 def serving_limits(manifest: dict[str, Any]) -> dict[str, Any]:
@@ -213,7 +213,7 @@ def write_triton_repository(export_dir: str | Path, repo: str | Path, *, name: s
         raise SMLPError(f"unknown Triton backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     mc.check_range("--instances", instances, 1, mc.MAX_INSTANCES)
     mc.check_range("--threads", intra_op_threads, 0, mc.MAX_THREADS)
-    _check_apart(export_dir, repo)
+    _check_apart(export_dir, repo, force)
     max_batch_size, preferred = batching_options(max_batch_size, preferred_batch_sizes, queue_delay_us)
     pb()  # the configs are Triton's ModelConfig protobuf (tritonclient): one clear line if it is missing
     parity_path = export_dir / "parity.json"
