@@ -227,7 +227,7 @@ def test_config_schema_catches_a_misspelled_field(deployed):
     parse_config(text)
     for wrong in (text.replace("max_candidate_sequences", "max_candidate_sequence"),
                   text.replace("zero_data: true", "zero_date: true", 1),
-                  text.replace("CONTROL_SEQUENCE_START", "CONTROL_SEQUENCE_BEGIN")):
+                  text.replace("kind: KIND_CPU", "kind: KIND_CPUS")):
         with pytest.raises(SMLPError, match="does not parse as Triton's ModelConfig"):
             parse_config(wrong)
 

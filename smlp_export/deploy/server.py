@@ -73,9 +73,10 @@ def local_tritonserver(repo: str | Path, *, timeout_s: float = 120.0) -> Iterato
         # so the served model imports this environment's onnxruntime even when the virtualenv was
         # never activated (smlp run as .venv/bin/smlp).
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-        # The python backend imports each model.py from the repository: without this its stub writes
-        # __pycache__ into the repository being checked (which ships to other machines).
-        env["PYTHONDONTWRITEBYTECODE"] = "1"
+        # The python backend's stub imports each model.py from the repository and writes __pycache__
+        # next to it (its embedded Python ignores PYTHONDONTWRITEBYTECODE): removed again on exit, so a
+        # checked repository ships as it was written.
+        caches_before = set(Path(repo).rglob("__pycache__"))
         http, grpc, metrics = _free_port(), _free_port(), _free_port()
         log = open(Path(tmp) / "server.log", "w+")
         proc = subprocess.Popen(
@@ -107,7 +108,10 @@ def local_tritonserver(repo: str | Path, *, timeout_s: float = 120.0) -> Iterato
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 proc.kill()
+                proc.wait()
             log.close()
+            for cache in set(Path(repo).rglob("__pycache__")) - caches_before:
+                shutil.rmtree(cache, ignore_errors=True)
 
 
 def check_repository(repo: str | Path, export_dir: str | Path, model: str = "smlp",
