@@ -277,3 +277,17 @@ def test_int4_portable_export_with_decode_passes(micro_ckpt, tmp_path):
         g = onnx.load(tmp_path / "p4" / f).graph
         dq = [n for n in g.node if n.op_type == "DequantizeLinear"]
         assert dq and {t.data_type for t in g.initializer if t.name == dq[0].input[0]} == {TP.INT4}, f
+
+
+@pytest.mark.slow
+def test_bench_and_deploy_take_a_quantized_export_unchanged(micro_int4, tmp_path, capsys):
+    from .test_bad_input import run_cli
+
+    out, _ = micro_int4
+    code, stdout, _ = run_cli(capsys, "bench", out, "--backends", "ort", "--batch", "1", "--seq", "8")
+    assert code == 0 and "ort" in stdout
+    repo = tmp_path / "repo"
+    code, _, err = run_cli(capsys, "deploy", out, "-o", repo)
+    assert code == 0, err
+    served = next(repo.glob("*/1/model.onnx"))
+    assert "QMoE" in {n.op_type for n in onnx.load(served).graph.node}
