@@ -4,6 +4,13 @@
 through the custom ops ``torch.ops.smlp.*`` (what is exported is what runs); in training mode they
 call the same differentiable plain-torch references, with Base-Layers balanced assignment for
 token routing.
+
+One block forward serves the full sequence and incremental decoding: every block takes an optional
+``step`` (a :class:`SpatialStep`). Without it the spatial (token-mixing) products run over the whole
+sequence ``x[:, :T]``; with it only the spatial product itself is delegated to the step, which
+mixes the new rows with the block's carried state (``smlp_export.decode.state``: one position for
+the batch; ``decode.sequence``: one position per batch row). Everything else -- norms, GELU,
+projections, token MoE, residuals -- is this file's code in both cases, so the two cannot drift.
 """
 from __future__ import annotations
 
@@ -13,8 +20,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from typing import Protocol
+
 from . import ops
 from .config import SMLPConfig
+from .sampling import check_ids
 from .errors import InputError
 
 
@@ -54,6 +64,21 @@ def balanced_assignment(scores: torch.Tensor) -> torch.Tensor:
     return assigned
 
 
+class SpatialStep(Protocol):
+    """The spatial product of one block for new rows, with that block's carried state.
+
+    z2 [B, S, c] (normalised) -> s [B, S, c]; the implementation keeps the block's new state. The
+    three kinds: a dense gMLP block (weight [n, n], bias [n]), deterministic sMoE (weight
+    [E, n, n], bias [E, n]) and partial-prediction sMoE (plus router [p, E])."""
+
+    def dense(self, z2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor: ...
+
+    def deterministic(self, z2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor: ...
+
+    def partial(self, z2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                router: torch.Tensor) -> torch.Tensor: ...
+
+
 class SpatialProjection(nn.Module):
     """Causal spatial projection of a dense gMLP block: ``s = tril(W)[:T, :T] @ z2 + b[:T]``."""
 
@@ -89,10 +114,12 @@ class GMLPBlock(nn.Module):
         self.spatial = SpatialProjection(cfg)
         self.proj_out = nn.Linear(c, cfg.d_model)
 
-    def forward(self, x: torch.Tensor, routing: dict | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, routing: dict | None = None, name: str = "",
+                step: SpatialStep | None = None) -> torch.Tensor:
         z = F.gelu(self.proj_in(self.norm(x)))
         z1, z2 = z.chunk(2, dim=-1)
-        s = self.spatial(self.norm_z2(z2))
+        z2 = self.norm_z2(z2)
+        s = self.spatial(z2) if step is None else step.dense(z2, self.spatial.weight, self.spatial.bias)
         return x + self.proj_out(z1 * s)
 
 
@@ -164,11 +191,15 @@ class SpatialMoE(nn.Module):
             self.register_parameter("router", None)
         self.proj_out = nn.Linear(c, cfg.d_model)
 
-    def forward(self, x: torch.Tensor, routing: dict | None = None, name: str = "") -> torch.Tensor:
+    def forward(self, x: torch.Tensor, routing: dict | None = None, name: str = "",
+                step: SpatialStep | None = None) -> torch.Tensor:
         z = F.gelu(self.proj_in(self.norm(x)))
         z1, z2 = z.chunk(2, dim=-1)
         z2 = self.norm_z2(z2)
-        if self.router is None:
+        if step is not None:  # new rows against the carried state (incremental decoding)
+            s = (step.deterministic(z2, self.weight, self.bias) if self.router is None
+                 else step.partial(z2, self.weight, self.bias, self.router))
+        elif self.router is None:
             fn = torch.ops.smlp.spatial_moe if not self.training else ops.spatial_moe_reference
             s = fn(z2, self.weight, self.bias)
         else:
@@ -189,9 +220,10 @@ class SparseBlock(nn.Module):
         self.smoe = SpatialMoE(cfg)
         self.norm2 = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
 
-    def forward(self, x: torch.Tensor, routing: dict | None = None, name: str = "") -> torch.Tensor:
+    def forward(self, x: torch.Tensor, routing: dict | None = None, name: str = "",
+                step: SpatialStep | None = None) -> torch.Tensor:
         x = self.norm1(x + self.tmoe(x, routing, f"{name}.tmoe"))
-        return self.norm2(x + self.smoe(x, routing, f"{name}.smoe"))
+        return self.norm2(x + self.smoe(x, routing, f"{name}.smoe", step))
 
 
 class SMLPForCausalLM(nn.Module):
@@ -220,21 +252,11 @@ class SMLPForCausalLM(nn.Module):
                     nn.init.zeros_(mod.bias)
 
     def check_inputs(self, input_ids: torch.Tensor) -> None:
-        """One clear error for inputs the model cannot take (shape checks are trace-safe)."""
-        if input_ids.dim() != 2:
-            raise InputError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
-        T = input_ids.shape[1]
-        if T > self.config.max_seq_len:
-            raise InputError(f"sequence length {T} exceeds max_seq_len {self.config.max_seq_len}")
-        if T < 1:
-            raise InputError("sequence length must be >= 1")
-        if not _is_tracing() and input_ids.numel():
-            if input_ids.dtype not in (torch.int64, torch.int32):
-                raise InputError(f"input_ids must be int64 or int32, got {input_ids.dtype}")
-            lo, hi = int(input_ids.min()), int(input_ids.max())
-            if lo < 0 or hi >= self.config.vocab_size:
-                raise InputError(f"token id {hi if hi >= self.config.vocab_size else lo} outside the "
-                                 f"vocabulary [0, {self.config.vocab_size})")
+        """One clear error for inputs the model cannot take (``sampling.check_ids``; while
+        tracing only the shape checks run)."""
+        cfg = self.config
+        check_ids(input_ids, vocab_size=cfg.vocab_size, max_tokens=cfg.max_seq_len, values=not _is_tracing(),
+                  error=InputError)
 
     def block_names(self) -> list[str]:
         return [f"blocks.{i}" for i in range(len(self.blocks))]
@@ -246,9 +268,16 @@ class SMLPForCausalLM(nn.Module):
         ``blocks.i.tmoe`` -> logits [B, T, E_t]; ``blocks.i.smoe`` (partial only) -> probs [B, c, E_s].
         """
         self.check_inputs(input_ids)
-        x = self.embed(input_ids)
+        return self.run_blocks(self.embed(input_ids), routing)
+
+    def run_blocks(self, x: torch.Tensor, routing: dict | None = None,
+                   steps: list[SpatialStep] | None = None) -> torch.Tensor:
+        """Embedded tokens x [B, S, d] -> logits [B, S, V] through every block and the head.
+
+        ``steps``: None for the whole sequence (the forward above), or one ``SpatialStep`` per
+        block for S new tokens mixed with carried states (``smlp_export.decode``)."""
         for i, blk in enumerate(self.blocks):
-            x = blk(x, routing, f"blocks.{i}") if isinstance(blk, SparseBlock) else blk(x)
+            x = blk(x, routing, f"blocks.{i}", None if steps is None else steps[i])
         return self.lm_head(self.norm_f(x))
 
     # ---- Hugging Face layout (PyTorchModelHubMixin's conventions, offline; smlp_export/hub.py) ----

@@ -100,7 +100,7 @@ def test_step_bad_inputs_are_clear_errors():
         step(m, ok, 0, [torch.zeros(1, n - 1, 32)] + st[1:])
     with pytest.raises(InputError, match=r"expected \(2, 32, 32\)"):
         step(m, _ids(2, 2), 0, st)
-    with pytest.raises(InputError, match="dtype torch.float64"):
+    with pytest.raises(InputError, match="dtype float64, expected float32"):
         step(m, ok, 0, [s.double() for s in st])
     with pytest.raises(InputError, match="expected 3 state tensors"):
         step(m, ok, 0, st[:2])

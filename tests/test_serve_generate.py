@@ -109,7 +109,7 @@ def _imports(path):
 
 
 def test_generate_model_is_self_contained(exports):
-    from smlp_export.decode import sampling
+    from smlp_export import sampling
     from smlp_export.deploy.generate_model import MODEL_SOURCE  # the model.py source (not importable here)
 
     d, repo = exports["part"]

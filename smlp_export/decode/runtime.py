@@ -38,8 +38,8 @@ import numpy as np
 from ..errors import InputError, SMLPError
 # the checks, the token choice and the stop rules live in one self-contained module that the served
 # <name>_generate model (Triton python backend) runs too: re-exported here
-from .sampling import (STOP_EOS, STOP_MAX_NEW, STOP_MAX_SEQ, check_options, check_prompt,  # noqa: F401
-                       choose, sample_tokens, softmax64)
+from ..sampling import (STOP_EOS, STOP_MAX_NEW, STOP_MAX_SEQ, check_ids, check_options,  # noqa: F401
+                        check_position, check_prompt, check_states, check_vocab, choose, sample_tokens, softmax64)
 
 STOP_MESSAGES = {
     STOP_EOS: "stopped at the end-of-sequence token",
@@ -283,35 +283,13 @@ class OrtDecoder:
     def check(self, ids: np.ndarray, position: int, states: Sequence[np.ndarray] | None) -> None:
         """One clear InputError for anything the graph would silently get wrong."""
         lim = self.limits
-        if not isinstance(ids, np.ndarray) or ids.ndim != 2 or ids.shape[1] < 1:
-            raise InputError(f"input_ids must be a [batch, new_tokens] array with new_tokens >= 1, got "
-                             f"{getattr(ids, 'shape', type(ids).__name__)}")
-        if ids.dtype != np.int64:
-            raise InputError(f"input_ids must be int64, got {ids.dtype}")
-        B, S = ids.shape
-        if isinstance(position, (bool, np.bool_)) or not isinstance(position, (int, np.integer)):
-            raise InputError(f"position must be an int, got {type(position).__name__}")
-        position = int(position)
-        if position < 0:
-            raise InputError(f"position must be >= 0, got {position}")
-        if position + S > lim.max_seq_len:
-            raise InputError(f"position {position} + {S} new token(s) = {position + S} exceeds max_seq_len {lim.max_seq_len}")
-        if position + S < lim.min_prompt_tokens:
-            raise InputError(f"partial-prediction model: the first step must cover the first p = "
-                             f"{lim.min_prompt_tokens} tokens (got {position + S})")
-        lo, hi = int(ids.min()), int(ids.max())
-        if lo < 0 or hi >= lim.vocab_size:
-            raise InputError(f"token id {hi if hi >= lim.vocab_size else lo} outside the vocabulary [0, {lim.vocab_size})")
-        if states is None:
-            return
-        if len(states) != len(self.state_names):
-            raise InputError(f"expected {len(self.state_names)} state arrays (one per block), got {len(states)}")
-        want = (B, self.n, self.c)
-        for name, st in zip(self.state_names, states):
-            if not isinstance(st, np.ndarray) or st.shape != want:
-                raise InputError(f"{name} has shape {getattr(st, 'shape', None)}, expected {want} [batch, max_seq_len, c]")
-            if st.dtype != self.state_dtype:
-                raise InputError(f"{name} has dtype {st.dtype}, expected {self.state_dtype}")
+        B, S = check_ids(ids, vocab_size=lim.vocab_size, dtypes=("int64",), values=False, error=InputError)
+        check_position(position, S, max_seq_len=lim.max_seq_len, min_prompt_tokens=lim.min_prompt_tokens,
+                       error=InputError)
+        check_vocab(ids, lim.vocab_size, InputError)
+        if states is not None:
+            check_states(states, names=self.state_names, shape=(B, self.n, self.c), dtype=self.state_dtype,
+                         error=InputError)
 
     def init_states(self, batch: int) -> list[np.ndarray]:
         return [np.zeros((batch, self.n, self.c), dtype=self.state_dtype) for _ in self.state_names]

@@ -30,7 +30,8 @@ import torch.nn as nn
 
 from ..errors import InputError
 from ..model import SMLPForCausalLM
-from .state import check_position, partial_route, run_blocks, state_names, state_shape
+from ..sampling import check_ids, check_position, check_states, check_vocab
+from .state import StepOps, partial_route, run_step, state_names, state_shape
 
 
 def _rows_of(weight: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -93,6 +94,10 @@ def partial_smoe_rows(z2, state, rows, weight, bias, router):
     return y * gate[:, None, :], new
 
 
+#: one position per batch row: rows [B, S]
+PER_ROW = StepOps(dense_spatial_rows, deterministic_smoe_rows, partial_smoe_rows)
+
+
 class SequenceStep(nn.Module):
     """``(input_ids [B, S], position [B, 1] int64, start [B, 1] int32, *states [B, n, c]) ->
     (logits [B, S, V], new_position [B, 1], *new_states)``. Shares ``model``'s parameters; no checks
@@ -107,8 +112,7 @@ class SequenceStep(nn.Module):
         S = input_ids.shape[1]
         pos = torch.where(start != 0, torch.zeros_like(position), position)  # [B, 1]
         rows = pos + torch.arange(S, device=input_ids.device)[None, :]  # [B, S]
-        logits, new_states = run_blocks(m, m.embed(input_ids), states, rows, dense_spatial_rows,
-                                        deterministic_smoe_rows, partial_smoe_rows)
+        logits, new_states = run_step(m, input_ids, states, rows, PER_ROW)
         return (logits, pos + S, *new_states)
 
 
@@ -124,21 +128,16 @@ def step_rows(model: SMLPForCausalLM, input_ids: torch.Tensor, positions: Sequen
     """
     cfg = model.config
     p = next(model.parameters())
-    if input_ids.dim() != 2 or input_ids.shape[1] < 1:
-        raise InputError(f"input_ids must be [batch, new_tokens] with new_tokens >= 1, got shape {tuple(input_ids.shape)}")
-    B, S = input_ids.shape
+    B, S = check_ids(input_ids, vocab_size=cfg.vocab_size, values=False, error=InputError)
     pos = [int(x) for x in (positions.tolist() if hasattr(positions, "tolist") else positions)]
     flags = [bool(x) for x in (start if start is not None else [False] * B)]
     if len(pos) != B or len(flags) != B:
         raise InputError(f"need one position and one start flag per batch row ({B}), got {len(pos)} and {len(flags)}")
     for b in range(B):
-        check_position(cfg, 0 if flags[b] else pos[b], S)
-    lo, hi = int(input_ids.min()), int(input_ids.max())
-    if lo < 0 or hi >= cfg.vocab_size:
-        raise InputError(f"token id {hi if hi >= cfg.vocab_size else lo} outside the vocabulary [0, {cfg.vocab_size})")
-    names, want = state_names(model), state_shape(model, B)
-    if len(states) != len(names) or any(tuple(s.shape) != want or s.dtype != p.dtype for s in states):
-        raise InputError(f"expected {len(names)} states of shape {want} and dtype {p.dtype}")
+        check_position(0 if flags[b] else pos[b], S, max_seq_len=cfg.max_seq_len,
+                       min_prompt_tokens=max(1, cfg.prefix_len), error=InputError)
+    check_vocab(input_ids, cfg.vocab_size, InputError)
+    check_states(states, names=state_names(model), shape=state_shape(model, B), dtype=p.dtype, error=InputError)
     position = torch.tensor(pos, dtype=torch.long, device=p.device)[:, None]
     st = torch.tensor(flags, dtype=torch.int32, device=p.device)[:, None]
     with torch.no_grad():

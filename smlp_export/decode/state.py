@@ -22,18 +22,20 @@ The full forward re-routes *every* position when the sequence grows past p, whic
 reproduce, so a partial model must be prefilled with at least p tokens (``InputError`` otherwise);
 from then on the routing is recomputed from the fixed state rows ``[0, p)`` (identical each step).
 
-The same ``DecodeStep`` module is traced for ``decode.onnx`` (see ``export.py``).
+The blocks themselves are the model's own code (``SMLPForCausalLM.run_blocks``): this module only
+supplies the spatial product of the new rows against each block's state, as a ``model.SpatialStep``
+(``CarriedState``). The same ``DecodeStep`` module is traced for ``decode.onnx`` (see ``export.py``).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..errors import InputError
-from ..model import GMLPBlock, SMLPForCausalLM, SparseBlock
+from ..model import SMLPForCausalLM
+from ..sampling import check_ids, check_position, check_states, check_vocab
 
 
 def state_names(model: SMLPForCausalLM) -> list[str]:
@@ -128,32 +130,46 @@ def partial_smoe_step(z2: torch.Tensor, state: torch.Tensor, rows: torch.Tensor,
     return y * gate[:, None, :], new
 
 
-def run_blocks(m: SMLPForCausalLM, x: torch.Tensor, states: Sequence[torch.Tensor], rows: torch.Tensor,
-               dense, deterministic, partial) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """The model's blocks over new tokens ``x`` [B, S, d] at ``rows``, with the spatial products taken
-    from the state by ``dense`` / ``deterministic`` / ``partial`` (``*_step``: one position for the
-    batch; ``sequence.*_rows``: one per row). Returns (logits [B, S, V], new states)."""
-    new_states = []
-    for blk, state in zip(m.blocks, states):
-        if isinstance(blk, GMLPBlock):
-            z = F.gelu(blk.proj_in(blk.norm(x)))
-            z1, z2 = z.chunk(2, dim=-1)
-            s, st = dense(blk.norm_z2(z2), state, rows, blk.spatial.weight, blk.spatial.bias)
-            x = x + blk.proj_out(z1 * s)
-        else:
-            assert isinstance(blk, SparseBlock)
-            x = blk.norm1(x + blk.tmoe(x))
-            sm = blk.smoe
-            z = F.gelu(sm.proj_in(sm.norm(x)))
-            z1, z2 = z.chunk(2, dim=-1)
-            z2 = sm.norm_z2(z2)
-            if sm.router is None:
-                s, st = deterministic(z2, state, rows, sm.weight, sm.bias)
-            else:
-                s, st = partial(z2, state, rows, sm.weight, sm.bias, sm.router)
-            x = blk.norm2(x + sm.proj_out(z1 * s))
-        new_states.append(st)
-    return m.lm_head(m.norm_f(x)), new_states
+class StepOps(NamedTuple):
+    """The spatial products for one row form: ``(z2, state, rows, weight, bias[, router]) -> (s, new state)``."""
+
+    dense: Callable
+    deterministic: Callable
+    partial: Callable
+
+
+#: one position for the whole batch: rows [S]
+SCALAR_ROWS = StepOps(dense_spatial_step, deterministic_smoe_step, partial_smoe_step)
+
+
+class CarriedState:
+    """A ``model.SpatialStep`` for one block: its spatial products for the new rows ``rows`` taken
+    against its carried state [B, n, c] with ``ops`` (``SCALAR_ROWS`` or ``sequence.PER_ROW``);
+    ``state`` holds the new state once the block ran."""
+
+    def __init__(self, state: torch.Tensor, rows: torch.Tensor, ops: StepOps) -> None:
+        self.state, self.rows, self.ops = state, rows, ops
+
+    def dense(self, z2, weight, bias):
+        s, self.state = self.ops.dense(z2, self.state, self.rows, weight, bias)
+        return s
+
+    def deterministic(self, z2, weight, bias):
+        s, self.state = self.ops.deterministic(z2, self.state, self.rows, weight, bias)
+        return s
+
+    def partial(self, z2, weight, bias, router):
+        s, self.state = self.ops.partial(z2, self.state, self.rows, weight, bias, router)
+        return s
+
+
+def run_step(m: SMLPForCausalLM, input_ids: torch.Tensor, states: Sequence[torch.Tensor], rows: torch.Tensor,
+             ops: StepOps) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The model's own blocks (``SMLPForCausalLM.run_blocks``) over new tokens ``input_ids`` [B, S]
+    at ``rows``, each block mixing with its state through ``ops``. Returns (logits [B, S, V], new states)."""
+    steps = [CarriedState(st, rows, ops) for st in states]
+    logits = m.run_blocks(m.embed(input_ids), None, steps)
+    return logits, [st.state for st in steps]
 
 
 class DecodeStep(nn.Module):
@@ -171,57 +187,23 @@ class DecodeStep(nn.Module):
         m = self.model
         S = input_ids.shape[1]
         rows = position.reshape(()) + torch.arange(S, device=input_ids.device)
-        logits, new_states = run_blocks(m, m.embed(input_ids), states, rows, dense_spatial_step,
-                                        deterministic_smoe_step, partial_smoe_step)
+        logits, new_states = run_step(m, input_ids, states, rows, SCALAR_ROWS)
         return (logits, *new_states)
 
 
 def check_step_inputs(model: SMLPForCausalLM, input_ids: torch.Tensor, position: int,
                       states: Sequence[torch.Tensor], *, dtype: torch.dtype | None = None) -> None:
-    """One clear ``InputError`` for anything a step cannot take (also used by the ORT runtime).
+    """One clear ``InputError`` for anything a step cannot take (the checks of ``smlp_export.sampling``).
 
     Checks: ids [B, S] integer in the vocabulary; 0 <= position, position + S <= max_seq_len;
     one state per block of shape [B, max_seq_len, c] and the expected dtype; partial-prediction
     models need the first step to cover the p routing rows.
     """
     cfg = model.config
-    if input_ids.dim() != 2 or input_ids.shape[1] < 1:
-        raise InputError(f"input_ids must be [batch, new_tokens] with new_tokens >= 1, got shape {tuple(input_ids.shape)}")
-    if input_ids.dtype not in (torch.int64, torch.int32):
-        raise InputError(f"input_ids must be int64 or int32, got {input_ids.dtype}")
-    B, S = input_ids.shape
-    check_position(cfg, position, S)
-    lo, hi = int(input_ids.min()), int(input_ids.max())
-    if lo < 0 or hi >= cfg.vocab_size:
-        raise InputError(f"token id {hi if hi >= cfg.vocab_size else lo} outside the vocabulary [0, {cfg.vocab_size})")
-    names = state_names(model)
-    if len(states) != len(names):
-        raise InputError(f"expected {len(names)} state tensors (one per block), got {len(states)}")
-    want = state_shape(model, B)
-    for name, st in zip(names, states):
-        if tuple(st.shape) != want:
-            raise InputError(f"{name} has shape {tuple(st.shape)}, expected {want} [batch, max_seq_len, c]")
-        if dtype is not None and st.dtype != dtype:
-            raise InputError(f"{name} has dtype {st.dtype}, expected {dtype}")
-
-
-def check_position(cfg, position: int, S: int) -> None:
-    """Range rules shared by every backend (see ``check_step_inputs``)."""
-    import numbers
-
-    if isinstance(position, bool) or not isinstance(position, numbers.Integral):
-        raise InputError(f"position must be an int, got {type(position).__name__}")
-    position = int(position)
-    if position < 0:
-        raise InputError(f"position must be >= 0, got {position}")
-    if position + S > cfg.max_seq_len:
-        raise InputError(f"position {position} + {S} new token(s) = {position + S} exceeds max_seq_len {cfg.max_seq_len}")
-    p = cfg.prefix_len
-    if p and position + S < p:
-        raise InputError(
-            f"partial-prediction model: spatial routing is fixed from the first p = {p} tokens, so the "
-            f"prompt (first step) needs at least {p} tokens; got {position + S}. Use a longer prompt "
-            f"(incremental decoding cannot re-route earlier positions)")
+    B, S = check_ids(input_ids, vocab_size=cfg.vocab_size, values=False, error=InputError)
+    check_position(position, S, max_seq_len=cfg.max_seq_len, min_prompt_tokens=max(1, cfg.prefix_len), error=InputError)
+    check_vocab(input_ids, cfg.vocab_size, InputError)
+    check_states(states, names=state_names(model), shape=state_shape(model, B), dtype=dtype, error=InputError)
 
 
 def step(model: SMLPForCausalLM, input_ids: torch.Tensor, position: int,

@@ -4,7 +4,7 @@ Written by ``write_triton_repository(..., backend="python")`` for an export with
 
     REPO/<name>_generate/config.pbtxt              python backend, decoupled (one response per token)
     REPO/<name>_generate/1/model.py                smlp_export/deploy/triton_generate.py, verbatim
-    REPO/<name>_generate/1/smlp_sampling.py        smlp_export/decode/sampling.py, verbatim
+    REPO/<name>_generate/1/smlp_sampling.py        smlp_export/sampling.py, verbatim
     REPO/<name>_generate/1/decode.onnx             the export's decode graph, byte-identical
     REPO/<name>_generate/1/smlp_generate.json      limits from manifest["decode"] + request defaults
 
@@ -23,7 +23,7 @@ from . import model_config as mc
 from .model_config import write_config
 
 MODEL_SOURCE = Path(__file__).with_name("triton_generate.py")
-SAMPLING_SOURCE = Path(__file__).parent.parent / "decode" / "sampling.py"
+SAMPLING_SOURCE = Path(__file__).parent.parent / "sampling.py"
 SPEC_FILE = "smlp_generate.json"
 DEFAULT_MAX_NEW_TOKENS = 64  # as `smlp generate`
 

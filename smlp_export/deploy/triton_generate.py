@@ -3,7 +3,7 @@
 
 It runs inside Triton (e.g. the NGC container) where smlp_export is not installed, so it imports only
 numpy, onnxruntime, triton_python_backend_utils, the stdlib and ``smlp_sampling.py`` beside it (a
-verbatim copy of ``smlp_export/decode/sampling.py``: the checks, token choice and stop rules that
+verbatim copy of ``smlp_export/sampling.py``: the checks, token choice and stop rules that
 ``smlp generate`` runs, so the same seed gives the same tokens), and reads its limits from
 ``smlp_generate.json`` beside it, never from a path outside the repository.
 

@@ -1,5 +1,9 @@
 """The rules of generation (checks, token choice, stopping), self-contained: numpy and stdlib only.
 
+The input checks (ids, position, states, prompt) are the project's only ones: the PyTorch model,
+the PyTorch decode steps and the ONNX Runtime decoder call them too (they take numpy arrays and
+torch tensors alike, by shape / dtype name / min / max).
+
 One implementation used in two places:
 
 - ``smlp_export.decode.runtime.Generator.generate`` (``smlp generate``, every backend);
@@ -62,6 +66,69 @@ def check_options(max_new_tokens: int, temperature: float, top_k: int | None, se
         raise error(f"top_k must be an integer >= 1, got {top_k!r}")
 
 
+def _dtype_name(dtype) -> str:
+    """numpy ``int64`` and torch ``torch.int64`` -> ``"int64"`` (one spelling in every message)."""
+    return str(dtype).removeprefix("torch.")
+
+
+def check_vocab(ids, vocab_size: int, error: Callable[[str], Exception] = ValueError) -> None:
+    """Every id of ``ids`` (numpy array or torch tensor, not empty) in [0, vocab_size)."""
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= vocab_size:
+        raise error(f"token id {hi if hi >= vocab_size else lo} outside the vocabulary [0, {vocab_size})")
+
+
+def check_ids(ids, *, vocab_size: int, max_tokens: int | None = None, dtypes: tuple[str, ...] = ("int64", "int32"),
+              values: bool = True, error: Callable[[str], Exception] = ValueError) -> tuple[int, int]:
+    """input_ids [batch, seq] (numpy array or torch tensor) -> (batch, seq); one ``error`` if the
+    shape is not 2-D with seq >= 1, seq > ``max_tokens``, the dtype is not one of ``dtypes`` or an
+    id lies outside the vocabulary (``values=False`` skips the data: shape checks only, trace-safe)."""
+    shape = tuple(getattr(ids, "shape", ()))
+    if not hasattr(ids, "dtype") or len(shape) != 2 or shape[1] < 1:
+        raise error(f"input_ids must be [batch, seq] token ids with seq >= 1, got "
+                    f"{f'shape {shape}' if hasattr(ids, 'dtype') else type(ids).__name__}")
+    if max_tokens is not None and shape[1] > max_tokens:
+        raise error(f"sequence length {shape[1]} exceeds max_seq_len {max_tokens}")
+    if _dtype_name(ids.dtype) not in dtypes:
+        raise error(f"input_ids must be {' or '.join(dtypes)}, got {_dtype_name(ids.dtype)}")
+    if values and shape[0] > 0:
+        check_vocab(ids, vocab_size, error)
+    return shape[0], shape[1]
+
+
+def check_position(position: int, new_tokens: int, *, max_seq_len: int, min_prompt_tokens: int = 1,
+                   error: Callable[[str], Exception] = ValueError) -> int:
+    """A step of ``new_tokens`` at ``position``: an int >= 0 with position + new_tokens <= max_seq_len;
+    partial-prediction models (min_prompt_tokens = p > 1) need the first step to cover [0, p)."""
+    if isinstance(position, (bool, np.bool_)) or not isinstance(position, (int, np.integer)):
+        raise error(f"position must be an int, got {type(position).__name__}")
+    position = int(position)
+    if position < 0:
+        raise error(f"position must be >= 0, got {position}")
+    end = position + new_tokens
+    if end > max_seq_len:
+        raise error(f"position {position} + {new_tokens} new token(s) = {end} exceeds max_seq_len {max_seq_len}")
+    p = min_prompt_tokens
+    if end < p:
+        raise error(f"partial-prediction model: spatial routing is fixed from the first p = {p} tokens, so the "
+                    f"prompt (first step) needs at least {p} tokens; got {end}. Use a longer prompt "
+                    f"(incremental decoding cannot re-route earlier positions)")
+    return position
+
+
+def check_states(states, *, names: list[str], shape: tuple[int, ...], dtype=None,
+                 error: Callable[[str], Exception] = ValueError) -> None:
+    """One state per name, each of ``shape`` ([batch, max_seq_len, c]) and ``dtype`` (when given)."""
+    if len(states) != len(names):
+        raise error(f"expected {len(names)} state tensors (one per block), got {len(states)}")
+    for name, st in zip(names, states):
+        got = tuple(st.shape) if hasattr(st, "shape") else None
+        if got != tuple(shape):
+            raise error(f"{name} has shape {got}, expected {tuple(shape)} [batch, max_seq_len, c]")
+        if dtype is not None and _dtype_name(st.dtype) != _dtype_name(dtype):
+            raise error(f"{name} has dtype {_dtype_name(st.dtype)}, expected {_dtype_name(dtype)}")
+
+
 def check_prompt(prompt: np.ndarray, *, vocab_size: int, max_seq_len: int, min_prompt_tokens: int = 1,
                  error: Callable[[str], Exception] = ValueError) -> None:
     """prompt [B, T] integer ids: one ``error`` if it cannot start a generation."""
@@ -73,9 +140,7 @@ def check_prompt(prompt: np.ndarray, *, vocab_size: int, max_seq_len: int, min_p
                     f"the first p = {min_prompt_tokens} tokens: give a prompt of at least {min_prompt_tokens} tokens")
     if T >= max_seq_len:
         raise error(f"prompt has {T} tokens: max_seq_len {max_seq_len} leaves no room to generate")
-    lo, hi = int(prompt.min()), int(prompt.max())
-    if lo < 0 or hi >= vocab_size:
-        raise error(f"token id {hi if hi >= vocab_size else lo} outside the vocabulary [0, {vocab_size})")
+    check_vocab(prompt, vocab_size, error)
 
 
 @dataclass(frozen=True)
