@@ -64,6 +64,15 @@ def bench(source, backends, batch, seq, dtypes, threads, warmup, min_runs, min_t
     from smlp_export.errors import InputError
 
     specs = parse_backends(backends)
+    if any(s.runtime == "tensorrt" for s in specs):  # asked for by name: missing TensorRT is an error, not a skip
+        from smlp_export.errors import SMLPError
+        from smlp_export.runners import RunnerUnavailable
+        from smlp_export.runners.registry import get_runner_class
+
+        try:
+            get_runner_class("tensorrt").check_available()
+        except RunnerUnavailable as e:
+            raise SMLPError(f"--backends tensorrt: {e}") from None
     batches, seqs = _int_list(batch, "--batch"), _int_list(seq, "--seq")
     dtype_list = tuple(d.strip() for d in dtypes.split(",") if d.strip())
     bad = [d for d in dtype_list if d not in ("fp32", "fp16")]

@@ -43,8 +43,12 @@ def _report_saved(out: str, report, save_inputs: str | None, save_outputs: str |
 
 @click.command("validate")
 @click.argument("out", type=click.Path(path_type=str))
-@click.option("--backend", type=click.Choice(["ort", "reference"]), default="ort", show_default=True,
-              help="ort: ONNX Runtime; reference: onnx.reference.ReferenceEvaluator (independent, slow: small cases).")
+@click.option("--backend", type=click.Choice(["ort", "reference", "tensorrt"]), default="ort", show_default=True,
+              help="ort: ONNX Runtime; reference: onnx.reference.ReferenceEvaluator (independent, slow: small cases); "
+                   "tensorrt: a TensorRT engine of a --target tensorrt export, run by Polygraphy (needs TensorRT).")
+@click.option("--engine", default=None, type=click.Path(dir_okay=False), metavar="ENGINE",
+              help="--backend tensorrt: the engine file (default OUT/model.engine if it exists, else one is built "
+                   "in a temporary folder). Its ENGINE.json must name OUT's model.onnx.")
 @click.option("--checkpoint", default=None, metavar="CKPT",
               help="Checkpoint to compare with (default: the one named in manifest.json; its sha256 must match).")
 @click.option("--quick", is_flag=True,
@@ -69,8 +73,8 @@ def _report_saved(out: str, report, save_inputs: str | None, save_outputs: str |
               help="Logits error bound relative to their scale, instead of the dtype table's (a looser one is flagged).")
 @quiet_option
 @json_flag
-def validate(out, backend, checkpoint, quick, providers, providers_list, bisect, bisect_mode, save_inputs, save_outputs,
-             atol, rtol, quiet, as_json) -> None:
+def validate(out, backend, engine, checkpoint, quick, providers, providers_list, bisect, bisect_mode, save_inputs,
+             save_outputs, atol, rtol, quiet, as_json) -> None:
     """Compare OUT (an export folder) with PyTorch; write OUT/parity.json; exit 0 only if it passes."""
     from smlp_export.validate import run_validation
 
@@ -84,7 +88,7 @@ def validate(out, backend, checkpoint, quick, providers, providers_list, bisect,
     report = run_validation(out, backend, checkpoint=checkpoint, quick=quick,
                             providers=list(providers) or None, progress=not (quiet or as_json) and sys.stderr.isatty(),
                             bisect=bisect_mode if bisect else None, save_inputs=save_inputs,
-                            save_outputs=save_outputs, atol=atol, rtol=rtol)
+                            save_outputs=save_outputs, atol=atol, rtol=rtol, engine=engine)
     _report_saved(out, report, save_inputs, save_outputs, providers)
     if as_json:
         click.echo(report.to_json())

@@ -141,23 +141,31 @@ def make_runner(spec: BackendSpec, source: Source, workdir: Path, threads: int |
         from smlp_export.runners.ort_session import check_provider
 
         check_provider(spec.provider)
-        onnx = source.onnx.get((spec.target, dtype)) or source.onnx.get(("file", "file"))
-        if onnx is None:
-            if source.kind != "checkpoint":
-                have = ", ".join(f"{t}/{d}" for t, d in source.onnx) or "none"
-                raise RunnerUnavailable(f"no {spec.target}/{dtype} export in {source.path} (has: {have})")
-            onnx = export_for_target(source.path, spec.target, dtype, workdir)
-            source.onnx[(spec.target, dtype)] = onnx
+        onnx = _onnx_for(spec, source, workdir, dtype)
         r = get_runner("ort", onnx, providers=[spec.provider], intra_op_threads=threads)
         r.name = spec.name
         return r
-    if spec.runtime == "tensorrt":
-        try:
-            import tensorrt  # noqa: F401
-        except ImportError:
-            raise RunnerUnavailable("TensorRT is not installed (pip extra 'tensorrt', needs NVIDIA's libs and a GPU)") from None
-        raise RunnerUnavailable("TensorRT engine runner not implemented yet")
+    if spec.runtime == "tensorrt":  # an engine of the --target tensorrt export (smlp_plugins.trt_runner)
+        from smlp_export.runners.registry import get_runner_class
+
+        get_runner_class("tensorrt").check_available()
+        onnx = _onnx_for(spec, source, workdir, dtype)
+        r = get_runner("tensorrt", onnx.parent)
+        r.name = spec.name
+        return r
     raise RunnerUnavailable(f"unknown runtime {spec.runtime}")  # pragma: no cover
+
+
+def _onnx_for(spec: BackendSpec, source: Source, workdir: Path, dtype: str) -> Path:
+    """The ONNX file ``spec`` runs: the source's own export for its target, or one exported here."""
+    onnx = source.onnx.get((spec.target, dtype)) or (source.onnx.get(("file", "file")) if spec.runtime == "ort" else None)
+    if onnx is None:
+        if source.kind != "checkpoint":
+            have = ", ".join(f"{t}/{d}" for t, d in source.onnx) or "none"
+            raise RunnerUnavailable(f"no {spec.target}/{dtype} export in {source.path} (has: {have})")
+        onnx = export_for_target(source.path, spec.target, dtype, workdir)
+        source.onnx[(spec.target, dtype)] = onnx
+    return onnx
 
 
 def describe_spec(spec: BackendSpec, dtype: str = "fp32") -> dict[str, Any]:

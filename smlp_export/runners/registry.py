@@ -48,3 +48,6 @@ def get_runner(name: str, *args: Any, **kwargs: Any) -> Runner:
 register_runner("torch", "smlp_export.runners.torch_runner", "TorchRunner")
 register_runner("ort", "smlp_export.runners.ort_runner", "OrtRunner")
 register_runner("reference", "smlp_export.runners.reference_runner", "ReferenceRunner")
+# TensorRT lives with the plugins it needs (the top-level smlp_plugins package, which sits above
+# smlp_export): registered by name, imported only when asked for.
+register_runner("tensorrt", "smlp_plugins.trt_runner", "TensorRTRunner")

@@ -28,7 +28,7 @@ from .tolerances import tolerance_for
 
 MANIFEST_FILE = "manifest.json"
 MODEL_FILE = "model.onnx"
-BACKENDS = ("ort", "reference")
+BACKENDS = ("ort", "reference", "tensorrt")
 # (batch, seq); seq None = max_seq_len; every seq is clipped to max_seq_len and duplicates dropped.
 CASES_FULL: tuple[tuple[int, int | None], ...] = ((1, 1), (2, 33), (3, 77), (2, None), (4, 16), (5, 13))
 CASES_QUICK: tuple[tuple[int, int | None], ...] = ((1, 1), (3, 77), (1, None))
@@ -151,12 +151,26 @@ def _routing_layers(manifest: dict, cfg) -> list[LayerRouting]:
     return layers
 
 
-def _make_backend(backend: str, onnx_path: Path, providers: list[str] | None):
-    from smlp_export.runners import RunnerUnavailable, get_runner
+def _check_backend(backend: str) -> None:
+    """Before any work: an unknown backend or one whose runtime is missing is one clear error."""
+    from smlp_export.runners import RunnerUnavailable
+    from smlp_export.runners.registry import get_runner_class
 
     if backend not in BACKENDS:
         raise InputError(f"unknown validation backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    try:
+        get_runner_class(backend).check_available()
+    except RunnerUnavailable as e:
+        raise SMLPError(f"backend {backend} cannot run here: {e}") from None
+
+
+def _make_backend(backend: str, onnx_path: Path, providers: list[str] | None, engine: str | None = None):
+    from smlp_export.runners import RunnerUnavailable, get_runner
+
+    _check_backend(backend)
     kwargs = {"providers": providers} if backend == "ort" and providers else {}
+    if backend == "tensorrt" and engine:
+        kwargs["engine"] = engine
     if backend == "ort" and (onnx_path.parent / f"{onnx_path.name}.data").is_file():
         # a large (external-data) model: no prepacked second copy of the weights (docs/export.md)
         kwargs["prepacking"] = False
@@ -178,19 +192,24 @@ def run_validation(export_dir: str | Path, backend: str = "ort", *, checkpoint: 
                    providers: list[str] | None = None, progress: bool = False, write: bool = True,
                    bisect: str | None = None, save_inputs: str | None = None,
                    save_outputs: str | None = None, atol: float | None = None,
-                   rtol: float | None = None) -> ParityReport:
+                   rtol: float | None = None, engine: str | None = None) -> ParityReport:
     """Compare the export in ``export_dir`` with PyTorch on real held-out text; write parity.json.
 
     checkpoint: path, name, or an ``SMLPForCausalLM``; default ``manifest["checkpoint"]["path"]``.
     Its weights sha256 must match the manifest's (CheckpointError otherwise).
-    quick: fewer cases (used after every export). bisect: None, or a mode of
+    quick: fewer cases (used after every export). engine: the TensorRT engine file for backend
+    ``tensorrt`` (default OUT/model.engine if present, else one is built). bisect: None, or a mode of
     ``validate.bisect.MODES`` to add the per-block comparison (report ``bisect``). The report's ``passed`` is True only if every
     check passed; errors in the inputs (missing files, unknown backend) raise ``SMLPError``.
     """
     t0 = time.perf_counter()
     export_dir = Path(export_dir)
-    if backend not in BACKENDS:
-        raise InputError(f"unknown validation backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    _check_backend(backend)
+    if bisect and backend == "tensorrt":
+        raise InputError("--bisect adds graph outputs and runs them on ONNX Runtime; it does not take "
+                         "--backend tensorrt (an engine's outputs are fixed when it is built)")
+    if engine and backend != "tensorrt":
+        raise InputError("--engine is for --backend tensorrt")
     # Held from here to the write of parity.json: if OUT is replaced meanwhile (export --force), the
     # report must not land in the new export (report.write checks this folder is still OUT).
     try:
@@ -204,7 +223,7 @@ def run_validation(export_dir: str | Path, backend: str = "ort", *, checkpoint: 
     try:
         return _run_validation(export_dir, backend, dir_fd, checkpoint=checkpoint, quick=quick, providers=providers,
                                bar=bar, write=write, bisect=bisect, save_inputs=save_inputs,
-                               save_outputs=save_outputs, atol=atol, rtol=rtol, t0=t0)
+                               save_outputs=save_outputs, atol=atol, rtol=rtol, engine=engine, t0=t0)
     finally:
         bar.close()
         if dir_fd is not None:
@@ -214,7 +233,7 @@ def run_validation(export_dir: str | Path, backend: str = "ort", *, checkpoint: 
 def _run_validation(export_dir: Path, backend: str, dir_fd: int | None, *, checkpoint: Any, quick: bool,
                     providers: list[str] | None, bar: Any, write: bool, bisect: str | None,
                     save_inputs: str | None, save_outputs: str | None, atol: float | None,
-                    rtol: float | None, t0: float) -> ParityReport:
+                    rtol: float | None, engine: str | None, t0: float) -> ParityReport:
     from smlp_export import data
 
     def stage(name: str) -> None:
@@ -255,7 +274,7 @@ def _run_validation(export_dir: Path, backend: str, dir_fd: int | None, *, check
 
     ref_runner = TorchRunner(model)
     ref_runner.load()
-    runner = _make_backend(backend, onnx_path, providers)
+    runner = _make_backend(backend, onnx_path, providers, engine)
     rows: list[dict[str, Any]] = []
     inputs: list[tuple[str, np.ndarray]] = []  # (case, input_ids): what --bisect replays
     failures: list[str] = []

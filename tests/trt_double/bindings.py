@@ -25,7 +25,14 @@ import numpy as np
 __version__ = "10.13.0.35"
 
 
-class Logger:
+class ILogger:
+    """Base class of a user logger (subclasses call ``ILogger.__init__(self)`` and define ``log``)."""
+
+    def __init__(self) -> None:
+        pass
+
+
+class Logger(ILogger):
     INTERNAL_ERROR, ERROR, WARNING, INFO, VERBOSE = range(5)
 
     def __init__(self, min_severity: int = 2):
@@ -74,6 +81,13 @@ class TensorFormat(enum.Enum):
     CHW4 = 3
     CHW16 = 4
     CHW32 = 5
+    DHWC8 = 6
+    CDHW32 = 7
+    HWC = 8
+    DLA_LINEAR = 9
+    DLA_HWC4 = 10
+    HWC16 = 11
+    DHWC = 12
 
     def __str__(self) -> str:
         return f"TensorFormat.{self.name}"
@@ -410,9 +424,11 @@ def make_module(version: str = __version__) -> types.ModuleType:
             setattr(mod, name, getattr(src, name))
     registry = _PluginRegistry()
     mod.get_plugin_registry = lambda: registry
-    from . import builder  # network / parser / builder stand-ins that work on this module
+    from . import builder, engine  # network / parser / builder and runtime / engine stand-ins
 
     mod.Builder, mod.OnnxParser = builder.Builder, builder.OnnxParser
+    for name in engine.EXPORTS:
+        setattr(mod, name, getattr(engine, name))
     mod.builds = []  # (network, config) of every build_serialized_network call, for the tests
     mod.__version__ = version
     mod.__path__ = []  # a package, so that ``import tensorrt.plugin`` resolves through sys.modules

@@ -198,6 +198,7 @@ class Network:
         self.inputs: list[_Input] = []
         self.plugin_layers: list[tuple[onnx.NodeProto, object]] = []
         self.function_layers: list[onnx.NodeProto] = []
+        self.model: onnx.ModelProto | None = None  # what the parser read (the engine double runs it)
 
     @property
     def num_inputs(self) -> int:
@@ -228,6 +229,7 @@ class OnnxParser:
     def parse_from_file(self, path: str) -> bool:
         trt = self.network.trt
         model = onnx.load(path)
+        self.network.model = model
         elem = {onnx.TensorProto.INT64: trt.int64, onnx.TensorProto.INT32: trt.int32,
                 onnx.TensorProto.FLOAT: trt.float32, onnx.TensorProto.FLOAT16: trt.float16,
                 onnx.TensorProto.BFLOAT16: trt.bfloat16}
@@ -347,4 +349,6 @@ class Builder:
             cache = config.get_timing_cache()
             cache.entries += b"timed:" + str(len(network.plugin_layers)).encode() + b";"
         self.trt.builds.append((network, config))
-        return memoryview(b"smlp-trt-double-plan:" + str(len(network.plugin_layers)).encode())
+        from .engine import serialize_plan
+
+        return memoryview(serialize_plan(network, config))
