@@ -138,7 +138,8 @@ def test_decode_graph_state_rows(ckpt, tmp_path):
     assert [r["name"] for r in dec["blocks"] if r["name"].endswith(".state")] == \
         ["blocks.0.state", "blocks.1.state", "blocks.2.state"]
     # corrupt block 1's spatial-expert biases in decode.onnx only: its state is unaffected (state = the
-    # input of the spatial projection), the next block's state is the first to move
+    # input of the spatial projection); the decode step runs the model's own sMoE module, so decode.onnx
+    # records its output as a probe and bisection names it (before one forward: blocks.2.tmoe)
     out = tmp_path / "d"
     shutil.copytree(src, out)
     path = out / "decode.onnx"
@@ -149,7 +150,9 @@ def test_decode_graph_state_rows(ckpt, tmp_path):
     onnx.save(m, str(path))
     _reseal(out)
     bis = _bisect_direct(out, ckpt)
-    assert bis["decode"]["first_divergence"] == "blocks.2.tmoe", bis["decode"]
+    assert bis["decode"]["first_divergence"] == "blocks.1.smoe", bis["decode"]
+    rows = {r["name"]: r for r in bis["decode"]["blocks"]}
+    assert rows["blocks.1.state"]["ok"] and not rows["blocks.2.state"]["ok"], bis["decode"]
     assert bis["first_divergence"] is None  # model.onnx is untouched
 
 

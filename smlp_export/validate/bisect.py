@@ -12,7 +12,7 @@ forward hooks. Rows, in execution order: ``embed``, then per block ``blocks.N.tm
 (``Tolerance.max_abs_err_rel``, relative to the PyTorch tensor's scale) is the first divergence.
 
 decode.onnx (``--bisect`` on an export with a decode graph, ORT backend): each case runs as one
-prefill step from zero states; rows are its probes (embed, tMoE outputs), every block's new state
+prefill step from zero states; rows are its probes (embed, tMoE, sMoE and block outputs), every block's new state
 rows ``[0, T)`` (``blocks.N.state``, PyTorch: that block's ``norm_z2`` output) and the logits.
 
 Memory: ``mode="each"`` exposes one block's tensors per session (one session alive at a time)
