@@ -2,7 +2,9 @@
 
 ``bindings``: the compiled part of the ``tensorrt`` module; ``plugin_layer``: our re-implementation
 of the pure-Python ``tensorrt.plugin`` semantics; ``builder``: what the ONNX parser and the builder
-do with a plugin node. :func:`install` puts a fresh ``tensorrt`` + ``tensorrt.plugin`` into
+do with a plugin node; ``engine``: the runtime, engine and execution context Polygraphy's
+``EngineFromBytes`` / ``TrtRunner`` drive (outputs computed by ONNX Runtime on the parsed graph);
+``cudart``: the CUDA runtime C API under Polygraphy's CUDA wrapper (``cudart.install``). :func:`install` puts a fresh ``tensorrt`` + ``tensorrt.plugin`` into
 ``sys.modules`` (through pytest's monkeypatch, so each test starts from an empty registry).
 
 With ``SMLP_TRT_PLUGIN_SRC`` pointing at a directory holding NVIDIA's own
