@@ -59,70 +59,118 @@ def parse_time_v(text: str) -> dict:
             "exit_status": int(status.group(1)) if status else None}
 
 
-def timed(cmd: list[str], record: Path, env: dict | None = None) -> tuple[dict, str]:
-    """Run ``cmd`` under /usr/bin/time -v (report kept in ``record``); returns (figures, stdout)."""
+def timed(cmd: list[str], record: Path, env: dict | None = None, reuse: bool = False) -> tuple[dict, str]:
+    """Run ``cmd`` under /usr/bin/time -v (report kept in ``record``, stdout in ``record.out``,
+    stderr in ``record.err``, the command line in ``record.cmd``); returns (figures, stdout).
+    reuse: a finished earlier run of the same record (its .time / .out / .err) is read, not rerun
+    (the paper-scale runs take an hour on the shared 2-core machine)."""
+    out, err, cmdf = (record.with_suffix(record.suffix + s) for s in (".out", ".err", ".cmd"))
+    if reuse and record.is_file() and record.stat().st_size and out.is_file():
+        fig = parse_time_v(record.read_text())
+        fig["reused_record"] = str(record)
+        if cmdf.is_file():
+            fig["command"] = cmdf.read_text().strip()
+        if fig.get("exit_status"):
+            fig["error"] = ((err.read_text().strip().splitlines() if err.is_file() else []) or ["?"])[-1]
+        return fig, out.read_text()
     load = os.getloadavg()[0]
-    p = subprocess.run([TIME, "-v", "-o", str(record), *cmd], capture_output=True, text=True, env=env)
+    cmdf.write_text(" ".join(cmd) + "\n")
+    p = subprocess.run(["nice", "-n", "5", TIME, "-v", "-o", str(record), *cmd], capture_output=True, text=True,
+                       env=env)
+    out.write_text(p.stdout)
+    err.write_text(p.stderr)
     fig = parse_time_v(record.read_text())
     fig["load_avg_1m_before"] = round(load, 2)
+    fig["command"] = " ".join(cmd)
     if p.returncode != 0:
         fig["error"] = (p.stderr.strip().splitlines() or ["?"])[-1]
     return fig, p.stdout
 
 
-def run_size(name: str, work: Path, keep: bool) -> dict:
+def run_size(name: str, work: Path, keep: bool, dtype: str = "fp32", quick: bool = True,
+             reuse: bool = False) -> dict:
+    """One preset: init (``dtype`` checkpoint), export without validation, export with --quick
+    (unless ``quick`` is False: a model whose validation cannot fit here)."""
     from smlp_export.config import preset
-    from smlp_export.memory import estimate, largest_tensor_numel, num_parameters
+    from smlp_export.memory import DTYPE_BYTES, estimate, largest_tensor_numel, num_parameters
 
     cfg = preset(name)
-    ckpt, out = work / f"ckpt-{name}", work / f"out-{name}"
-    row: dict = {"preset": name, "parameters": num_parameters(cfg), "config": cfg.to_dict(),
-                 "largest_tensor_bytes": 4 * largest_tensor_numel(cfg),
-                 "estimate_export_bytes": estimate(cfg, "export"),
-                 "estimate_export_validate_bytes": estimate(cfg, "export+validate")}
-    init_rec = work / f"init-{name}.time"
+    tag = name if dtype == "fp32" else f"{name}-{dtype}"
+    ckpt, out = work / f"ckpt-{tag}", work / f"out-{tag}"
+    row: dict = {"preset": name, "checkpoint_dtype": dtype, "parameters": num_parameters(cfg), "config": cfg.to_dict(),
+                 "largest_tensor_bytes": DTYPE_BYTES[dtype] * largest_tensor_numel(cfg),
+                 "estimate_export_bytes": estimate(cfg, "export", dtype=dtype, checkpoint_dtype=dtype),
+                 "estimate_export_validate_bytes": estimate(cfg, "export+validate", dtype=dtype,
+                                                            checkpoint_dtype=dtype),
+                 "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    init_rec = work / f"init-{tag}.time"
     if not (ckpt / "model.safetensors").is_file():
-        print(f"[{name}] smlp init", flush=True)
-        fig, _ = timed([*_smlp(), "init", "--preset", name, "--seed", "0", "-o", str(ckpt), "--force"], init_rec)
+        print(f"[{tag}] smlp init", flush=True)
+        fig, _ = timed([*_smlp(), "init", "--preset", name, "--dtype", dtype, "--seed", "0", "-o", str(ckpt),
+                        "--force"], init_rec)
         if "error" in fig:
             return {**row, "init": fig}
-    row["init"] = parse_time_v(init_rec.read_text()) if init_rec.exists() else None
+    row["init"] = parse_time_v(init_rec.read_text()) if init_rec.exists() and init_rec.stat().st_size else None
     row["weight_bytes"] = (ckpt / "model.safetensors").stat().st_size
-    for key, extra in (("export_no_validate", ["--no-validate"]), ("export_quick", ["--quick"])):
-        print(f"[{name}] smlp export {' '.join(extra)}", flush=True)
+    if row["init"] and row["init"].get("peak_rss_bytes"):
+        row["init"]["rss_over_weights"] = round(row["init"]["peak_rss_bytes"] / row["weight_bytes"], 3)
+    steps = [("export_no_validate", ["--no-validate"])] + ([("export_quick", ["--quick"])] if quick else [])
+    for key, extra in steps:
+        print(f"[{tag}] smlp export {' '.join(extra)}", flush=True)
         fig, stdout = timed([*_smlp(), "export", str(ckpt), "-o", str(out), "--target", "ort", "--force",
-                             "--json", *extra], work / f"{key}-{name}.time")
+                             "--json", *extra], work / f"{key}-{tag}.time", reuse=reuse)
         try:
             res = json.loads(stdout)
-            fig.update(parity=res["parity"], stage_seconds=res["stage_seconds"], model_bytes=res["model_bytes"])
-            fig["files"] = json.loads((out / "manifest.json").read_text())["files"]
+            fig.update(parity=res["parity"], stage_seconds=res["stage_seconds"], model_bytes=res["model_bytes"],
+                       export_dtype=res["dtype"])
+            if (out / "manifest.json").is_file():
+                fig["files"] = json.loads((out / "manifest.json").read_text())["files"]
+            kept = work / f"parity-{tag}.json"  # kept after the export folder is removed
+            if key == "export_quick" and (out / "parity.json").is_file() and not fig.get("reused_record"):
+                shutil.copyfile(out / "parity.json", kept)
+            if key == "export_quick" and kept.is_file():
+                fig["coverage"] = _coverage_summary(json.loads(kept.read_text()))
         except (json.JSONDecodeError, KeyError, FileNotFoundError):
             fig.setdefault("error", "no JSON summary")
-        fig["rss_over_weights"] = round(fig["peak_rss_bytes"] / row["weight_bytes"], 3) if fig["peak_rss_bytes"] else None
-        print(f"[{name}] {key}: peak RSS {fig['peak_rss_bytes'] / 1e9:.2f} GB "
-              f"({fig['rss_over_weights']}x the {row['weight_bytes'] / 1e9:.2f} GB of weights), "
-              f"{fig['wall_s']:.0f} s, parity {fig.get('parity', fig.get('error'))}", flush=True)
+        w = row["weight_bytes"]
+        fig["rss_over_weights"] = round(fig["peak_rss_bytes"] / w, 3) if fig.get("peak_rss_bytes") else None
+        fig["s_per_gb"] = round(fig["wall_s"] / (w / 1e9), 2) if fig.get("wall_s") else None
+        print(f"[{tag}] {key}: peak RSS {(fig.get('peak_rss_bytes') or 0) / 1e9:.2f} GB "
+              f"({fig['rss_over_weights']}x the {w / 1e9:.2f} GB of weights), "
+              f"{fig.get('wall_s') or 0:.0f} s, parity {fig.get('parity', fig.get('error'))}", flush=True)
         row[key] = fig
     if not keep:
         shutil.rmtree(out, ignore_errors=True)
     return row
 
 
+def _coverage_summary(parity: dict) -> dict:
+    """Experts routed by validation inputs, and those verified directly (validate/unreached.py)."""
+    cov = parity.get("coverage") or {}
+    exp = cov.get("experts") or {}
+    direct = {layer: sorted(int(e) for e, r in recs.items() if r.get("ok"))
+              for layer, recs in (cov.get("unreached") or {}).items()}
+    return {"experts_hit": exp.get("experts_hit"), "experts": exp.get("experts"),
+            "verified_directly": {k: v for k, v in direct.items() if v}}
+
+
 def goals(rows: list[dict]) -> list[dict]:
-    big = [r for r in rows if r.get("weight_bytes", 0) >= GiB and "export_quick" in r]
+    big = [r for r in rows if r.get("weight_bytes", 0) >= GiB and "export_no_validate" in r]
     out = []
     for r in big:
         w = r["weight_bytes"]
-        nv, q = r["export_no_validate"], r["export_quick"]
+        label = r["preset"] + ("" if r.get("checkpoint_dtype", "fp32") == "fp32" else f" {r['checkpoint_dtype']}")
+        nv, q = r["export_no_validate"], r.get("export_quick") or {}
         if nv.get("peak_rss_bytes"):
-            out.append(_common.goal_line(f"{r['preset']}: export peak RSS / weight bytes (no validation)",
+            out.append(_common.goal_line(f"{label}: export peak RSS / weight bytes (no validation)",
                                          nv["peak_rss_bytes"] / w, 1.5))
-        if q.get("peak_rss_bytes"):
-            out.append(_common.goal_line(f"{r['preset']}: --quick peak RSS / (2.5 x weights + 1 GiB)",
-                                         q["peak_rss_bytes"] / (2.5 * w + GiB), 1.0))
-    if len(big) >= 2:
-        per_gb = [r["export_no_validate"]["wall_s"] / (r["weight_bytes"] / 1e9) for r in (big[0], big[-1])]
-        out.append(_common.goal_line(f"seconds per GB, {big[-1]['preset']} / {big[0]['preset']} (no validation)",
+        if q.get("peak_rss_bytes"):  # issue 21: validation never holds the model twice
+            out.append(_common.goal_line(f"{label}: --quick peak RSS / (1.5 x weights + 1 GiB)",
+                                         q["peak_rss_bytes"] / (1.5 * w + GiB), 1.0))
+    fp32 = [r for r in big if r.get("checkpoint_dtype", "fp32") == "fp32" and r["export_no_validate"].get("wall_s")]
+    if len(fp32) >= 2:
+        per_gb = [r["export_no_validate"]["wall_s"] / (r["weight_bytes"] / 1e9) for r in (fp32[0], fp32[-1])]
+        out.append(_common.goal_line(f"seconds per GB, {fp32[-1]['preset']} / {fp32[0]['preset']} (no validation)",
                                      per_gb[1] / per_gb[0], 1.5))
     return out
 
@@ -133,21 +181,25 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in rows if "export_quick" in r]
-    w = [r["weight_bytes"] / 1e9 for r in rows]
+    rows = sorted([r for r in rows if r.get("export_no_validate", {}).get("peak_rss_bytes")],
+                  key=lambda r: r["weight_bytes"])
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
     for key, label, marker in (("export_no_validate", "export (no validation)", "o"),
                                ("export_quick", "export + --quick parity", "s")):
-        a.plot(w, [r[key]["peak_rss_bytes"] / 1e9 for r in rows], marker=marker, label=label)
-        b.plot(w, [r[key]["wall_s"] for r in rows], marker=marker, label=label)
-    xs = [0, max(w) * 1.05]
+        pts = [(r["weight_bytes"] / 1e9, r[key]) for r in rows if (r.get(key) or {}).get("peak_rss_bytes")]
+        a.plot([x for x, _ in pts], [f["peak_rss_bytes"] / 1e9 for _, f in pts], marker=marker, label=label)
+        b.plot([x for x, _ in pts], [f["wall_s"] for _, f in pts], marker=marker, label=label)
+    xs = [0, max(r["weight_bytes"] / 1e9 for r in rows) * 1.05]
     a.plot(xs, [1.5 * x for x in xs], "--", color="gray", label="1.5 x weights")
-    a.plot(xs, [2.5 * x + GiB / 1e9 for x in xs], ":", color="gray", label="2.5 x weights + 1 GiB")
-    for r, x in zip(rows, w):
-        a.annotate(r["preset"], (x, r["export_quick"]["peak_rss_bytes"] / 1e9), textcoords="offset points",
+    a.plot(xs, [1.5 * x + GiB / 1e9 for x in xs], ":", color="gray", label="1.5 x weights + 1 GiB")
+    for r in rows:
+        f = r.get("export_quick") or r["export_no_validate"]
+        tag = r["preset"] + ("" if r.get("checkpoint_dtype", "fp32") == "fp32" else f" {r['checkpoint_dtype']}")
+        a.annotate(tag, (r["weight_bytes"] / 1e9, f["peak_rss_bytes"] / 1e9), textcoords="offset points",
                    xytext=(4, 4), fontsize=8)
-    a.set(xlabel="checkpoint weights (GB, float32)", ylabel="peak RSS (GB)", title="Peak memory of smlp export")
-    b.set(xlabel="checkpoint weights (GB, float32)", ylabel="wall time (s)", title="Wall time (shared 2-core machine)")
+    a.set(xlabel="checkpoint weights (GB, as stored)", ylabel="peak RSS (GB)", title="Peak memory of smlp export")
+    b.set(xlabel="checkpoint weights (GB, as stored)", ylabel="wall time (s)",
+          title="Wall time (shared 2-core machine)")
     a.legend(fontsize=8)
     b.legend(fontsize=8)
     fig.tight_layout()
@@ -155,9 +207,25 @@ def plot(rows: list[dict], path: Path) -> None:
     print(f"wrote {path}")
 
 
+def _merge(old_rows: list[dict], new_rows: list[dict]) -> list[dict]:
+    """Earlier rows of other (preset, checkpoint dtype) pairs kept, these replaced, by weight size."""
+    key = lambda r: (r["preset"], r.get("checkpoint_dtype", "fp32"))  # noqa: E731
+    new = {key(r) for r in new_rows}
+    rows = [r for r in old_rows if key(r) not in new] + new_rows
+    return sorted(rows, key=lambda r: r.get("weight_bytes") or 0)
+
+
 def main() -> None:
     p = _common.parser(__doc__.splitlines()[0])
     p.add_argument("--sizes", default=",".join(SIZES), help=f"presets to run (default {','.join(SIZES)})")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
+                   help="checkpoint dtype of `smlp init` (the export follows it)")
+    p.add_argument("--no-quick", default="", metavar="PRESETS",
+                   help="presets exported without the --quick run (validation that cannot fit this machine)")
+    p.add_argument("--reuse", action="store_true",
+                   help="read finished runs' records from the work folder instead of rerunning them")
+    p.add_argument("--append", action="store_true",
+                   help="keep the earlier results' rows of other presets / dtypes (results JSON)")
     p.add_argument("--workdir", type=Path, default=Path("/var/tmp/smlp-export-scaling"),
                    help="checkpoints and exports (needs ~3x the largest model's weights of disk)")
     p.add_argument("--keep", action="store_true", help="keep the exports (checkpoints are always kept)")
@@ -167,18 +235,25 @@ def main() -> None:
     if not Path(TIME).exists():
         sys.exit(f"{TIME} (GNU time) is needed to measure peak RSS")
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
+    no_quick = {s.strip() for s in args.no_quick.split(",") if s.strip()}
     args.workdir.mkdir(parents=True, exist_ok=True)
+    previous: list[dict] = []
+    prev_path = Path(__file__).resolve().parent / "results" / "export_scaling.json"
+    if args.append and prev_path.is_file():
+        previous = json.loads(prev_path.read_text()).get("rows", [])
     t0 = time.time()
     rows: list[dict] = []
     for s in sizes:  # the JSON is rewritten after each size, so a long run leaves its figures so far
-        rows.append(run_size(s, args.workdir, args.keep))
-        payload = {"config": {"sizes": sizes, "target": "ort", "dtype": "fp32", "workdir": str(args.workdir),
-                              "time_tool": f"{TIME} -v", "checkpoint_dtype": "float32"},
-                   "complete": len(rows) == len(sizes), "rows": rows, "goals": goals(rows),
+        rows.append(run_size(s, args.workdir, args.keep, args.dtype, quick=s not in no_quick, reuse=args.reuse))
+        merged = _merge(previous, rows)
+        payload = {"config": {"sizes": sizes, "target": "ort", "dtype": args.dtype, "workdir": str(args.workdir),
+                              "time_tool": f"{TIME} -v", "checkpoint_dtype": args.dtype,
+                              "no_quick": sorted(no_quick), "appended_to_earlier_rows": bool(previous)},
+                   "complete": len(rows) == len(sizes), "rows": merged, "goals": goals(merged),
                    "total_s": round(time.time() - t0, 1)}
         out = _common.save("export_scaling", args, payload, describe_machine())
         if not args.no_plot:
-            plot(rows, out.with_suffix(".png"))
+            plot(merged, out.with_suffix(".png"))
 
 
 if __name__ == "__main__":
