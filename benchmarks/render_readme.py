@@ -156,28 +156,36 @@ def _gb(n: int | None) -> str:
 
 
 def _export_scaling_table(rep: dict) -> list[str]:
-    lines = ["| preset | parameters | weights GB | export: peak RSS GB (x weights) | export: wall s | "
-             "--quick: peak RSS GB (x weights) | --quick: wall s | parity | load avg before |",
-             "|---|---:|---:|---:|---:|---:|---:|---|---:|"]
+    lines = ["| preset (checkpoint) | parameters | weights GB | init: peak RSS GB (x weights) | "
+             "export: peak RSS GB (x weights) | export: wall s (s/GB) | --quick: peak RSS GB (x weights) | "
+             "--quick: wall s | parity | load avg before |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
     for r in rep["rows"]:
-        nv, q = r.get("export_no_validate") or {}, r.get("export_quick") or {}
-        if not nv or not q:
-            lines.append(f"| {r['preset']} | {r['parameters']:,} | {_gb(r.get('weight_bytes'))} | "
-                         f"{(r.get('init') or {}).get('error', 'not run')} | | | | | |")
+        nv, q, ini = r.get("export_no_validate") or {}, r.get("export_quick") or {}, r.get("init") or {}
+        name = f"{r['preset']} ({r.get('checkpoint_dtype', 'fp32')})"
+        if not nv:
+            lines.append(f"| {name} | {r['parameters']:,} | {_gb(r.get('weight_bytes'))} | "
+                         f"{ini.get('error', 'not run')} | | | | | | |")
             continue
 
         def cell(f: dict) -> str:
-            return f"{_gb(f.get('peak_rss_bytes'))} ({f.get('rss_over_weights', 0):.2f}x)"
+            if not f.get("peak_rss_bytes"):
+                return "-"
+            return f"{_gb(f.get('peak_rss_bytes'))} ({f['peak_rss_bytes'] / r['weight_bytes']:.2f}x)"
 
-        lines.append(f"| {r['preset']} | {r['parameters']:,} | {_gb(r['weight_bytes'])} | {cell(nv)} | "
-                     f"{nv.get('wall_s', 0):.0f} | {cell(q)} | {q.get('wall_s', 0):.0f} | "
-                     f"{q.get('parity', q.get('error', '?'))} | {nv.get('load_avg_1m_before')}, {q.get('load_avg_1m_before')} |")
+        per_gb = nv["wall_s"] / (r["weight_bytes"] / 1e9) if nv.get("wall_s") else None
+        qcell = (f"{cell(q)} | {q.get('wall_s', 0):.0f} | {q.get('parity', q.get('error', '?'))}" if q
+                 else "not run (does not fit; docs/export.md) | | -")
+        lines.append(f"| {name} | {r['parameters']:,} | {_gb(r['weight_bytes'])} | {cell(ini)} | {cell(nv)} | "
+                     f"{nv.get('wall_s', 0):.0f}" + (f" ({per_gb:.0f})" if per_gb else "") + f" | {qcell} | "
+                     f"{nv.get('load_avg_1m_before')}, {q.get('load_avg_1m_before', '-')} |")
     return lines + [""]
 
 
 def export_scaling(rep: dict, path: Path, out: Path) -> list[str]:
     lines = ["## Export cost vs model size (benchmark 5)", "", *_header(rep),
-             "Random-init float32 checkpoints of the size presets (docs/model.md), `smlp export --target ort` "
+             "Random-init checkpoints of the size presets (docs/model.md; the paper's 3.5b / 9.4b in float16, "
+             "made by the streamed `smlp init`), `smlp export --target ort` "
              "in its own process under `/usr/bin/time -v` (peak RSS = its \"Maximum resident set size\"), once "
              "with `--no-validate` (trace + translate + save) and once with `--quick` (then parity against "
              "PyTorch on held-out text). Wall times come from a shared machine (load average before each run "
