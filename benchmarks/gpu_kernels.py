@@ -45,6 +45,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from smlp_export import SMLPConfig, SMLPForCausalLM, kernels, ops  # noqa: E402
+from smlp_export.permutation import permute_by_expert  # noqa: E402
 
 if kernels.available():
     import triton  # noqa: E402
@@ -184,12 +185,8 @@ def bench_token_moe(cfg: dict, device: torch.device, dtype: torch.dtype, timer: 
 
 def group_rows(x: torch.Tensor, ids: torch.Tensor, E: int) -> tuple[torch.Tensor, torch.Tensor]:
     """What the tensorrt graph does in standard ops before the plugin: rows sorted by expert + offsets."""
-    flat = ids.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    xs = x.index_select(0, order // ids.shape[1])
-    counts = torch.bincount(flat, minlength=E)
-    offsets = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)]).to(torch.int32)
-    return xs, offsets
+    order, _, offsets = permute_by_expert(ids, E)
+    return x.index_select(0, order // ids.shape[1]), offsets.to(torch.int32)
 
 
 def bench_grouped_gemm(cfg: dict, device: torch.device, dtype: torch.dtype, timer: Timer, bw_gbs: float,

@@ -20,6 +20,7 @@ from smlp_export.checkpoint import default_checkpoint_dir
 from smlp_export.export import contract
 from smlp_export.export.graph import build_onnx, routing_layout
 from smlp_export.export.pipeline import MANIFEST_FILE, MODEL_FILE, export_model
+from smlp_export.ops.grouped_gemm import GEMM_ACTIVATIONS
 
 from .conftest import micro_model
 
@@ -189,8 +190,8 @@ def test_tensorrt_plugin_nodes_and_local_functions(name: str) -> None:
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
         attrs = {k: v.decode() if isinstance(v, bytes) else v for k, v in attrs.items()}
         assert attrs.pop("plugin_namespace") == c.namespace and attrs.pop("plugin_version") == c.version
-        assert set(attrs) == set(c.attributes), n.op_type
-        for field, typ in c.attributes.items():
+        assert set(attrs) == set(c.attributes) | set(c.fallback_attributes), n.op_type
+        for field, typ in {**c.attributes, **c.fallback_attributes}.items():
             assert isinstance(attrs[field], typ), (n.op_type, field)
         assert len(n.input) == len(c.inputs) and len(n.output) == len(c.outputs)
         if n.op_type == gemm.op_type:
@@ -199,6 +200,7 @@ def test_tensorrt_plugin_nodes_and_local_functions(name: str) -> None:
             assert init[n.input[3]] == ((E, f) if up else (E, d))
             gemm_acts.append(attrs["activation"])
             assert attrs["activation"] == (cfg.expert_activation if up else "identity")
+            assert attrs["activation_index"] == GEMM_ACTIVATIONS.index(attrs["activation"])
         else:
             assert attrs == expected_fields[c.op_type]
     assert gemm_acts == [cfg.expert_activation, "identity"] * layers  # up, then down, per layer
@@ -216,15 +218,14 @@ def test_tensorrt_plugin_nodes_and_local_functions(name: str) -> None:
     for c in (gemm, smoe):
         fn = funcs[(contract.DOMAIN, c.op_type)]
         assert list(fn.input) == list(c.inputs) and list(fn.output) == list(c.outputs)
-        extra = {"ai.onnx.ml": 2} if c is gemm else {}
-        assert {o.domain: o.version for o in fn.opset_import} == {"": model_opset, **extra}
-        assert all(n.domain in ("", "ai.onnx", *extra)
+        assert {o.domain: o.version for o in fn.opset_import} == {"": model_opset}
+        assert all(n.domain in ("", "ai.onnx")
                    for n in all_nodes(onnx.helper.make_graph(list(fn.node), "f", [], [])))
-    # the grouped-GEMM fallback is sparse: a Loop whose body slices one expert's rows into a Gemm
+    # the grouped-GEMM fallback is sparse: a Loop whose body gathers one expert's rows into a Gemm
     loops = [n for n in funcs[(contract.DOMAIN, gemm.op_type)].node if n.op_type == "Loop"]
     assert len(loops) == 1
     body = {m.op_type for m in onnx.helper.get_attribute_value(loops[0].attribute[0]).node}
-    assert {"Slice", "Gemm"} <= body
+    assert {"Range", "Gather", "Gemm", "ScatterND"} <= body
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))

@@ -85,7 +85,8 @@ def test_lowered_token_moe_matches_per_token_oracle(routing, k, E, kind, runner)
 def _gemm_model() -> onnx.ModelProto:
     gemm = contract.GROUPED_EXPERT_GEMM
     nodes = [helper.make_node(gemm.op_type, ["x", "offsets", "w", "b"], [f"y_{a}"], domain="smlp", activation=a,
-                              plugin_namespace="smlp", plugin_version="1") for a in (*GEMM_ACTIVATIONS, "swish")]
+                              activation_index=i, plugin_namespace="smlp", plugin_version="1")
+             for i, a in enumerate((*GEMM_ACTIVATIONS, "swish"))]
     graph = helper.make_graph(
         nodes, "gemm",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", 5]),
@@ -94,15 +95,15 @@ def _gemm_model() -> onnx.ModelProto:
          helper.make_tensor_value_info("b", TensorProto.FLOAT, [4, 3])],
         [helper.make_tensor_value_info(f"y_{a}", TensorProto.FLOAT, ["M", 3]) for a in (*GEMM_ACTIVATIONS, "swish")])
     return helper.make_model(graph, ir_version=10, functions=[grouped_gemm_function(elem=TensorProto.FLOAT, opset=OPSET)],
-                             opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("smlp", 1),
-                                            helper.make_opsetid("ai.onnx.ml", 2)])
+                             opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("smlp", 1)])
 
 
 @pytest.mark.parametrize("runner", ["ort", "reference"])
 @pytest.mark.parametrize("offsets", [[0, 3, 3, 7, 9], [0, 0, 0, 9, 9], [0, 0, 0, 0, 0]], ids=["mixed", "one", "no-rows"])
-def test_grouped_gemm_fallback_reads_the_activation_field(runner, offsets) -> None:
-    """One fallback body serves both nodes of a layer: it applies the activation the node names
-    (an unknown name gives NaN, never a plausible number); rows of expert e use weight[e] only."""
+def test_grouped_gemm_fallback_reads_the_activation_index(runner, offsets) -> None:
+    """One fallback body serves both nodes of a layer: it applies the activation the node's
+    ``activation_index`` names (an index out of range gives NaN, never a plausible number); rows
+    of expert e use weight[e] only."""
     model = _gemm_model()
     onnx.checker.check_model(model, full_check=True)
     g = np.random.default_rng(2)

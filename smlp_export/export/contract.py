@@ -23,6 +23,9 @@ class PluginContract:
     outputs: tuple[str, ...]
     attributes: dict[str, type] = field(default_factory=dict)  # field name -> int | float | str
     int_inputs: tuple[str, ...] = ()  # inputs that are int32 index tensors (all others: float)
+    # Node attributes only the model-local fallback function reads, never plugin fields: TensorRT's
+    # parser hands a plugin only the fields its creator declares (onnx-tensorrt loadFields).
+    fallback_attributes: dict[str, type] = field(default_factory=dict)
     domain: str = DOMAIN
     namespace: str = PLUGIN_NAMESPACE
     version: str = PLUGIN_VERSION
@@ -62,8 +65,12 @@ GROUPED_EXPERT_GEMM = PluginContract(
     # offsets[e]:offsets[e+1], offsets[0] = 0, offsets[E] = M); weight [E, N, K]; bias [E, N]
     inputs=("x", "offsets", "weight", "bias"),
     outputs=("output",),  # [M, N] = act(x @ weight[e]^T + bias[e]) row by row
-    attributes={"activation": str},
-    int_inputs=("offsets",),  # identity | gelu | gelu_tanh | relu | silu
+    attributes={"activation": str},  # identity | gelu | gelu_tanh | relu | silu
+    int_inputs=("offsets",),
+    # ops.grouped_gemm.GEMM_ACTIVATIONS.index(activation): the fallback body picks the activation
+    # with If nodes on this number, as TensorRT parses no string ops (Constant value_string,
+    # ai.onnx.ml.LabelEncoder) when it inlines the body.
+    fallback_attributes={"activation_index": int},
 )
 
 CONTRACTS: dict[str, PluginContract] = {}
@@ -75,7 +82,9 @@ def register(c: PluginContract) -> PluginContract:
         raise ValueError(f"malformed contract {c.op_type!r} / {c.torch_op!r}")
     if c.op_type in CONTRACTS or any(x.torch_op == c.torch_op for x in CONTRACTS.values()):
         raise ValueError(f"duplicate plugin contract {c.op_type} ({c.torch_op})")
-    for name, t in c.attributes.items():
+    if set(c.attributes) & set(c.fallback_attributes):
+        raise ValueError(f"{c.op_type}: a fallback attribute cannot also be a plugin field")
+    for name, t in {**c.attributes, **c.fallback_attributes}.items():
         if t not in (int, float, str):
             raise ValueError(f"{c.op_type}.{name}: attribute type must be int, float or str")
     CONTRACTS[c.op_type] = c

@@ -44,6 +44,8 @@ def _register(schema: defs.OpSchema) -> None:
 
 def _contract_schema(c: contract.PluginContract) -> defs.OpSchema:
     attrs = [defs.OpSchema.Attribute(n, _ATTR_TYPES[t], f"plugin field {n}") for n, t in c.attributes.items()]
+    attrs += [defs.OpSchema.Attribute(n, _ATTR_TYPES[t], f"read by the fallback function only: {n}")
+              for n, t in c.fallback_attributes.items()]
     attrs += [defs.OpSchema.Attribute(n, _A.STRING, "TensorRT plugin lookup") for n in ("plugin_namespace", "plugin_version")]
     return defs.OpSchema(
         c.op_type, c.domain, 1, doc=f"lowered from {c.torch_op}",

@@ -4,7 +4,8 @@ Pipeline for ``hidden [N, d]`` with ``k`` experts per token (``S = N * k`` route
 
 1. route (torch ops, no host sync): ``expert_ids [N, k]``, ``gates [N, k]`` exactly as
    ``smlp_export.ops.route_tokens`` (the op's reference), so decisions never differ from it;
-2. :func:`align_by_expert`: sort the S (token, slot) rows by expert and pad each expert's run to a
+2. :func:`align_by_expert`: group the S (token, slot) rows by expert (the counting sort of
+   ``smlp_export.permutation``) and pad each expert's run to a
    multiple of BLOCK_M, in one vectorised pass (no Python loop over experts, no ``.item()``);
 3. ``_up_kernel``: one launch for all experts; program (m, n) owns BLOCK_M sorted rows of ONE
    expert: ``h = act(hidden[tok] @ w1[e]^T + b1[e])`` -> ``h_buf [P, f]`` (input dtype, as the
@@ -22,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..permutation import permute_by_expert
 from ..routing import route_tokens
 from ._util import interp_bf16
 from .configs import TokenMoEConfig, dtype_name, token_moe_config
@@ -143,7 +145,8 @@ def _down_kernel(
 
 def align_by_expert(expert_ids: torch.Tensor, num_experts: int, block_m: int
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sort routed rows by expert and pad each expert's run to a multiple of ``block_m``.
+    """The routed rows grouped by expert (``permutation.permute_by_expert``), each expert's run
+    padded to a multiple of ``block_m`` (vLLM's layout: a row block never mixes experts).
 
     expert_ids [N, k] int. Returns
       sorted_slots [P] int32: flat slot id ``token * k + j`` per padded row; padding rows hold S = N*k,
@@ -154,18 +157,17 @@ def align_by_expert(expert_ids: torch.Tensor, num_experts: int, block_m: int
     flat = expert_ids.reshape(-1).to(torch.int64)
     S = flat.numel()
     dev = flat.device
-    counts = torch.bincount(flat, minlength=num_experts)
+    _, position, offsets = permute_by_expert(flat, num_experts)
+    counts = offsets[1:] - offsets[:-1]
     padded = (counts + block_m - 1) // block_m * block_m
     pad_end = torch.cumsum(padded, 0)
     pad_start = pad_end - padded
-    order = torch.argsort(flat, stable=True)
-    e_sorted = flat[order]
-    first_of_expert = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(S, device=dev) - first_of_expert[e_sorted]
     n_blocks = triton.cdiv(S, block_m) + num_experts
     P = n_blocks * block_m
     sorted_slots = torch.full((P,), S, dtype=torch.int32, device=dev)
-    sorted_slots[pad_start[e_sorted] + rank] = order.to(torch.int32)
+    # a row's padded position = its expert's padded start + its rank inside the expert
+    rank = position - offsets[flat]
+    sorted_slots[pad_start[flat] + rank] = torch.arange(S, device=dev, dtype=torch.int32)
     block_start = torch.arange(n_blocks, device=dev) * block_m
     owner = torch.searchsorted(pad_end, block_start, right=True)
     block_expert = torch.where(owner < num_experts, owner, -1).to(torch.int32)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..permutation import permute_by_expert
 from ..routing import route_channels  # noqa: F401  (re-exported: ops.route_channels)
 
 
@@ -58,18 +59,15 @@ def spatial_moe_partial_reference(
     E = weight.shape[0]
     expert, gate, _ = route_channels(z2, router_weight)
     cols = z2.permute(0, 2, 1).reshape(B * c, T)  # one row per (sequence, channel)
-    flat_e = expert.reshape(-1)
-    order = torch.argsort(flat_e, stable=True)
-    counts = torch.bincount(flat_e, minlength=E).tolist()
+    order, _, offsets = permute_by_expert(expert, E)
+    bounds = offsets.tolist()
     rows_sorted = cols.index_select(0, order)
     pieces = []
-    start = 0
-    for e, n_e in enumerate(counts):
-        if n_e == 0:
+    for e in range(E):
+        if bounds[e] == bounds[e + 1]:
             continue
-        r = rows_sorted[start:start + n_e]
+        r = rows_sorted[bounds[e]:bounds[e + 1]]
         pieces.append(F.linear(r, causal_weight(weight[e], T), bias[e, :T]))
-        start += n_e
     y_sorted = torch.cat(pieces, 0) * gate.reshape(-1)[order].unsqueeze(-1)
     out = torch.empty_like(cols).index_copy(0, order, y_sorted)
     return out.reshape(B, c, T).permute(0, 2, 1).contiguous()

@@ -1,7 +1,7 @@
 """Token mixture-of-experts (tMoE): routing + grouped expert FFN + weighted combine.
 
 Custom op ``smlp::token_moe`` and its plain-torch reference. The reference is *sparse*: tokens
-are sorted by expert and each expert multiplies only its own rows, so cost grows with the number
+are grouped by expert (``permutation.permute_by_expert``) and each expert multiplies only its own rows, so cost grows with the number
 of routed tokens (N * k), not with the number of experts.
 """
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..permutation import permute_by_expert
 from ..routing import ROUTINGS, route_tokens  # noqa: F401  (re-exported: ops.route_tokens)
 
 
@@ -42,21 +43,18 @@ def grouped_expert_ffn(
     N, d = hidden.shape
     E = w1.shape[0]
     k = expert_ids.shape[1]
-    flat_e = expert_ids.reshape(-1)
-    # Sort the N*k (token, slot) pairs by expert: each expert then owns one contiguous slice.
-    order = torch.argsort(flat_e, stable=True)
+    # Group the N*k (token, slot) rows by expert: each expert then owns one contiguous slice.
+    order, _, offsets = permute_by_expert(expert_ids, E)
     token_of = order // k
-    counts = torch.bincount(flat_e, minlength=E).tolist()
+    bounds = offsets.tolist()
     x_sorted = hidden.index_select(0, token_of)
     pieces = []
-    start = 0
-    for e, n_e in enumerate(counts):
-        if n_e == 0:  # an expert that gets no token costs nothing
+    for e in range(E):
+        if bounds[e] == bounds[e + 1]:  # an expert that gets no token costs nothing
             continue
-        rows = x_sorted[start:start + n_e]
+        rows = x_sorted[bounds[e]:bounds[e + 1]]
         h = activation_fn(activation, F.linear(rows, w1[e], b1[e]))
         pieces.append(F.linear(h, w2[e], b2[e]))
-        start += n_e
     y_sorted = torch.cat(pieces, 0) if pieces else hidden.new_zeros(0, d)
     y_sorted = y_sorted * gates.reshape(-1)[order].unsqueeze(-1).to(y_sorted.dtype)
     out = hidden.new_zeros(N, d)

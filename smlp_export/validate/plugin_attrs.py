@@ -1,9 +1,10 @@
 """Plugin-node attributes against the checkpoint's config.
 
 ONNX Runtime and the reference evaluator run the model-local fallback functions of the ``smlp``
-plugin nodes, and those bodies are generated for the model (activation, routing, k fixed in the
-body or chosen by function overload): they never read the node's fields. TensorRT runs the plugin,
-which reads only the fields. So a wrong field passes numeric parity and shows only on TensorRT.
+plugin nodes, and those bodies are generated for the model (num_experts, prefix fixed by the
+weights' shapes; the grouped GEMM's activation read from ``activation_index``): they never read
+the plugin fields. TensorRT runs the plugin, which reads only the fields. So a wrong field passes
+numeric parity and shows only on TensorRT.
 ``check_plugin_nodes`` compares every plugin node's fields, its fallback overload and the shapes
 of its weight inputs with what the config implies, and returns one finding per item checked.
 """
@@ -16,6 +17,7 @@ import onnx
 from onnx import helper
 
 from smlp_export.export import contract
+from smlp_export.ops.grouped_gemm import GEMM_ACTIVATIONS
 
 GEMM = "SMLPGroupedExpertGemm"
 
@@ -35,7 +37,9 @@ def _expected_fields(n: onnx.NodeProto, cfg, shapes: dict[str, tuple[int, ...]])
         # weight [E, N, K]: the up-projection maps d -> f_t (activation fused), the down-projection
         # f_t -> d (identity). The shape says which one this node is.
         up = w is not None and tuple(w[1:]) == (cfg.d_expert, cfg.d_model)
-        return {"activation": cfg.expert_activation if up else "identity"}
+        act = cfg.expert_activation if up else "identity"
+        # the fallback function reads activation_index, the plugin reads activation: they must agree
+        return {"activation": act, "activation_index": GEMM_ACTIVATIONS.index(act)}
     if n.op_type == "SMLPSpatialMoE":
         return {"num_experts": cfg.n_spatial_experts}
     if n.op_type == "SMLPSpatialMoEPartial":
@@ -93,8 +97,8 @@ def check_plugin_nodes(model: onnx.ModelProto | str | Path, cfg, *, decode: bool
         add(name, n.op_type, "domain", c.domain, n.domain)
         add(name, n.op_type, "plugin_namespace", c.namespace, got.get("plugin_namespace"))
         add(name, n.op_type, "plugin_version", c.version, got.get("plugin_version"))
-        add(name, n.op_type, "fields", sorted(c.attributes), sorted(k for k in got if k not in
-                                                                    ("plugin_namespace", "plugin_version")))
+        add(name, n.op_type, "fields", sorted([*c.attributes, *c.fallback_attributes]),
+            sorted(k for k in got if k not in ("plugin_namespace", "plugin_version")))
         for field, want in _expected_fields(n, cfg, shapes).items():
             add(name, n.op_type, field, want, got.get(field))
         for idx, allowed in _expected_shapes(n, cfg).items():
