@@ -1,9 +1,18 @@
 """``smlp build-engine``: a TensorRT engine from a ``--target tensorrt`` export (needs TensorRT)."""
 from __future__ import annotations
 
+import math
+
 import click
 
 SHAPES_HELP = "trtexec syntax, e.g. input_ids:1x1 (comma-separated for several inputs)"
+
+
+def _finite_workspace(ctx: click.Context, param: click.Parameter, value: float) -> float:
+    # FloatRange lets nan (every comparison is False) and inf through; TensorRT takes a byte count.
+    if not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a finite number of GiB")
+    return value
 
 
 @click.command("build-engine")
@@ -20,8 +29,8 @@ SHAPES_HELP = "trtexec syntax, e.g. input_ids:1x1 (comma-separated for several i
               help="Add a second profile for decode steps (seq = 1, same batch bounds).")
 @click.option("--timing-cache", default=None, type=click.Path(dir_okay=False),
               help="Timing cache file: read if it exists, written back after the build (faster rebuilds).")
-@click.option("--workspace-gib", default=4.0, show_default=True, type=click.FloatRange(min=0.0, min_open=True),
-              help="TensorRT workspace memory limit.")
+@click.option("--workspace-gib", default=4.0, show_default=True, callback=_finite_workspace,
+              type=click.FloatRange(min=0.0, min_open=True), help="TensorRT workspace memory limit.")
 @click.option("--dry-run", is_flag=True, help="Print the build plan (profiles, plugins) as JSON and stop; needs no TensorRT.")
 @click.option("--quiet", is_flag=True, help="No progress lines.")
 def build_engine(export_dir, output, precision, max_batch, min_shapes, opt_shapes, max_shapes, decode_profile,
@@ -30,8 +39,9 @@ def build_engine(export_dir, output, precision, max_batch, min_shapes, opt_shape
 
     Two optimization profiles by default: 0 = prefill (batch 1..--max-batch, seq 1..n, n = the
     model's max_seq_len from OUT/manifest.json) and 1 = decode (seq = 1). --min/--opt/--max-shapes
-    replace the prefill profile's bounds. Writes the engine and, next to it, ENGINE.json (TensorRT
-    version, GPU, precision, profiles, plugins, the export's model sha256).
+    replace the prefill profile's bounds. Writes the engine and, next to it, its build manifest
+    <engine>.json (default OUT/model.engine.json: TensorRT version, GPU, precision, profiles,
+    plugins, the export's model sha256).
     Needs TensorRT >= 10.10 (the `tensorrt` extra); the plugins ship in the wheel (package
     smlp_plugins, plugins/ in the source tree).
     """

@@ -28,6 +28,7 @@ from .fsutil import set_default_mode, sha256_file
 
 ENGINE_MANIFEST_FORMAT = 1
 DEFAULT_MAX_BATCH = 8
+INT32_MAX = (1 << 31) - 1  # TensorRT's ONNX parser and plugins index rows with int32
 PROFILE_NAMES = ("prefill", "decode")
 
 
@@ -67,8 +68,8 @@ def parse_shapes(text: str | None, option: str = "--shapes") -> dict[str, Shape]
             shape = tuple(int(d) for d in dims.lower().split("x"))
         except ValueError:
             raise EngineOptionError(f"{option}: {part!r} has a dimension that is not an integer") from None
-        if any(d < 1 for d in shape):
-            raise EngineOptionError(f"{option}: {part!r}: every dimension must be >= 1")
+        if any(not 1 <= d <= INT32_MAX for d in shape):
+            raise EngineOptionError(f"{option}: {part!r}: every dimension must be in 1..{INT32_MAX} (int32)")
         if name in out:
             raise EngineOptionError(f"{option}: input {name!r} given twice")
         out[name] = shape
@@ -102,8 +103,8 @@ def engine_profiles(manifest: dict[str, Any], *, max_batch: int = DEFAULT_MAX_BA
     dynamic graph input; rank, static sizes, min <= opt <= max and seq <= n are checked). The decode
     profile keeps seq = 1 and takes the batch bounds of the prefill profile. ``seq_bound`` (<= n)
     lowers the default prefill profile's seq bound."""
-    if max_batch < 1:
-        raise EngineOptionError(f"--max-batch must be >= 1, got {max_batch}")
+    if not 1 <= max_batch <= INT32_MAX:
+        raise EngineOptionError(f"--max-batch must be in 1..{INT32_MAX} (int32), got {max_batch}")
     n = max_seq_len(manifest)
     if seq_bound is not None:
         if not 1 <= seq_bound <= n:
@@ -136,7 +137,27 @@ def engine_profiles(manifest: dict[str, Any], *, max_batch: int = DEFAULT_MAX_BA
         prefill.shapes[name] = (lo, op, hi)
         # decode: the same batch bounds, every seq axis 1
         dec.shapes[name] = tuple(tuple(1 if d == "seq" else v for d, v in zip(spec, s)) for s in (lo, op, hi))
-    return [prefill, dec] if decode else [prefill]
+    profiles = [prefill, dec] if decode else [prefill]
+    for p in profiles:
+        _check_routed_rows(p, specs, manifest)
+    return profiles
+
+
+def _check_routed_rows(profile: Profile, specs: dict[str, list], manifest: dict[str, Any]) -> None:
+    """Refuse a profile whose largest input routes more rows through one token-MoE layer than the
+    graph's counting sort counts exactly (float32: ``moe_graph.MAX_GRAPH_ROWS`` = 2^24)."""
+    from .export.moe_graph import MAX_GRAPH_ROWS
+
+    k = int((manifest.get("config") or {}).get("top_k") or 1)
+    for name, (_, _, hi) in profile.shapes.items():
+        tokens = 1
+        for d, v in zip(specs[name], hi):
+            tokens *= v if d in ("batch", "seq") else 1
+        if tokens * k > MAX_GRAPH_ROWS:
+            raise EngineOptionError(
+                f"profile {profile.name}: {name} up to {'x'.join(map(str, hi))} routes {tokens * k} rows "
+                f"(batch x seq x k={k}) through a token-MoE layer; the graph counts them exactly up to "
+                f"{MAX_GRAPH_ROWS} (float32): lower --max-batch or --max-shapes")
 
 
 def _check_override(name: str, spec: list, lo: Shape, op: Shape, hi: Shape, n: int) -> None:

@@ -8,7 +8,8 @@ builder (``export.moe_graph.permute_by_expert``) mirrors this function op for op
 
 A counting sort, not a comparison sort: it needs no TopK / argsort over all rows (TensorRT's
 TopK stops at K = 3840), its cost is O(M E) elementwise, and it is stable by construction
-(ascending row id within an expert), so it equals ``torch.argsort(ids, stable=True)``.
+(ascending row id within an expert), so it equals ``torch.argsort(ids, stable=True)``. This twin
+counts in int64; the ONNX mirror counts in float32 (``moe_graph.MAX_GRAPH_ROWS``).
 
 This module sits below ``ops`` and ``kernels`` (it imports neither), like ``routing``.
 """
@@ -18,10 +19,6 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-
-# The ONNX mirror counts in float32 (TensorRT's ONNX parser lists CumSum for float types only):
-# every integer up to 2^24 is exact in float32, so graphs are exact for at most this many rows.
-MAX_GRAPH_ROWS = 1 << 24
 
 
 class ExpertPermutation(NamedTuple):
@@ -58,4 +55,4 @@ def permute_by_expert(expert_ids: torch.Tensor, num_experts: int) -> ExpertPermu
     return ExpertPermutation(order, position, offsets)
 
 
-__all__ = ["ExpertPermutation", "MAX_GRAPH_ROWS", "permute_by_expert"]
+__all__ = ["ExpertPermutation", "permute_by_expert"]

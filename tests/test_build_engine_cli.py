@@ -342,3 +342,45 @@ def test_build_engine_with_profiles_makes_the_planned_calls(exports, tmp_path, m
         mod.build_engine_with_profiles(export / "model.onnx", tmp_path / "x.engine", profiles=[plan.Profile("empty")],
                                        export_manifest=_manifest(exports), printer=plan.ProgressPrinter(buf))
     assert not _FakeTRT.calls and not (tmp_path / "x.engine").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--max-batch", "3000000000"], "--max-batch must be in 1..2147483647 (int32)"),
+    (["--max-shapes", "input_ids:3000000000x1", "--min-shapes", "input_ids:1x1", "--opt-shapes", "input_ids:1x1"],
+     "every dimension must be in 1..2147483647 (int32)"),
+    # 2e6 x n routed rows > 2^24: the counting sort's float32 counts would no longer be exact
+    (["--max-batch", "2000000"], "lower --max-batch or --max-shapes"),
+])
+def test_cli_dry_run_refuses_profiles_the_graph_cannot_run(exports, capsys, args, message):
+    code, err = _run(capsys, "build-engine", str(exports / "tensorrt"), "--dry-run", *args)
+    assert code == 1 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_cli_largest_exact_profile_is_accepted(exports, capsys):
+    from smlp_export.export.moe_graph import MAX_GRAPH_ROWS
+
+    cfg = micro_model().config
+    batch = MAX_GRAPH_ROWS // (cfg.max_seq_len * cfg.top_k)
+    main(["build-engine", str(exports / "tensorrt"), "--dry-run", "--max-batch", str(batch)])
+    assert json.loads(capsys.readouterr().out)["profiles"][0]["shapes"]["input_ids"]["max"] == [batch, cfg.max_seq_len]
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_cli_workspace_must_be_finite(exports, capsys, value):
+    code, err = _run(capsys, "build-engine", str(exports / "tensorrt"), "--dry-run", "--workspace-gib", value)
+    assert code == 2 and "--workspace-gib" in err
+    assert "finite" in err or "not in the range" in err  # -inf is FloatRange's own refusal
+
+
+def test_help_and_readme_name_the_build_manifest_file(capsys):
+    from pathlib import Path
+
+    name = plan.manifest_path(Path("OUT") / "model.engine").name
+    try:
+        main(["build-engine", "--help"])
+    except SystemExit:
+        pass
+    help_text = " ".join(capsys.readouterr().out.split())
+    root = Path(__file__).resolve().parents[1]
+    for text in (help_text, (root / "README.md").read_text(), (root / "plugins" / "README.md").read_text()):
+        assert name in text and "ENGINE.json" not in text

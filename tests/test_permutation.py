@@ -92,7 +92,7 @@ def test_graph_mirrors_the_torch_counting_sort(graph_runners, runner, M, E, skew
 
 def test_graph_counts_in_float32_with_integer_results() -> None:
     """TensorRT's parser lists CumSum for float types only: every CumSum of the permutation reads
-    a float32 tensor (exact up to permutation.MAX_GRAPH_ROWS rows)."""
+    a float32 tensor (exact up to moe_graph.MAX_GRAPH_ROWS rows)."""
     model = onnx.shape_inference.infer_shapes(_graph_model())
     types = {v.name: v.type.tensor_type.elem_type for v in (*model.graph.value_info, *model.graph.input)}
     cumsums = [n for n in model.graph.node if n.op_type == "CumSum"]

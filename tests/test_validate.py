@@ -402,7 +402,8 @@ def test_tensorrt_plugin_fields_pass_untouched(trt_export, tmp_path):
     ("SMLPSpatialMoEPartial", "prefix", 5, 1),        # the fallback ignores it: only this check sees it
     ("SMLPSpatialMoEPartial", "num_experts", 3, 0),
     ("SMLPGroupedExpertGemm", "plugin_version", "2", 2),
-    ("SMLPGroupedExpertGemm", "activation", "relu", 0),
+    ("SMLPGroupedExpertGemm", "activation", "relu", 0),     # the plugin's field: only this check sees it
+    ("SMLPGroupedExpertGemm", "activation_index", 3, 0),   # the fallback's selector (must match activation)
 ])
 def test_tensorrt_plugin_field_mismatch_fails(trt_export, tmp_path, op_type, field, value, index):
     bad = _copy(trt_export, tmp_path / "bad")

@@ -11,9 +11,9 @@ fallbacks) and by the tensorrt lowering (``tensorrt_moe.py``), so each stage is 
 
 TensorRT's ONNX parser (onnx-tensorrt operator matrix, 10.16) shapes two choices here: CumSum
 runs in float32 (the matrix lists CumSum for FP32/FP16/BF16 only; counts are exact up to
-``permutation.MAX_GRAPH_ROWS`` = 2^24 rows), and the Loop's carried tensor keeps one shape
-across iterations (a zero-initialised [M, width] result that each expert scatters its rows into,
-not a Concat that grows).
+``MAX_GRAPH_ROWS`` = 2^24 rows, and ``smlp build-engine`` refuses profiles that allow more), and
+the Loop's carried tensor keeps one shape across iterations (a zero-initialised [M, width]
+result that each expert scatters its rows into, not a Concat that grows).
 """
 from __future__ import annotations
 
@@ -22,6 +22,10 @@ from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
 
 from onnx import GraphProto, NodeProto, TensorProto, helper
+
+# Counts are float32 (see the module docstring): every integer up to 2^24 is exact in float32, so
+# the permutation is exact for at most this many routed rows per layer call (batch x seq x k).
+MAX_GRAPH_ROWS = 1 << 24
 
 
 @dataclass
@@ -189,4 +193,4 @@ def token_moe(b: GraphBuilder, hidden: str, logits: str, n_experts: str, *, rout
     return b.op("ReduceSum", b.op("Reshape", y, shape), b.ints(1), keepdims=0)  # sum over the k slots
 
 
-__all__ = ["GraphBuilder", "Permutation", "activation", "expert_loop", "permute_by_expert", "token_moe"]
+__all__ = ["MAX_GRAPH_ROWS", "GraphBuilder", "Permutation", "activation", "expert_loop", "permute_by_expert", "token_moe"]
