@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import onnx
-import onnx.inliner
 
 from ..fsutil import set_default_mode
 from .state import DecodeStep, state_names
@@ -50,17 +49,13 @@ def _wrapper(model, dtype: str):
 def _trace(model, target: str, dtype: str, opset: int) -> onnx.ModelProto:
     import torch
 
+    from ..export.trace import trace, twin
     from ..export.translations import translation_table
-
-    from ..export.weights import meta_twin, source_for
+    from ..precision import COMPUTE_DTYPES
 
     cfg = model.config
-    source = source_for(model)
-    m = meta_twin(model)  # traced without data (export/weights.py)
-    from ..precision import COMPUTE_DTYPES, to_compute_dtype
-
+    m, source = twin(model, dtype)  # same mixed precision as model.onnx
     tdt = COMPUTE_DTYPES[dtype]
-    m = to_compute_dtype(m, dtype)  # same mixed precision as model.onnx
     wrapped = _wrapper(m, dtype)
     names = state_names(m)
     B, S = 2, 2  # not 1: size-1 example dims get specialised
@@ -70,54 +65,25 @@ def _trace(model, target: str, dtype: str, opset: int) -> onnx.ModelProto:
     states = tuple(torch.zeros(B, cfg.max_seq_len, cfg.spatial_channels, dtype=tdt, device=meta) for _ in names)
     batch, new = torch.export.Dim("batch", min=1), torch.export.Dim.DYNAMIC
     dyn = ({0: batch, 1: new}, None, tuple({0: batch} for _ in names))  # *states is one varargs entry
-    from ..export.graph import dynamo_export
-
-    return dynamo_export(wrapped, (ids, pos, *states), dyn, opset=opset,
-                         table=translation_table(target, dtype, opset),
-                         input_names=[INPUT_IDS, POSITION, *names],
-                         output_names=[LOGITS, *[OUT_PREFIX + n for n in names]], source=source)
+    return trace(wrapped, (ids, pos, *states), dyn, opset=opset, table=translation_table(target, dtype, opset),
+                 input_names=[INPUT_IDS, POSITION, *names],
+                 output_names=[LOGITS, *[OUT_PREFIX + n for n in names]], source=source)
 
 
-def _finish(proto: onnx.ModelProto, model, target: str, dtype: str, opset: int, ir_version: int) -> onnx.ModelProto:
-    """Add / inline the smlp nodes' standard-op bodies, drop exporter noise, name the dynamic dims."""
-    from ..export import contract
-    from ..export.functions import functions_for, onnx_elem_type
+def finish_step_graph(proto: onnx.ModelProto, model, *, target: str, dtype: str, opset: int,
+                      ir_version: int, lazy: bool) -> onnx.ModelProto:
+    """``trace.finish`` for a decode step graph (decode.onnx, decode_seq.onnx): dims ``batch`` /
+    ``new``, the expert loop not unrolled, the target's smlp-node rewrites only (the step's
+    spatial form has no causal product); checked unless ``lazy`` (then check the written file)."""
+    from ..export.rewrites import Rewrites
+    from ..export.trace import finish
+    from ..export.weights import materialize, source_for
 
-    if target == "tensorrt":  # token MoE -> standard-op routing + two grouped-GEMM plugin nodes
-        from ..export.tensorrt_moe import finish_tensorrt
-
-        finish_tensorrt(proto, elem=onnx_elem_type(dtype), opset=opset)
-    ops = {n.op_type for n in proto.graph.node if n.domain == contract.DOMAIN}
-    if ops:
-        proto.functions.extend(functions_for(model.config, elem=onnx_elem_type(dtype), opset=opset, op_types=ops))
-    if target in ("ort", "portable"):
-        proto = onnx.inliner.inline_local_functions(proto)
-        del proto.functions[:]
-    used = {n.domain for n in proto.graph.node} | {n.domain for f in proto.functions for n in f.node}
-    keep = [o for o in proto.opset_import if o.domain in used or o.domain in ("", "ai.onnx")]
-    del proto.opset_import[:]
-    proto.opset_import.extend(keep)
-    from ..export.probes import attach_probes, find_probes
-
-    probes = find_probes(proto)  # module scopes, read before the metadata is dropped
-    del proto.metadata_props[:]
-    attach_probes(proto, probes)
-    from ..export.metadata import attach_metadata
-
-    attach_metadata(proto, model)  # checkpoint sha256, config, producer (deterministic)
-    for n in proto.graph.node:
-        del n.metadata_props[:]
-        n.doc_string = ""
-    for vi in (*proto.graph.input, *proto.graph.output, *proto.graph.value_info):
-        del vi.metadata_props[:]
-    # Dynamic axes: the exporter calls them s0, s1...; name them after the input_ids axes.
-    d = proto.graph.input[0].type.tensor_type.shape.dim
-    mapping = {d[0].dim_param: "batch", d[1].dim_param: "new"}
-    for vi in (*proto.graph.input, *proto.graph.output, *proto.graph.value_info):
-        for dim in vi.type.tensor_type.shape.dim:
-            if dim.dim_param in mapping:
-                dim.dim_param = mapping[dim.dim_param]
-    proto.ir_version = ir_version  # ONNX Runtime 1.31 refuses IR > 13
+    proto = finish(proto, model, target=target, dtype=dtype, opset=opset, ir_version=ir_version,
+                   dim_names=("batch", "new"), unroll_experts=False, rewrites=Rewrites(target))
+    if not lazy:
+        materialize(proto, source_for(model))
+        onnx.checker.check_model(proto)
     return proto
 
 
@@ -128,17 +94,13 @@ def build_decode_onnx(model, *, target: str = "ort", dtype: str = "fp32", opset:
     ``lazy``: large initializers stay placeholders for ``weights.write_model`` (then unchecked:
     check the written file)."""
     from ..export.translations import DTYPES, TARGETS
-    from ..export.weights import materialize, source_for
 
     if target not in TARGETS:
         raise ValueError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    proto = _finish(_trace(model, target, dtype, opset), model, target, dtype, opset, ir_version)
-    if not lazy:
-        materialize(proto, source_for(model))
-        onnx.checker.check_model(proto)
-    return proto
+    return finish_step_graph(_trace(model, target, dtype, opset), model, target=target, dtype=dtype, opset=opset,
+                             ir_version=ir_version, lazy=lazy)
 
 
 def decode_manifest(model, *, target: str, dtype: str, opset: int, file: str = "decode.onnx") -> dict[str, Any]:

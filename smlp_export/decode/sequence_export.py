@@ -21,7 +21,7 @@ from typing import Any
 
 import onnx
 
-from .export import INPUT_IDS, LOGITS, OUT_PREFIX, POSITION, _finish
+from .export import INPUT_IDS, LOGITS, OUT_PREFIX, POSITION, finish_step_graph
 from .state import state_names
 
 SEQ_FILE = "decode_seq.onnx"
@@ -32,15 +32,13 @@ NEW_POSITION = OUT_PREFIX + POSITION
 def _trace(model, target: str, dtype: str, opset: int) -> onnx.ModelProto:
     import torch
 
-    from ..export.graph import dynamo_export
+    from ..export.trace import trace, twin
     from ..export.translations import translation_table
-    from ..export.weights import meta_twin, source_for
-    from ..precision import COMPUTE_DTYPES, to_compute_dtype
+    from ..precision import COMPUTE_DTYPES
     from .sequence import SequenceStep
 
     cfg = model.config
-    source = source_for(model)
-    m = to_compute_dtype(meta_twin(model), dtype)  # traced without data, same mixed precision as model.onnx
+    m, source = twin(model, dtype)  # traced without data, same mixed precision as model.onnx
     tdt = COMPUTE_DTYPES[dtype]
 
     class Wrapped(torch.nn.Module):
@@ -61,22 +59,16 @@ def _trace(model, target: str, dtype: str, opset: int) -> onnx.ModelProto:
     states = tuple(torch.zeros(B, cfg.max_seq_len, cfg.spatial_channels, dtype=tdt, device=meta) for _ in names)
     batch, new = torch.export.Dim("batch", min=1), torch.export.Dim.DYNAMIC
     dyn = ({0: batch, 1: new}, {0: batch}, {0: batch}, tuple({0: batch} for _ in names))
-    return dynamo_export(Wrapped().eval(), (ids, pos, start, *states), dyn, opset=opset,
-                         table=translation_table(target, dtype, opset),
-                         input_names=[INPUT_IDS, POSITION, START, *names],
-                         output_names=[LOGITS, NEW_POSITION, *[OUT_PREFIX + n for n in names]], source=source)
+    return trace(Wrapped().eval(), (ids, pos, start, *states), dyn, opset=opset,
+                 table=translation_table(target, dtype, opset), input_names=[INPUT_IDS, POSITION, START, *names],
+                 output_names=[LOGITS, NEW_POSITION, *[OUT_PREFIX + n for n in names]], source=source)
 
 
 def build_sequence_onnx(model, *, target: str = "ort", dtype: str = "fp32", opset: int = 18,
                         ir_version: int = 10, lazy: bool = False) -> onnx.ModelProto:
     """The checked per-row-position decode graph of ``model`` (see the module docstring)."""
-    from ..export.weights import materialize, source_for
-
-    proto = _finish(_trace(model, target, dtype, opset), model, target, dtype, opset, ir_version)
-    if not lazy:
-        materialize(proto, source_for(model))
-        onnx.checker.check_model(proto)
-    return proto
+    return finish_step_graph(_trace(model, target, dtype, opset), model, target=target, dtype=dtype, opset=opset,
+                             ir_version=ir_version, lazy=lazy)
 
 
 def sequence_manifest(model, *, file: str = SEQ_FILE) -> dict[str, Any]:

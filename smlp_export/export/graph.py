@@ -16,18 +16,11 @@ to ``batch`` / ``seq``), so the same checkpoint and options give byte-identical 
 """
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
 from typing import Any
 
 import onnx
-import onnx.inliner
 
-from . import contract
-from .functions import TOKEN_MOE_NODE, functions_for, onnx_elem_type
-from .translations import AUTO_FUSED_MAX_TOKENS, MSFT_DOMAIN, ORT_ACTIVATIONS, translation_table
-from .weights import _all_graphs
+from .translations import translation_table
 
 DIM_NAMES = ("batch", "seq")
 
@@ -66,153 +59,20 @@ def _trace(model, target: str, dtype: str, opset: int, names: list[str], ort_moe
     """torch.export with dynamic batch/seq, then the dynamo ONNX exporter with our translations."""
     import torch
 
-    from .weights import meta_twin, source_for
+    from .trace import trace, twin
 
     cfg = model.config
-    source = source_for(model)
-    m = meta_twin(model)  # traced without data; weights come from `source` (weights.py)
-    from ..precision import to_compute_dtype
-
-    m = to_compute_dtype(m, dtype)  # fp16/bf16: mixed precision (LayerNorms + routers fp32)
+    m, source = twin(model, dtype)
     wrapped = _Wrapper.make(m, names)
     # T = 2 as the example: T = 1 would let torch specialise size-1 broadcasts.
     ids = torch.zeros(2, min(2, cfg.max_seq_len), dtype=torch.long)
     # Dim.DYNAMIC, not Dim("seq", max=n): slicing W[:T, :T] makes torch guard T != n, which a
     # bounded Dim rejects; the ONNX Slice it becomes is correct for every 1 <= T <= n.
     dyn = {0: torch.export.Dim.DYNAMIC, 1: torch.export.Dim.DYNAMIC}
-    return dynamo_export(wrapped, (ids,), (dyn,), opset=opset,
-                         table=translation_table(target, dtype, opset, ort_moe=ort_moe),
-                         input_names=["input_ids"], output_names=["logits", *[f"router.{n}" for n in names]],
-                         source=source)
-
-
-def dynamo_export(module, args: tuple, dynamic_shapes: Any, *, opset: int, table: dict,
-                  input_names: list[str], output_names: list[str], source=None) -> onnx.ModelProto:
-    """torch.export + torch.onnx.export(dynamo=True) with the smlp translation table, with the
-    exporter's progress chatter silenced (shared by model.onnx and decode.onnx).
-
-    ``source`` (a ``weights.WeightSource``): ``module`` holds meta tensors, traced without data;
-    small initializers are read from ``source`` and large ones stay placeholders (``weights.py``),
-    with the exporter's optimisation (constant folding, fusions) run here so that it never reads
-    a placeholder."""
-    import torch
-
-    quiet = io.StringIO()
-    logger = logging.getLogger("torch.onnx")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        with torch.no_grad(), contextlib.redirect_stdout(quiet):
-            ep = torch.export.export(module, args, dynamic_shapes=dynamic_shapes, strict=False)
-            program = torch.onnx.export(
-                ep, args, dynamo=True, opset_version=opset, optimize=source is None, verbose=False,
-                custom_translation_table=table, input_names=input_names, output_names=output_names,
-            )
-            if source is not None:
-                return _optimize_lazy(program.model, source)
-    finally:
-        logger.setLevel(level)
-    return program.model_proto
-
-
-def _optimize_lazy(model, source) -> onnx.ModelProto:
-    """What ``torch.onnx.export(optimize=True)`` runs (onnxscript's optimizer, then its ONNX
-    fusions), after giving the meta-traced graph its weights, folding nothing that reads a
-    placeholder."""
-    import onnx_ir as ir
-    import onnxscript.optimizer
-    import onnxscript.rewriter.onnx_fusions
-
-    from . import weights
-
-    recipes = weights.lazify_ir(model, source)
-    onnxscript.optimizer.optimize_ir(model, should_fold=weights.should_fold(recipes))
-    onnxscript.rewriter.onnx_fusions.fuse(model)
-    proto = ir.serde.serialize_model(model)
-    weights.finish_placeholders(proto, recipes)
-    return proto
-
-
-def _clean(model: onnx.ModelProto) -> None:
-    """Drop exporter metadata (stack traces, original node names): noise, and not reproducible."""
-    del model.metadata_props[:]
-    for g in _all_graphs(model.graph):
-        g.doc_string = ""
-        for n in g.node:
-            del n.metadata_props[:]
-            n.doc_string = ""
-        for vi in (*g.input, *g.output, *g.value_info):
-            del vi.metadata_props[:]
-            vi.doc_string = ""
-        for t in g.initializer:
-            del t.metadata_props[:]
-
-
-def _rename_dims(model: onnx.ModelProto) -> None:
-    """The exporter names the dynamic axes s0, s1, ...; call them batch and seq everywhere."""
-    inp = model.graph.input[0].type.tensor_type.shape.dim
-    mapping = {inp[i].dim_param: DIM_NAMES[i] for i in range(2) if inp[i].dim_param}
-    for vi in (*model.graph.input, *model.graph.output, *model.graph.value_info):
-        if vi.type.HasField("tensor_type"):
-            for d in vi.type.tensor_type.shape.dim:
-                if d.dim_param in mapping:
-                    d.dim_param = mapping[d.dim_param]
-
-
-def _smlp_op_types(model: onnx.ModelProto) -> set[str]:
-    return {n.op_type for g in _all_graphs(model.graph) for n in g.node if n.domain == contract.DOMAIN}
-
-
-def _drop_unused_opsets(model: onnx.ModelProto) -> None:
-    used = {n.domain for g in _all_graphs(model.graph) for n in g.node}
-    used |= {n.domain for f in model.functions for n in f.node}
-    keep = [o for o in model.opset_import if o.domain in used or o.domain in ("", "ai.onnx")]
-    del model.opset_import[:]
-    model.opset_import.extend(keep)
-
-
-def _auto_token_moe(model: onnx.ModelProto, elem: int, max_tokens: int = AUTO_FUSED_MAX_TOKENS) -> None:
-    """ort ``auto``: each mappable smlp token-MoE node -> If(N <= max_tokens, fused MoE, smlp node).
-
-    The fused com.microsoft.MoE kernel wins for a few tokens (decode), the sort + Loop
-    formulation for prompts and batches (docs/export.md has the figures); the If picks per call
-    from the runtime token count N = hidden.shape[0]. The else branch keeps the smlp node, which
-    the inliner then replaces by its Loop body. Both branches read the same outer-scope values.
-    """
-    h = onnx.helper
-    nodes: list[onnx.NodeProto] = []
-    for i, n in enumerate(model.graph.node):
-        attrs = {a.name: h.get_attribute_value(a) for a in n.attribute}
-        act = attrs.get("activation", b"").decode()
-        if (n.domain, n.op_type) != (TOKEN_MOE_NODE.domain, TOKEN_MOE_NODE.op_type) or act not in ORT_ACTIVATIONS:
-            nodes.append(n)
-            continue
-        hidden, logits = n.input[0], n.input[1]
-        p = f"auto_moe_{i}_"
-        out_info = [h.make_tensor_value_info(p + "y", elem, None)]
-        fused = [h.make_node("MoE", list(n.input), [p + "moe" if attrs["routing"] == b"base" else p + "y"],
-                             domain=MSFT_DOMAIN, k=int(attrs["k"]), activation_type=ORT_ACTIVATIONS[act],
-                             normalize_routing_weights=1)]
-        if attrs["routing"] == b"base":  # k = 1 renormalised is 1; Base Layers' gate is sigmoid(max logit)
-            fused += [h.make_node("Constant", [], [p + "axes"], value_ints=[-1]),
-                      h.make_node("ReduceMax", [logits, p + "axes"], [p + "top"], keepdims=1),
-                      h.make_node("Sigmoid", [p + "top"], [p + "gate"]),
-                      h.make_node("Mul", [p + "moe", p + "gate"], [p + "y"])]
-        loop = onnx.NodeProto()
-        loop.CopyFrom(n)
-        del loop.output[:]
-        loop.output.append(p + "y")
-        nodes += [h.make_node("Shape", [hidden], [p + "n"], start=0, end=1),
-                  h.make_node("Constant", [], [p + "max"], value_ints=[max_tokens]),
-                  h.make_node("LessOrEqual", [p + "n", p + "max"], [p + "le"]),
-                  h.make_node("Squeeze", [p + "le"], [p + "cond"]),
-                  h.make_node("If", [p + "cond"], list(n.output),
-                              then_branch=h.make_graph(fused, p + "fused", [], out_info),
-                              else_branch=h.make_graph([loop], p + "loop", [], out_info))]
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
-    if any(n.op_type == "If" and n.output for n in nodes) and not any(o.domain == MSFT_DOMAIN for o in model.opset_import):
-        model.opset_import.append(h.make_opsetid(MSFT_DOMAIN, 1))
+    return trace(wrapped, (ids,), (dyn,), opset=opset,
+                 table=translation_table(target, dtype, opset, ort_moe=ort_moe),
+                 input_names=["input_ids"], output_names=["logits", *[f"router.{n}" for n in names]],
+                 source=source)
 
 
 def build_onnx(model, *, target: str, dtype: str, opset: int, ir_version: int = 10,
@@ -225,41 +85,17 @@ def build_onnx(model, *, target: str, dtype: str, opset: int, ir_version: int = 
     (``blocked_causal.py``); 0 = dense products, None = ``default_block(max_seq_len)``.
     ``lazy``: large initializers stay placeholders (``weights.py``) for ``weights.write_model``
     to fill from ``weights.source_for(model)`` one at a time; else they hold their data."""
+    from .blocked_causal import default_block
+    from .rewrites import Rewrites
+    from .trace import finish
+
     names = [n for n, _ in routing_layout(model)]
-    proto = _trace(model, target, dtype, opset, names, ort_moe)
-    if target == "ort" and ort_moe == "auto":
-        _auto_token_moe(proto, onnx_elem_type(dtype))
-    if target == "tensorrt":  # token MoE -> standard-op routing + two grouped-GEMM plugin nodes
-        from .tensorrt_moe import finish_tensorrt
-
-        finish_tensorrt(proto, elem=onnx_elem_type(dtype), opset=opset)
-    ops = _smlp_op_types(proto)
-    # Model-local standard-op bodies for the smlp nodes (the exporter cannot emit functions).
-    proto.functions.extend(functions_for(model.config, elem=onnx_elem_type(dtype), opset=opset, op_types=ops,
-                                         unroll=target == "ort"))
-    if target in ("ort", "portable"):
-        proto = onnx.inliner.inline_local_functions(proto)
-        del proto.functions[:]
-    if target == "ort":
-        from .optimize import optimize_ort
-
-        optimize_ort(proto)  # exact rewrites: pre-masked weights, fused GELU, split weights
-    if target in ("ort", "portable"):
-        from .blocked_causal import block_causal_matmuls, default_block
-
-        n = model.config.max_seq_len
-        block_causal_matmuls(proto, n, default_block(n) if causal_block is None else causal_block)
-    _drop_unused_opsets(proto)
-    from .probes import attach_probes, find_probes
-
-    probes = find_probes(proto)  # before _clean drops the module scopes it reads
-    _clean(proto)
-    attach_probes(proto, probes)
-    from .metadata import attach_metadata
-
-    attach_metadata(proto, model)  # checkpoint sha256, config, producer (deterministic)
-    _rename_dims(proto)
-    proto.ir_version = ir_version  # ONNX Runtime 1.31 refuses IR > 13
+    n = model.config.max_seq_len
+    rewrites = Rewrites(target, ort_moe=ort_moe, optimize=True, max_seq_len=n,
+                        causal_block=default_block(n) if causal_block is None else causal_block)
+    proto = finish(_trace(model, target, dtype, opset, names, ort_moe), model, target=target, dtype=dtype,
+                   opset=opset, ir_version=ir_version, dim_names=DIM_NAMES, unroll_experts=target == "ort",
+                   rewrites=rewrites)
     if not lazy:
         from .weights import materialize, source_for
 
