@@ -80,7 +80,7 @@ def finish_step_graph(proto: onnx.ModelProto, model, *, target: str, dtype: str,
     from ..export.weights import materialize, source_for
 
     proto = finish(proto, model, target=target, dtype=dtype, opset=opset, ir_version=ir_version,
-                   dim_names=("batch", "new"), unroll_experts=False, rewrites=Rewrites(target))
+                   dim_names=("batch", "new"), unroll_experts=False, empty_docs=False, rewrites=Rewrites(target))
     if not lazy:
         materialize(proto, source_for(model))
         onnx.checker.check_model(proto)

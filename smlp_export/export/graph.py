@@ -94,7 +94,7 @@ def build_onnx(model, *, target: str, dtype: str, opset: int, ir_version: int = 
     rewrites = Rewrites(target, ort_moe=ort_moe, optimize=True, max_seq_len=n,
                         causal_block=default_block(n) if causal_block is None else causal_block)
     proto = finish(_trace(model, target, dtype, opset, names, ort_moe), model, target=target, dtype=dtype,
-                   opset=opset, ir_version=ir_version, dim_names=DIM_NAMES, unroll_experts=target == "ort",
+                   opset=opset, ir_version=ir_version, dim_names=DIM_NAMES, unroll_experts=target == "ort", empty_docs=True,
                    rewrites=rewrites)
     if not lazy:
         from .weights import materialize, source_for

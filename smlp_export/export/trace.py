@@ -90,13 +90,15 @@ def _optimize_lazy(model, source) -> onnx.ModelProto:
 
 
 def finish(proto: onnx.ModelProto, model, *, target: str, dtype: str, opset: int, ir_version: int,
-           dim_names: tuple[str, ...], unroll_experts: bool, rewrites=None) -> onnx.ModelProto:
+           dim_names: tuple[str, ...], unroll_experts: bool, empty_docs: bool, rewrites=None) -> onnx.ModelProto:
     """The finished graph of a traced ``proto`` (see the module docstring); ``model`` is the
     SMLPForCausalLM it was traced from (config, checkpoint facts for the metadata).
 
     ``dim_names``: names of the dynamic axes of the first input, in order (the exporter's
     ``s0, s1, ...`` are renamed everywhere). ``unroll_experts``: the token-MoE body writes its
-    expert loop out (``functions.functions_for``). ``rewrites``: a ``rewrites.Rewrites`` (None:
+    expert loop out (``functions.functions_for``). ``empty_docs``: write an empty ``doc_string``
+    on every graph and graph input / output / value_info (model.onnx always had them, the decode
+    step graphs never did: kept so that the files stay byte-identical). ``rewrites``: a ``rewrites.Rewrites`` (None:
     none)."""
     elem = onnx_elem_type(dtype)
     if rewrites is not None:
@@ -112,7 +114,7 @@ def finish(proto: onnx.ModelProto, model, *, target: str, dtype: str, opset: int
     from .probes import attach_probes, find_probes
 
     probes = find_probes(proto)  # before _clean drops the module scopes it reads
-    _clean(proto)
+    _clean(proto, empty_docs)
     attach_probes(proto, probes)
     from .metadata import attach_metadata
 
@@ -122,17 +124,19 @@ def finish(proto: onnx.ModelProto, model, *, target: str, dtype: str, opset: int
     return proto
 
 
-def _clean(model: onnx.ModelProto) -> None:
+def _clean(model: onnx.ModelProto, empty_docs: bool) -> None:
     """Drop exporter metadata (stack traces, original node names): noise, and not reproducible."""
     del model.metadata_props[:]
     for g in _all_graphs(model.graph):
-        g.doc_string = ""
+        if empty_docs:
+            g.doc_string = ""
         for n in g.node:
             del n.metadata_props[:]
             n.doc_string = ""
         for vi in (*g.input, *g.output, *g.value_info):
             del vi.metadata_props[:]
-            vi.doc_string = ""
+            if empty_docs:
+                vi.doc_string = ""
         for t in g.initializer:
             del t.metadata_props[:]
 

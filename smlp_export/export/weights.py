@@ -429,6 +429,58 @@ def finish_placeholders(proto: onnx.ModelProto, recipes: dict[str, Recipe]) -> N
             t.CopyFrom(placeholder(t.name, list(t.dims), recipes[loc]))
 
 
+def to_ir(proto: onnx.ModelProto):
+    """``proto`` as an ``onnx_ir.Model`` for the rewrite rules (``export/rewrites.py``); each
+    placeholder becomes an ``ir.ExternalTensor`` whose location carries its recipe (``ir_recipe``,
+    ``ir_derive``), so rules can move and derive weights without data. ``proto`` is consumed."""
+    import onnx_ir as ir
+
+    for g in _all_graphs(proto.graph):
+        for t in g.initializer:
+            r = recipe_of(t)
+            if r is not None:
+                del t.external_data[:]
+                e = t.external_data.add()
+                e.key, e.value = "location", f"{LAZY_LOCATION}/{r.to_json()}"
+    return ir.serde.deserialize_model(proto)
+
+
+def from_ir(model) -> onnx.ModelProto:
+    """The ``ModelProto`` of a ``to_ir`` model, its placeholders recipe-carrying again."""
+    import onnx_ir as ir
+
+    proto = ir.serde.serialize_model(model)
+    prefix = LAZY_LOCATION + "/"
+    for g in _all_graphs(proto.graph):
+        for t in g.initializer:
+            loc = next((e.value for e in t.external_data if e.key == "location"), None)
+            if t.data_location == TensorProto.EXTERNAL and loc is not None and loc.startswith(prefix):
+                t.CopyFrom(placeholder(t.name, list(t.dims), Recipe.from_json(loc[len(prefix):])))
+    return proto
+
+
+def ir_recipe(tensor) -> Recipe | None:
+    """The recipe of a ``to_ir`` placeholder tensor, None for a tensor that holds data."""
+    import onnx_ir as ir
+
+    prefix = LAZY_LOCATION + "/"
+    if isinstance(tensor, ir.ExternalTensor) and str(tensor.location).startswith(prefix):
+        return Recipe.from_json(str(tensor.location)[len(prefix):])
+    return None
+
+
+def ir_derive(tensor, name: str, *op: Any):
+    """``derive`` for an ``onnx_ir`` tensor: a placeholder with a longer recipe, or computed now."""
+    import onnx_ir as ir
+
+    r = ir_recipe(tensor)
+    if r is not None:
+        dims = _apply_shape([int(d) for d in tensor.shape], op)
+        return ir.ExternalTensor(f"{LAZY_LOCATION}/{r.then(*op).to_json()}", None, None, tensor.dtype,
+                                 shape=ir.Shape(dims), name=name, base_dir="/nonexistent-smlp-placeholder")
+    return ir.tensor(np.ascontiguousarray(_apply_numpy(tensor.numpy(), op)), name=name)
+
+
 # ---------------------------------------------------------------------------------------------
 # checkpoints without their weights
 # ---------------------------------------------------------------------------------------------
