@@ -97,8 +97,9 @@ def finish(proto: onnx.ModelProto, model, *, target: str, dtype: str, opset: int
     ``dim_names``: names of the dynamic axes of the first input, in order (the exporter's
     ``s0, s1, ...`` are renamed everywhere). ``unroll_experts``: the token-MoE body writes its
     expert loop out (``functions.functions_for``). ``empty_docs``: write an empty ``doc_string``
-    on every graph and graph input / output / value_info (model.onnx always had them, the decode
-    step graphs never did: kept so that the files stay byte-identical). ``rewrites``: a ``rewrites.Rewrites`` (None:
+    on every graph, graph input / output / value_info and subgraph node (model.onnx always had
+    them, the decode step graphs only on top-level nodes: kept so that the files stay
+    byte-identical). ``rewrites``: a ``rewrites.Rewrites`` (None:
     none)."""
     elem = onnx_elem_type(dtype)
     if rewrites is not None:
@@ -132,7 +133,8 @@ def _clean(model: onnx.ModelProto, empty_docs: bool) -> None:
             g.doc_string = ""
         for n in g.node:
             del n.metadata_props[:]
-            n.doc_string = ""
+            if empty_docs or g is model.graph:
+                n.doc_string = ""
         for vi in (*g.input, *g.output, *g.value_info):
             del vi.metadata_props[:]
             if empty_docs:
