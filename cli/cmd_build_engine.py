@@ -51,18 +51,17 @@ def build_engine(export_dir, output, precision, max_batch, min_shapes, opt_shape
     from pathlib import Path
 
     from smlp_export import engine_plan as plan
+    from smlp_export.artifacts import ENGINE_FILE, MANIFEST_FILE, MODEL_FILE, Manifest, is_export_dir
     from smlp_export.errors import SMLPError
 
     out = Path(export_dir)
-    man = out / "manifest.json"
-    if not man.is_file():
-        raise SMLPError(f"{out} is not an export directory (no manifest.json)")
-    try:
-        manifest = json.loads(man.read_text())
-    except json.JSONDecodeError as e:
-        raise SMLPError(f"{man} is not valid JSON ({e})") from None
-    if manifest.get("target") != "tensorrt":
-        raise SMLPError(f"{out} was exported with --target {manifest.get('target')}; "
+    if not is_export_dir(out):
+        raise SMLPError(f"{out} is not an export directory (no {MANIFEST_FILE})")
+    man = Manifest.read(out)
+    man.verify_files()  # the engine is built from the bytes that were exported (and nothing outside)
+    manifest = man.to_dict()
+    if man.target != "tensorrt":
+        raise SMLPError(f"{out} was exported with --target {man.target}; "
                         "TensorRT engines need --target tensorrt (plugin nodes)")
     # Every option is checked before TensorRT is touched (one line per mistake).
     profiles = plan.engine_profiles(
@@ -70,12 +69,12 @@ def build_engine(export_dir, output, precision, max_batch, min_shapes, opt_shape
         min_shapes=plan.parse_shapes(min_shapes, "--min-shapes"), opt_shapes=plan.parse_shapes(opt_shapes, "--opt-shapes"),
         max_shapes=plan.parse_shapes(max_shapes, "--max-shapes"))
     plan.read_timing_cache(timing_cache)
-    engine = Path(output) if output else out / "model.engine"
+    engine = Path(output) if output else out / ENGINE_FILE
     if dry_run:
-        click.echo(json.dumps({"onnx": str(out / "model.onnx"), "engine": str(engine),
+        click.echo(json.dumps({"onnx": str(out / MODEL_FILE), "engine": str(engine),
                                "manifest": str(plan.manifest_path(engine)), "precision": precision,
                                "profiles": [p.to_dict() for p in profiles],
-                               "plugins": plan.plugin_inventory(out / "model.onnx"),
+                               "plugins": plan.plugin_inventory(out / MODEL_FILE),
                                "timing_cache": timing_cache}, indent=2))
         return
     from smlp_plugins import build_engine as mod
@@ -83,7 +82,7 @@ def build_engine(export_dir, output, precision, max_batch, min_shapes, opt_shape
     printer = plan.ProgressPrinter(io.StringIO() if quiet else sys.stderr)
     try:
         path, info = mod.build_engine_with_profiles(
-            out / "model.onnx", engine, profiles=profiles, export_manifest=manifest, precision=precision,
+            out / MODEL_FILE, engine, profiles=profiles, export_manifest=manifest, precision=precision,
             timing_cache=timing_cache, workspace_gib=workspace_gib, printer=printer)
     except (mod.TensorRTUnavailable, RuntimeError, FileNotFoundError, ValueError) as e:
         raise SMLPError(str(e).splitlines()[0]) from None

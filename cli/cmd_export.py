@@ -53,6 +53,7 @@ def export(checkpoint, allow_pickle, output, target, dtype, opset, validate, qui
 
     from tqdm import tqdm
 
+    from smlp_export.artifacts import DECODE_FILE
     from smlp_export.export.pipeline import check_options, export_model
 
     if opset is None:
@@ -100,7 +101,7 @@ def export(checkpoint, allow_pickle, output, target, dtype, opset, validate, qui
     click.echo(f"  size     {_size(res.model_bytes)} ({', '.join(f['name'] for f in m['files'])})")
     click.echo(f"  nodes    {sum(res.node_counts.values())}: {top}" + (f", +{more} more types" if more > 0 else ""))
     if m.get("decode"):
-        graphs = [f"{m['decode'].get('file', 'decode.onnx')} (incremental decode)"]
+        graphs = [f"{m['decode'].get('file', DECODE_FILE)} (incremental decode)"]
         seq = m["decode"].get("sequence")
         if seq:
             graphs.append(f"{seq['file']} (one position per row: Triton's sequence batcher)")

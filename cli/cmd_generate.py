@@ -86,7 +86,8 @@ def generate(source, backend, prompt, max_new_tokens, temperature, top_k, seed, 
         import torch
 
         from smlp_export import load_checkpoint
-        from smlp_export.export.origin import is_export_dir, load_checkpoint_of_export
+        from smlp_export.artifacts import is_export_dir
+        from smlp_export.model import load_checkpoint_of_export
 
         torch.set_num_threads(threads or 1)
         if source is not None and is_export_dir(source):  # an export: PyTorch runs its checkpoint
@@ -136,16 +137,14 @@ def _resolve_backend(source: str | None, backend: str) -> tuple[str, str | None]
     """--backend auto: an export's decode graph when it has one, else PyTorch (with a note saying why)."""
     if backend != "auto":
         return backend, None
-    from smlp_export.export.origin import is_export_dir
+    from smlp_export.artifacts import Manifest, is_export_dir
+    from smlp_export.errors import SMLPError
 
     if source is None or not is_export_dir(source):
         return "torch", None
-    import json
-    from pathlib import Path
-
     try:
-        has_decode = bool(json.loads((Path(source) / "manifest.json").read_text()).get("decode"))
-    except (OSError, ValueError, AttributeError, RecursionError):
+        has_decode = bool(Manifest.read(source, required=()).decode)
+    except SMLPError:
         has_decode = False  # the torch path names what is wrong with the manifest
     if has_decode:
         return "ort", None

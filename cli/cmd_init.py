@@ -40,7 +40,8 @@ def init(preset_name: str, sets: tuple[str, ...], output: str, dtype: str, seed:
     from tqdm import tqdm
 
     from smlp_export import preset
-    from smlp_export.init_weights import file_bytes, init_checkpoint
+    from smlp_export.checkpoint import init_checkpoint
+    from smlp_export.init_weights import file_bytes
     from smlp_export.memory import num_active_parameters, num_parameters, require
     from smlp_export.precision import COMPUTE_DTYPES
 

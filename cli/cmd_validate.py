@@ -31,9 +31,10 @@ def _report_saved(out: str, report, save_inputs: str | None, save_outputs: str |
     if save_outputs:
         click.echo(f"wrote {show_path(save_outputs)}: PyTorch's outputs on them (polygraphy --load-outputs)", err=True)
     if save_inputs and save_outputs:
+        from smlp_export.artifacts import MODEL_FILE
         from smlp_export.validate.polygraphy_io import polygraphy_command
 
-        cmd = polygraphy_command(os.path.join(out, "model.onnx"), save_inputs, save_outputs, poly["atol"],
+        cmd = polygraphy_command(os.path.join(out, MODEL_FILE), save_inputs, save_outputs, poly["atol"],
                                  list(providers) or None)
         click.echo("replay with Polygraphy (per-output bounds from the tolerance table; docs/validation.md):", err=True)
         click.echo(f"  {cmd}", err=True)

@@ -46,15 +46,14 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *
 
     The default profiles of ``smlp build-engine`` (prefill: batch 1..max_batch, seq 1..max_seq or the
     export's n; decode: seq = 1), built by :func:`build_engine_with_profiles`. Returns the path."""
-    import json
-
     from smlp_export import engine_plan as plan
+    from smlp_export.artifacts import Manifest
 
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
         raise FileNotFoundError(f"ONNX file not found: {onnx_path}")
     seq = resolve_max_seq(onnx_path, max_seq)  # the export's n, or max_seq checked against it
-    manifest = json.loads((onnx_path.parent / "manifest.json").read_text())
+    manifest = Manifest.read(onnx_path.parent, required=()).to_dict()
     profiles = plan.engine_profiles(manifest, max_batch=max_batch, decode=decode_profile, seq_bound=seq)
     path, _ = build_engine_with_profiles(onnx_path, engine_path, profiles=profiles, export_manifest=manifest,
                                          precision=precision, workspace_gib=workspace_gib, printer=printer)

@@ -6,10 +6,10 @@ Public API: ``SMLPConfig``, ``SMLPForCausalLM``, ``load_checkpoint``, ``save_che
 from __future__ import annotations
 
 from . import ops  # noqa: F401  (registers torch.ops.smlp.*)
-from .checkpoint import load_checkpoint, load_tokenizer, read_config, save_checkpoint
+from .checkpoint import load_tokenizer, read_config, save_checkpoint
 from .config import SMLPConfig, preset
 from .errors import CheckpointError, ConfigError, InputError, SMLPError
-from .model import SMLPForCausalLM
+from .model import SMLPForCausalLM, load_checkpoint
 from .tokenizer import ByteTokenizer
 
 __version__ = "0.1.0"

@@ -14,11 +14,12 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from .config import SMLPConfig
+from .artifacts import DEFAULT_CHECKPOINT, export_hint, is_export_dir
 from .errors import CheckpointError, ConfigError
 from .fsutil import sha256_file
 from .tokenizer import ByteTokenizer
@@ -30,7 +31,7 @@ WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_FILE = "smlp_tokenizer.json"
 LEGACY_TOKENIZER_FILE = "tokenizer.json"  # read, never written
 METADATA_FILE = "metadata.json"
-DEFAULT_NAME = "default"
+DEFAULT_NAME = DEFAULT_CHECKPOINT
 FLOAT_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
@@ -131,6 +132,36 @@ def write_sidecars(tmp: Path, cfg: SMLPConfig, tok: ByteTokenizer, metadata: dic
     (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
 
+def init_checkpoint(cfg: SMLPConfig, directory: str | os.PathLike, *, seed: int, dtype: torch.dtype,
+                    metadata: dict | None = None, overwrite: bool = False,
+                    progress: Callable[[int], None] | None = None) -> Path:
+    """A random-init checkpoint directory of ``cfg``, written atomically (``atomic_dir``) without
+    building the model (streamed: ``init_weights.write_random_init``): the same files ``save_checkpoint(SMLPForCausalLM(cfg))`` writes
+    under ``torch.manual_seed(seed)``. Refuses (CheckpointError, nothing written) when the disk
+    lacks room for the weights."""
+    from .fsutil import set_default_mode
+    from .init_weights import file_bytes, write_random_init
+    from .memory import num_parameters
+
+    if dtype not in FLOAT_DTYPES:
+        raise CheckpointError(f"unsupported checkpoint dtype {dtype}")
+    from .fsutil import check_output
+
+    target = check_output(directory, force=overwrite, error=CheckpointError)  # "" / a user folder: refused first
+    need = file_bytes(cfg, dtype)
+    probe = next((p for p in (target, *target.parents) if p.exists()), Path("."))
+    free = shutil.disk_usage(probe).free
+    if need > free:
+        raise CheckpointError(f"{target}: the weights need {need / 1e9:.1f} GB of disk but only "
+                              f"{free / 1e9:.1f} GB is free there")
+    with atomic_dir(target, overwrite) as tmp:
+        sha = write_random_init(cfg, tmp / WEIGHTS_FILE, seed=seed, dtype=dtype, progress=progress)
+        set_default_mode(tmp / WEIGHTS_FILE)
+        write_sidecars(tmp, cfg, ByteTokenizer(cfg.vocab_size, cfg.eos_token_id), metadata, dtype, sha,
+                       num_parameters(cfg))
+    return target
+
+
 # ---------------------------------------------------------------------------------------------
 # load
 # ---------------------------------------------------------------------------------------------
@@ -224,18 +255,17 @@ def _load_tensors(wpath: Path, cfg: SMLPConfig) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _model_from_tensors(cfg: SMLPConfig, tensors: dict[str, torch.Tensor]) -> torch.nn.Module:
+def _model_from_tensors(cfg: SMLPConfig, tensors: dict[str, torch.Tensor], model_cls: type) -> torch.nn.Module:
     """The model built around the loaded tensors themselves, in the checkpoint's dtype.
 
     Built on the meta device (nothing allocated, no random init) and then given the tensors
     (``assign=True``): a fp16/bf16 checkpoint is never inflated to float32. A half checkpoint
     becomes a mixed-precision model (``smlp_export.precision``: LayerNorms and token-router
     centroids cast up to float32, < 0.1 % of the weights at d=1024), the form that is exported."""
-    from .model import SMLPForCausalLM
     from .precision import TORCH_TO_NAME, to_compute_dtype
 
     with torch.device("meta"):
-        model = SMLPForCausalLM(cfg)
+        model = model_cls(cfg)
     model.load_state_dict(tensors, strict=True, assign=True)
     dtype = next(iter(tensors.values())).dtype
     if dtype != torch.float32:
@@ -243,15 +273,18 @@ def _model_from_tensors(cfg: SMLPConfig, tensors: dict[str, torch.Tensor]) -> to
     return model
 
 
+def refuse_export_dir(d: Path) -> None:
+    """An export folder given where a checkpoint is needed: say so, instead of "missing metadata.json"."""
+    if is_export_dir(d):
+        raise CheckpointError(f"{d} is an export directory, not a checkpoint: {export_hint(d)}")
+
+
 def read_header(d: Path, *, memory_op: str, what: str, dtype: str | None = None):
     """Everything a checkpoint directory says before its weights are read: (metadata, config,
     tokenizer), checked (not an export folder, format version, config, tokenizer agreeing with the
     config) and the memory check for ``memory_op`` (``memory.require``) done. Shared by
     :func:`load_checkpoint` and the low-memory export (``export.weights.open_checkpoint``)."""
-    from .export.origin import export_hint, is_export_dir
-
-    if is_export_dir(d):  # say so, instead of "missing metadata.json"
-        raise CheckpointError(f"{d} is an export directory, not a checkpoint: {export_hint(d)}")
+    refuse_export_dir(d)
     meta = _read_json(d / METADATA_FILE)
     if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
         got = meta.get("format_version") if isinstance(meta, dict) else None
@@ -272,19 +305,19 @@ def read_header(d: Path, *, memory_op: str, what: str, dtype: str | None = None)
     return meta, cfg, tok
 
 
-def load_checkpoint(
-    path_or_name: str | os.PathLike | None = None, *, allow_pickle: bool = False
-) -> torch.nn.Module:
-    """Load a checkpoint directory (or ``"default"``/None for the embedded model), in eval mode.
+def load_model(path_or_name: str | os.PathLike | None, model_cls: type, *, allow_pickle: bool = False
+               ) -> torch.nn.Module:
+    """Load a checkpoint directory (or ``"default"``/None for the embedded model) as ``model_cls``
+    (``SMLPForCausalLM`` or a subclass: this layer sits below model.py and never names it), in eval mode.
 
-    The returned ``SMLPForCausalLM`` carries ``.tokenizer`` and ``.checkpoint_info``
+    The returned model carries ``.tokenizer`` and ``.checkpoint_info``
     (path, metadata, weights sha256). A pickled ``.pt`` file is refused unless ``allow_pickle`` is
     set, and then read with ``torch.load(weights_only=True)``. The model's dtype is the
     checkpoint's (fp16 / bf16 checkpoints load as mixed-precision half models, not inflated).
     """
     d = resolve(path_or_name)
     if d.is_file() and d.suffix in (".pt", ".pth", ".bin"):
-        return _load_pickle(d, allow_pickle)
+        return _load_pickle(d, allow_pickle, model_cls)
     if not d.exists():
         raise CheckpointError(f"checkpoint {d} does not exist")
     if not d.is_dir():
@@ -295,16 +328,14 @@ def load_checkpoint(
     digest = sha256_file(wpath)
     if meta.get("weights_sha256") not in (None, digest):
         raise CheckpointError(f"{wpath}: sha256 does not match metadata.json (file corrupt or replaced)")
-    model = _model_from_tensors(cfg, tensors)
+    model = _model_from_tensors(cfg, tensors, model_cls)
     model.eval()
     model.tokenizer = tok
     model.checkpoint_info = {"path": str(d), "metadata": meta, "weights_sha256": digest}
     return model
 
 
-def _load_pickle(path: Path, allow_pickle: bool) -> torch.nn.Module:
-    from .model import SMLPForCausalLM
-
+def _load_pickle(path: Path, allow_pickle: bool, model_cls: type) -> torch.nn.Module:
     if not allow_pickle:
         raise CheckpointError(f"{path}: pickled checkpoints are refused (they can run code); "
                               "pass --allow-pickle to load it with torch.load(weights_only=True)")
@@ -333,7 +364,7 @@ def _load_pickle(path: Path, allow_pickle: bool) -> torch.nn.Module:
     extra = sorted(set(sd) - set(expected))
     if extra:
         raise CheckpointError(f"{path}: unexpected tensor {extra[0]}")
-    model = SMLPForCausalLM(cfg)
+    model = model_cls(cfg)
     model.load_state_dict({k: v.float() for k, v in sd.items()})
     model.eval()
     model.tokenizer = ByteTokenizer(cfg.vocab_size, cfg.eos_token_id)
@@ -361,6 +392,23 @@ def stored_dtype(checkpoint: Any) -> str:
         return "fp32"
     name = SAFETENSORS_DTYPES.get(st, "float32")
     return TORCH_TO_NAME[getattr(torch, name)]
+
+
+def load_mixin_dir(d: Path, model_cls: type) -> torch.nn.Module:
+    """``config.json`` + ``model.safetensors`` without ``metadata.json``: what ``PyTorchModelHubMixin``
+    writes. The same structural checks as ``load_checkpoint`` (names, shapes, dtypes, finiteness)."""
+    cfg = read_config(d)
+    tpath = tokenizer_path(d)
+    tok = _read_tokenizer(tpath) if tpath.exists() else ByteTokenizer(cfg.vocab_size, cfg.eos_token_id)
+    if tok.vocab_size != cfg.vocab_size:
+        raise CheckpointError(f"{tpath}: vocab_size {tok.vocab_size} != config vocab_size {cfg.vocab_size}")
+    tensors = _load_tensors(d / WEIGHTS_FILE, cfg)
+    model = model_cls(cfg)
+    model.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=True)
+    model.eval()
+    model.tokenizer = tok
+    model.checkpoint_info = {"path": str(d), "metadata": {}, "weights_sha256": sha256_file(d / WEIGHTS_FILE)}
+    return model
 
 
 def tokenizer_path(d: Path) -> Path:

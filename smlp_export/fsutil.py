@@ -34,6 +34,9 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
+# sha256_file lives with the export's integrity check (artifacts); it is imported from here too
+from .artifacts import DEPLOY_RECORD_FILE, MANIFEST_FILE, sha256_file  # noqa: F401
+
 _AT_FDCWD = -100
 _RENAME_NOREPLACE = 1
 
@@ -151,8 +154,8 @@ def publish_dir(tmp: str | os.PathLike, target: str | os.PathLike, *, overwrite:
 # have; None: the file's presence suffices). A training run holds trainer_state.pt before its
 # first checkpoint is saved (train.py).
 PROJECT_MARKERS: tuple[tuple[str, str, str | None], ...] = (
-    ("export", "manifest.json", "target"),
-    ("model repository", "smlp_deploy.json", "models"),
+    ("export", MANIFEST_FILE, "target"),
+    ("model repository", DEPLOY_RECORD_FILE, "models"),
     ("checkpoint", "metadata.json", "format_version"),
     ("training run", "trainer_state.pt", None),
 )
@@ -297,12 +300,3 @@ def clean_stale(target: str | os.PathLike) -> list[Path]:
     for p in gone:
         _remove(p)
     return gone
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks (checkpoints and exports can be many GB)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

@@ -35,13 +35,14 @@ def save_pretrained(model: torch.nn.Module, save_directory: str | os.PathLike, *
     return save_checkpoint(model, save_directory, metadata=metadata, overwrite=overwrite)
 
 
-def from_pretrained(pretrained_model_name_or_path: str | os.PathLike, *, allow_pickle: bool = False,
+def from_pretrained(pretrained_model_name_or_path: str | os.PathLike, *, model_cls: type, allow_pickle: bool = False,
                     **hub_kwargs: Any) -> torch.nn.Module:
-    """Load a local checkpoint directory (ours, or one written by ``PyTorchModelHubMixin``), in eval mode.
+    """Load a local checkpoint directory (ours, or one written by ``PyTorchModelHubMixin``) as
+    ``model_cls`` (the class whose ``from_pretrained`` was called), in eval mode.
 
     ``hub_kwargs`` that only concern downloading (``local_files_only``, ``revision``, ``cache_dir``,
     ``force_download``, ``token``) are accepted and ignored; ``map_location`` moves the model."""
-    from .checkpoint import DEFAULT_NAME, METADATA_FILE, load_checkpoint, resolve
+    from .checkpoint import DEFAULT_NAME, METADATA_FILE, load_mixin_dir, load_model, refuse_export_dir, resolve
 
     map_location = hub_kwargs.pop("map_location", "cpu")
     unknown = sorted(set(hub_kwargs) - {"local_files_only", "revision", "cache_dir", "force_download", "token",
@@ -53,29 +54,9 @@ def from_pretrained(pretrained_model_name_or_path: str | os.PathLike, *, allow_p
     if name != DEFAULT_NAME and not d.exists():
         raise CheckpointError(f"{name} is not a local checkpoint directory (from_pretrained is offline: download a "
                               "Hub repository first, e.g. huggingface_hub.snapshot_download, and pass its path)")
+    refuse_export_dir(d)
     if d.is_dir() and not (d / METADATA_FILE).exists():
-        model = _load_mixin_dir(d)
+        model = load_mixin_dir(d, model_cls)
     else:
-        model = load_checkpoint(d, allow_pickle=allow_pickle)
+        model = load_model(d, model_cls, allow_pickle=allow_pickle)
     return model.to(map_location)
-
-
-def _load_mixin_dir(d: Path) -> torch.nn.Module:
-    """``config.json`` + ``model.safetensors`` without ``metadata.json``: what ``PyTorchModelHubMixin``
-    writes. The same structural checks as ``load_checkpoint`` (names, shapes, dtypes, finiteness)."""
-    from .checkpoint import WEIGHTS_FILE, _load_tensors, _read_tokenizer, read_config, sha256_file, tokenizer_path
-    from .model import SMLPForCausalLM
-    from .tokenizer import ByteTokenizer
-
-    cfg = read_config(d)
-    tpath = tokenizer_path(d)
-    tok = _read_tokenizer(tpath) if tpath.exists() else ByteTokenizer(cfg.vocab_size, cfg.eos_token_id)
-    if tok.vocab_size != cfg.vocab_size:
-        raise CheckpointError(f"{tpath}: vocab_size {tok.vocab_size} != config vocab_size {cfg.vocab_size}")
-    tensors = _load_tensors(d / WEIGHTS_FILE, cfg)
-    model = SMLPForCausalLM(cfg)
-    model.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=True)
-    model.eval()
-    model.tokenizer = tok
-    model.checkpoint_info = {"path": str(d), "metadata": {}, "weights_sha256": sha256_file(d / WEIGHTS_FILE)}
-    return model

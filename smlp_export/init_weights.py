@@ -224,37 +224,3 @@ def peak_numel(cfg: SMLPConfig) -> int:
     """Most float32 elements one generated slice holds (what ``smlp init`` needs besides the
     interpreter): at most ``CHUNK`` + 15."""
     return max((e - s for st in plan(cfg) for s, e in _slices(st.kind, math.prod(st.shape))), default=0)
-
-
-def init_checkpoint(cfg: SMLPConfig, directory: str | os.PathLike, *, seed: int, dtype: torch.dtype,
-                    metadata: dict | None = None, overwrite: bool = False,
-                    progress: Callable[[int], None] | None = None) -> Path:
-    """A random-init checkpoint directory of ``cfg``, written atomically (``checkpoint.atomic_dir``)
-    without building the model: the same files ``save_checkpoint(SMLPForCausalLM(cfg))`` writes
-    under ``torch.manual_seed(seed)``. Refuses (CheckpointError, nothing written) when the disk
-    lacks room for the weights."""
-    import shutil
-
-    from .checkpoint import FLOAT_DTYPES, WEIGHTS_FILE, atomic_dir, write_sidecars
-    from .errors import CheckpointError
-    from .fsutil import set_default_mode
-    from .memory import num_parameters
-    from .tokenizer import ByteTokenizer
-
-    if dtype not in FLOAT_DTYPES:
-        raise CheckpointError(f"unsupported checkpoint dtype {dtype}")
-    from .fsutil import check_output
-
-    target = check_output(directory, force=overwrite, error=CheckpointError)  # "" / a user folder: refused first
-    need = file_bytes(cfg, dtype)
-    probe = next((p for p in (target, *target.parents) if p.exists()), Path("."))
-    free = shutil.disk_usage(probe).free
-    if need > free:
-        raise CheckpointError(f"{target}: the weights need {need / 1e9:.1f} GB of disk but only "
-                              f"{free / 1e9:.1f} GB is free there")
-    with atomic_dir(target, overwrite) as tmp:
-        sha = write_random_init(cfg, tmp / WEIGHTS_FILE, seed=seed, dtype=dtype, progress=progress)
-        set_default_mode(tmp / WEIGHTS_FILE)
-        write_sidecars(tmp, cfg, ByteTokenizer(cfg.vocab_size, cfg.eos_token_id), metadata, dtype, sha,
-                       num_parameters(cfg))
-    return target

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from .artifacts import Manifest, is_export_dir, read_parity
 from .errors import InputError
 
 
@@ -20,7 +21,7 @@ def is_export(path: str | Path | None) -> bool:
     if path is None:
         return False
     p = Path(path)
-    return (p.is_file() and p.suffix == ".onnx") or (p.is_dir() and (p / "manifest.json").is_file())
+    return (p.is_file() and p.suffix == ".onnx") or is_export_dir(p)
 
 
 def _io(vis) -> list[dict[str, Any]]:
@@ -45,6 +46,8 @@ def describe_onnx(path: Path) -> dict[str, Any]:
         m = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # noqa: BLE001 - protobuf errors carry no useful type
         raise InputError(f"{path} is not a readable ONNX file ({type(e).__name__}: {e})") from None
+    if not m.HasField("graph") or not m.opset_import:  # e.g. a 0-byte file parses as an empty ModelProto
+        raise InputError(f"{path} is not an ONNX model ({path.stat().st_size} bytes, no graph or opset)")
     g = m.graph
     ext: dict[str, int] = {}
     inline = 0
@@ -67,10 +70,12 @@ def describe_onnx(path: Path) -> dict[str, Any]:
         key = f"{n.domain}::{n.op_type}" if n.domain not in ("", "ai.onnx") else n.op_type
         counts[key] = counts.get(key, 0) + 1
     meta = {p.key: p.value for p in m.metadata_props}
-    if "smlp.config" in meta:
-        meta["smlp.config"] = json.loads(meta["smlp.config"])
-    if "smlp.probes" in meta:
-        meta["smlp.probes"] = json.loads(meta["smlp.probes"])
+    for key in ("smlp.config", "smlp.probes"):
+        if key in meta:
+            try:
+                meta[key] = json.loads(meta[key])
+            except (ValueError, RecursionError):
+                raise InputError(f"{path}: metadata {key!r} is not valid JSON") from None
     return {
         "file": str(path), "bytes": path.stat().st_size, "ir_version": int(m.ir_version),
         "producer": f"{m.producer_name} {m.producer_version}".strip(),
@@ -97,23 +102,21 @@ def describe_export(path: str | Path) -> dict[str, Any]:
     out: dict[str, Any] = {"path": str(p), "graphs": {}}
     for f in sorted(p.glob("*.onnx")):
         out["graphs"][f.name] = describe_onnx(f)
-    man = p / "manifest.json"
-    if man.is_file():
-        m = json.loads(man.read_text())
+    if is_export_dir(p):
+        m = Manifest.read(p).to_dict()
         out["manifest"] = {k: m.get(k) for k in ("target", "dtype", "opset", "ort_moe", "ir_version",
                                                  "custom_domains", "checkpoint", "tool_versions", "files")}
         out["manifest"]["decode"] = bool(m.get("decode"))
         out["manifest"]["quantization"] = m.get("quantization")
-    par = p / "parity.json"
-    if par.is_file():
-        r = json.loads(par.read_text())
-        mt = r.get("metrics") or {}
+    r = read_parity(p)
+    if r is not None:
+        mt = r.get("metrics") if isinstance(r.get("metrics"), dict) else {}
         out["parity"] = {"passed": r.get("passed"), "backend": r.get("backend"), "quick": r.get("quick"),
                          "max_abs_err_rel": mt.get("max_abs_err_rel"),
                          "max_abs_err_rel_limit": (r.get("tolerances") or {}).get("max_abs_err_rel"),
                          "top1_agreement": mt.get("top1_agreement"),
                          "ppl_rel_delta": mt.get("ppl_rel_delta"), "failures": r.get("failures"),
-                         "first_divergence": (r.get("bisect") or {}).get("first_divergence")}
+                         "first_divergence": (r.get("bisect") if isinstance(r.get("bisect"), dict) else {}).get("first_divergence")}
     return out
 
 

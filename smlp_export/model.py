@@ -15,6 +15,7 @@ projections, token MoE, residuals -- is this file's code in both cases, so the t
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn as nn
@@ -25,7 +26,7 @@ from typing import Protocol
 from . import ops
 from .config import SMLPConfig
 from .sampling import check_ids
-from .errors import InputError
+from .errors import InputError, SMLPError
 
 
 def _is_tracing() -> bool:
@@ -125,6 +126,8 @@ class GMLPBlock(nn.Module):
 
 class TokenMoE(nn.Module):
     """tMoE: ``sum gate * FFN_e(LayerNorm(x))`` with routing on the affinities ``x @ C^T``."""
+
+    FP32_PARAMS = ("centroids",)  # float32 under mixed precision (precision.to_compute_dtype)
 
     def __init__(self, cfg: SMLPConfig):
         super().__init__()
@@ -292,7 +295,7 @@ class SMLPForCausalLM(nn.Module):
         """Load a local checkpoint directory (ours or PyTorchModelHubMixin's), in eval mode."""
         from .hub import from_pretrained
 
-        return from_pretrained(pretrained_model_name_or_path, **kwargs)
+        return from_pretrained(pretrained_model_name_or_path, model_cls=cls, **kwargs)
 
     def aux_losses(self) -> dict[str, torch.Tensor]:
         """Auxiliary router losses of the last training forward, summed over layers, by kind."""
@@ -314,3 +317,27 @@ class SMLPForCausalLM(nn.Module):
         total = self.num_parameters()
         per_expert = 2 * cfg.d_model * cfg.d_expert + cfg.d_expert + cfg.d_model
         return total - len(cfg.sparse_layer_ids()) * (cfg.n_token_experts - cfg.top_k) * per_expert
+
+
+def load_checkpoint(path_or_name: str | os.PathLike | None = None, *, allow_pickle: bool = False) -> SMLPForCausalLM:
+    """Load a checkpoint directory (or ``"default"``/None for the embedded model) as an
+    ``SMLPForCausalLM`` in eval mode (``checkpoint.load_model``: every check, one-line errors).
+
+    Here, not in checkpoint.py: the checkpoint layer sits below the model and never names its class
+    (docs/architecture.md)."""
+    from .checkpoint import load_model
+
+    return load_model(path_or_name, SMLPForCausalLM, allow_pickle=allow_pickle)
+
+
+def load_checkpoint_of_export(out: str | os.PathLike, *, allow_pickle: bool = False) -> tuple[SMLPForCausalLM, str]:
+    """Load the checkpoint the export ``out`` was made from (``artifacts.checkpoint_of_export``),
+    refusing one whose weights changed since. Returns (model, its path or name)."""
+    from .artifacts import MANIFEST_FILE, checkpoint_of_export
+
+    path, sha = checkpoint_of_export(out)
+    model = load_checkpoint(path, allow_pickle=allow_pickle)
+    if sha is not None and model.checkpoint_info["weights_sha256"] != sha:
+        raise SMLPError(f"{out} is an export of {path}, whose weights have changed since (sha256 differs "
+                        f"from {MANIFEST_FILE}): pass the checkpoint explicitly to use its current weights")
+    return model, path

@@ -48,8 +48,6 @@ def compute_dtype_name(model: nn.Module) -> str:
 def to_compute_dtype(model: nn.Module, dtype: str) -> nn.Module:
     """Cast ``model`` (an SMLPForCausalLM) in place to ``dtype`` with the mixed-precision rules
     above; returns it. ``fp32`` undoes any earlier conversion (plain float32 everywhere)."""
-    from .model import TokenMoE
-
     if dtype not in COMPUTE_DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(COMPUTE_DTYPES)}")
     model.to(COMPUTE_DTYPES[dtype])
@@ -61,8 +59,9 @@ def to_compute_dtype(model: nn.Module, dtype: str) -> nn.Module:
             else:
                 mod.float()
                 mod.__class__ = FP32LayerNorm  # same parameters, float32 forward
-        elif isinstance(mod, TokenMoE):
-            mod.centroids.data = mod.centroids.data.float()
+        else:  # parameters a module keeps in float32 (the token router's centroids: model.TokenMoE)
+            for name in getattr(mod, "FP32_PARAMS", ()):
+                getattr(mod, name).data = getattr(mod, name).data.float()
     return model
 
 

@@ -113,7 +113,7 @@ def train(cfg: SMLPConfig | None, out: str | os.PathLike, args: TrainArgs, *, re
     corpus = data.load_corpus(args.corpus)
     init_meta = None
     if init_from is not None:
-        from .checkpoint import load_checkpoint
+        from .model import load_checkpoint
 
         base = load_checkpoint(init_from)
         cfg = base.config

@@ -121,7 +121,8 @@ def test_convert_parity_all_export_targets(tmp_path: Path, capsys) -> None:
     """The converted checkpoint's model.onnx of every target, run by ONNX Runtime, against the library."""
     import onnxruntime as ort
 
-    from smlp_export.export.pipeline import MODEL_FILE, export_model
+    from smlp_export.artifacts import MODEL_FILE
+    from smlp_export.export.pipeline import export_model
 
     src_model, ckpt = convert_and_compare(tmp_path, capsys, "net.")
     for target in ("ort", "tensorrt", "portable"):

@@ -7,6 +7,7 @@ tests read the ONNX graph itself. Builds are cached per (config, target, dtype) 
 from __future__ import annotations
 
 import json
+import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -19,7 +20,8 @@ from smlp_export import save_checkpoint
 from smlp_export.checkpoint import default_checkpoint_dir
 from smlp_export.export import contract
 from smlp_export.export.graph import build_onnx, routing_layout
-from smlp_export.export.pipeline import MANIFEST_FILE, MODEL_FILE, export_model
+from smlp_export.artifacts import DATA_FILE, MANIFEST_FILE, MODEL_FILE
+from smlp_export.export.pipeline import export_model
 from smlp_export.ops.grouped_gemm import GEMM_ACTIVATIONS
 
 from .conftest import micro_model
@@ -384,7 +386,9 @@ def test_cli_export_writes_complete_out(ckpt: Path, tmp_path: Path, capsys) -> N
     assert m["outputs"][0] == {"name": "logits", "dtype": "float32", "shape": ["batch", "seq", 257]}
     meta = json.loads((ckpt / "metadata.json").read_text())
     assert m["checkpoint"]["weights_sha256"] == meta["weights_sha256"]
-    assert m["checkpoint"]["path"] == str(ckpt.resolve())
+    # relative to the export folder, never the host's absolute path (exports are copied around)
+    assert m["checkpoint"]["path"] == os.path.relpath(ckpt.resolve(), out.resolve())
+    assert not os.path.isabs(m["checkpoint"]["path"]) and str(tmp_path) not in json.dumps(m)
     assert m["config"]["n_token_experts"] == 3
     for layer, r in m["routing_outputs"].items():
         assert r == {"output": f"router.{layer}", "kind": "tmoe_logits", "routing": "base", "k": 1}
@@ -438,7 +442,7 @@ def test_failed_parity_leaves_no_complete_out(ckpt: Path, ckpt_proto, tmp_path: 
     from smlp_export.export.pipeline import ExportError
 
     monkeypatch.setattr(graph, "build_onnx", lambda *a, **k: ckpt_proto)
-    monkeypatch.setattr(pipeline, "_validate", lambda tmp, checkpoint, quick: ("failed", False))
+    monkeypatch.setattr(pipeline, "_validate", lambda tmp, checkpoint, quick, dtype: ("failed", False))
     out = tmp_path / "out"
     with pytest.raises(ExportError, match="parity check failed"):
         export_model(ckpt, out, target="ort")
@@ -448,13 +452,13 @@ def test_failed_parity_leaves_no_complete_out(ckpt: Path, ckpt_proto, tmp_path: 
 
 
 def test_error_mid_export_leaves_nothing(ckpt: Path, ckpt_proto, tmp_path: Path, monkeypatch) -> None:
-    from smlp_export.export import graph, pipeline
+    from smlp_export.export import graph, write
 
     monkeypatch.setattr(graph, "build_onnx", lambda *a, **k: ckpt_proto)
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(pipeline, "build_manifest", boom)
+    monkeypatch.setattr(write, "build_manifest", boom)
     with pytest.raises(OSError, match="disk full"):
         export_model(ckpt, tmp_path / "out", target="ort", validate=False)
     assert list(tmp_path.iterdir()) == []
@@ -467,14 +471,14 @@ def test_external_data_when_large(ckpt: Path, ckpt_proto, tmp_path: Path, monkey
     import onnxruntime as ort
     from onnx import numpy_helper
 
-    from smlp_export.export import pipeline
+    from smlp_export.export import weights
 
-    monkeypatch.setattr(pipeline, "EXTERNAL_DATA_THRESHOLD", 0)
+    monkeypatch.setattr(weights, "EXTERNAL_DATA_THRESHOLD", 0)
     out = tmp_path / "out"
     res = export_model(ckpt, out, target="ort", ort_moe="fused", validate=False)  # ckpt_proto's options
     names = [f["name"] for f in res.manifest["files"]]
-    assert names == [MODEL_FILE, pipeline.DATA_FILE]
-    assert (out / MODEL_FILE).stat().st_size < (out / pipeline.DATA_FILE).stat().st_size
+    assert names == [MODEL_FILE, DATA_FILE]
+    assert (out / MODEL_FILE).stat().st_size < (out / DATA_FILE).stat().st_size
     onnx.checker.check_model(str(out / MODEL_FILE), full_check=True)
     header = onnx.load(str(out / MODEL_FILE), load_external_data=False)
     ext = [t for t in header.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]

@@ -13,9 +13,10 @@ from onnx import numpy_helper
 
 from smlp_export import save_checkpoint
 from smlp_export.errors import CheckpointError
-from smlp_export.export import pipeline, weights
+from smlp_export.export import weights
 from smlp_export.export.graph import build_onnx
-from smlp_export.export.pipeline import MODEL_FILE, export_model
+from smlp_export.artifacts import DATA_FILE, MODEL_FILE
+from smlp_export.export.pipeline import export_model
 
 from .conftest import micro_model
 
@@ -90,7 +91,7 @@ def _expected(sd: dict[str, np.ndarray], name: str) -> np.ndarray | None:
 
 
 def test_written_weights_equal_the_eager_models(model, ckpt: Path, tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(pipeline, "EXTERNAL_DATA_THRESHOLD", 0)
+    monkeypatch.setattr(weights, "EXTERNAL_DATA_THRESHOLD", 0)
     export_model(ckpt, tmp_path / "out", target="ort", validate=False)
     sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
     got = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(tmp_path / "out" / MODEL_FILE)).graph.initializer}
@@ -102,10 +103,10 @@ def test_written_weights_equal_the_eager_models(model, ckpt: Path, tmp_path: Pat
 
 
 def test_external_export_is_byte_identical(ckpt: Path, tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(pipeline, "EXTERNAL_DATA_THRESHOLD", 0)
+    monkeypatch.setattr(weights, "EXTERNAL_DATA_THRESHOLD", 0)
     a = export_model(ckpt, tmp_path / "a", target="tensorrt", validate=False)
     b = export_model(ckpt, tmp_path / "b", target="tensorrt", validate=False)
-    assert [f["name"] for f in a.manifest["files"]] == [MODEL_FILE, pipeline.DATA_FILE]
+    assert [f["name"] for f in a.manifest["files"]] == [MODEL_FILE, DATA_FILE]
     assert [f["sha256"] for f in a.manifest["files"]] == [f["sha256"] for f in b.manifest["files"]]
 
 
@@ -117,10 +118,10 @@ def test_decode_graph_with_external_data(model, ckpt: Path, tmp_path: Path, monk
     from smlp_export.decode.export import export_decode_graph
 
     export_decode_graph(model, tmp_path / "small" / "decode.onnx")
-    monkeypatch.setattr(pipeline, "EXTERNAL_DATA_THRESHOLD", 0)
+    monkeypatch.setattr(weights, "EXTERNAL_DATA_THRESHOLD", 0)
     res = export_model(ckpt, tmp_path / "big", target="ort", validate=False, decode=True)
     names = [f["name"] for f in res.manifest["files"]]
-    assert names == [MODEL_FILE, pipeline.DATA_FILE, "decode.onnx", "decode.onnx.data",
+    assert names == [MODEL_FILE, DATA_FILE, "decode.onnx", "decode.onnx.data",
                      "decode_seq.onnx", "decode_seq.onnx.data"]
     assert res.manifest["decode"]["data_file"] == "decode.onnx.data"
     assert res.manifest["decode"]["sequence"]["data_file"] == "decode_seq.onnx.data"

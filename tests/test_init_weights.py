@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from smlp_export import SMLPForCausalLM, load_checkpoint, preset, save_checkpoint
-from smlp_export import init_weights, memory
+from smlp_export import checkpoint, init_weights, memory
 from smlp_export.errors import CheckpointError
 from smlp_export.fsutil import sha256_file
 
@@ -50,7 +50,7 @@ def test_init_checkpoint_loads_and_leaves_the_callers_generator_alone(tmp_path) 
     cfg = preset("micro")
     torch.manual_seed(123)
     before = torch.random.get_rng_state()
-    init_weights.init_checkpoint(cfg, tmp_path / "ck", seed=3, dtype=torch.float16, metadata={"seed": 3})
+    checkpoint.init_checkpoint(cfg, tmp_path / "ck", seed=3, dtype=torch.float16, metadata={"seed": 3})
     assert torch.equal(before, torch.random.get_rng_state())
     m = load_checkpoint(tmp_path / "ck")
     assert m.checkpoint_info["metadata"]["dtype"] == "float16"
@@ -69,7 +69,7 @@ def test_init_refuses_without_disk_room_and_writes_nothing(tmp_path, monkeypatch
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**6, 10**6, 1000))
     with pytest.raises(CheckpointError, match="the weights need .* GB of disk but only"):
-        init_weights.init_checkpoint(preset("micro"), tmp_path / "ck", seed=0, dtype=torch.float32)
+        checkpoint.init_checkpoint(preset("micro"), tmp_path / "ck", seed=0, dtype=torch.float32)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from smlp_export.artifacts import MODEL_FILE, Manifest, is_export_dir
 from smlp_export.runners.base import Runner, RunnerUnavailable
 
 
@@ -63,8 +64,6 @@ class Source:
 
     @classmethod
     def resolve(cls, path: str | None) -> "Source":
-        import json
-
         from smlp_export.errors import InputError
 
         if path is None or path == "default":
@@ -78,15 +77,13 @@ class Source:
             return cls(p, "onnx", {("file", "file"): p})
         if (p / "config.json").is_file() and any(p.glob("*.safetensors")):
             return cls(p, "checkpoint", {}, _ckpt_max_seq(p), checkpoint=p)
-        if (p / "model.onnx").is_file():
-            try:
-                man = json.loads((p / "manifest.json").read_text())
-            except (OSError, ValueError):
-                man = {}
-            target, dtype = man.get("target", "file"), man.get("dtype", "file")
-            ckpt = (man.get("checkpoint") or {}).get("path")
+        if (p / MODEL_FILE).is_file():
+            if not is_export_dir(p):  # a folder holding a bare model.onnx
+                return cls(p, "export", {("file", "file"): p / MODEL_FILE}, None)
+            man = Manifest.read(p)
+            ckpt = man.checkpoint_path()
             ckpt = Path(ckpt) if ckpt and (Path(ckpt) / "config.json").is_file() else None
-            return cls(p, "export", {(target, dtype): p / "model.onnx"}, man.get("max_seq_len"), checkpoint=ckpt)
+            return cls(p, "export", {(man.target, man.dtype): p / MODEL_FILE}, man.max_seq_len, checkpoint=ckpt)
         raise InputError(f"{p}: neither a checkpoint (config.json + *.safetensors) nor an export (model.onnx)")
 
 
@@ -113,7 +110,7 @@ def export_for_target(ckpt: Path | None, target: str, dtype: str, workdir: Path)
         res = export_model(str(ckpt) if ckpt else None, out, target=target, dtype=dtype, validate=False, force=True)
     except SMLPError as e:
         raise RunnerUnavailable(f"export --target {target} --dtype {dtype} failed: {e}") from None
-    return Path(res.out_dir) / "model.onnx"
+    return Path(res.out_dir) / MODEL_FILE
 
 
 def make_runner(spec: BackendSpec, source: Source, workdir: Path, threads: int | None,

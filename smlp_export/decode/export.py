@@ -16,15 +16,12 @@ every target. No range check lives in the graph: the runtime checks position / s
 """
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import onnx
 
-from ..fsutil import set_default_mode
+from ..artifacts import DECODE_FILE
 from .state import DecodeStep, state_names
 
 INPUT_IDS, POSITION, LOGITS = "input_ids", "position", "logits"
@@ -103,7 +100,7 @@ def build_decode_onnx(model, *, target: str = "ort", dtype: str = "fp32", opset:
                              ir_version=ir_version, lazy=lazy)
 
 
-def decode_manifest(model, *, target: str, dtype: str, opset: int, file: str = "decode.onnx") -> dict[str, Any]:
+def decode_manifest(model, *, target: str, dtype: str, opset: int, file: str = DECODE_FILE) -> dict[str, Any]:
     """The ``manifest["decode"]`` section: file, I/O names, state names / shapes / dtype, rules."""
     cfg = model.config
     names = state_names(model)
@@ -127,41 +124,20 @@ def decode_manifest(model, *, target: str, dtype: str, opset: int, file: str = "
     }
 
 
-def publish_graph(proto, path: Path, model, quantize=None, target: str = "ort") -> list[str]:
-    """Write a traced graph with lazy weights to ``path`` atomically; returns the file names written
-    (the .onnx first, then ``<name>.data`` when the weights went beside it). ``quantize``: a
-    ``smlp_export.quantize.QuantScheme`` applied to the graph's weights for ``target`` first."""
-    from ..export.pipeline import EXTERNAL_DATA_THRESHOLD
-    from ..export.weights import lazy_bytes, source_for, write_model
-
-    if quantize is not None:
-        from ..quantize import quantize_graph
-
-        quantize_graph(proto, source_for(model), quantize, target)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.stem}-", dir=path.parent))
-    try:
-        # large weights go to <name>.data beside it, one tensor at a time (export/weights.py);
-        # the threshold is the one model.onnx uses
-        big = lazy_bytes(proto) > EXTERNAL_DATA_THRESHOLD
-        names = write_model(proto, tmpdir / path.name, source_for(model), external=big)
-        onnx.checker.check_model(str(tmpdir / path.name))
-        for n in reversed(names):  # the .onnx last: a graph file that exists is complete
-            os.replace(tmpdir / n, path.parent / n)
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
-    return names
-
-
 def export_decode_graph(model, path: Path, *, target: str = "ort", dtype: str = "fp32", opset: int = 18,
                         quantize=None) -> dict[str, Any]:
     """Write ``decode.onnx`` to ``path`` (atomically: temp file + rename) and return its manifest
     section (store it as ``manifest["decode"]``). ``model``: an SMLPForCausalLM (any mode; a copy
     is put in eval mode)."""
+    from ..export.weights import save_graph, source_for
 
     path = Path(path)
     proto = build_decode_onnx(model, target=target, dtype=dtype, opset=opset, lazy=True)
-    names = publish_graph(proto, path, model, quantize, target)
+    if quantize is not None:  # a smlp_export.quantize.QuantScheme: the same weights as model.onnx's
+        from ..quantize import quantize_graph
+
+        quantize_graph(proto, source_for(model), quantize, target)
+    names = save_graph(proto, path, source_for(model))
     section = decode_manifest(model, target=target, dtype=dtype, opset=opset, file=path.name)
     if len(names) > 1:
         section["data_file"] = names[1]

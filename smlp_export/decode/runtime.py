@@ -27,7 +27,6 @@ same tokens for the same seed.
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +34,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from ..artifacts import DECODE_FILE, Manifest, is_export_dir
 from ..errors import InputError, SMLPError
 # the checks, the token choice and the stop rules live in one self-contained module that the served
 # <name>_generate model (Triton python backend) runs too: re-exported here
@@ -219,21 +219,16 @@ def read_decode_section(path: str | Path) -> tuple[Path, dict[str, Any]]:
     file (the section is then read from its sibling manifest.json, or inferred from the graph)."""
     path = Path(path)
     if path.is_dir():
-        man = path / "manifest.json"
-        if man.exists():
-            try:
-                section = json.loads(man.read_text()).get("decode")
-            except (json.JSONDecodeError, AttributeError):
-                raise SMLPError(f"{man}: not a JSON manifest") from None
-            if not section:
+        if is_export_dir(path):
+            man = Manifest.read(path, required=())  # only the decode section is needed
+            if not man.decode:
                 raise SMLPError(f"{path} has no decode graph: re-export with `smlp export ... --decode`")
-            return path / section.get("file", "decode.onnx"), section
-        path = path / "decode.onnx"
+            return man.decode_path(), man.decode
+        path = path / DECODE_FILE
     if not path.exists():
         raise SMLPError(f"{path} does not exist: export with `smlp export ... --decode`")
-    man = path.parent / "manifest.json"
-    if man.exists():
-        section = json.loads(man.read_text()).get("decode")
+    if is_export_dir(path.parent):
+        section = Manifest.read(path.parent, required=()).decode
         if section:
             return path, section
     return path, infer_decode_section(path)

@@ -22,9 +22,9 @@ from typing import Any
 import onnx
 
 from .export import INPUT_IDS, LOGITS, OUT_PREFIX, POSITION, finish_step_graph
+from ..artifacts import SEQ_FILE
 from .state import state_names
 
-SEQ_FILE = "decode_seq.onnx"
 START = "START"  # the sequence batcher's control input (CONTROL_SEQUENCE_START, int32 0/1)
 NEW_POSITION = OUT_PREFIX + POSITION
 
@@ -84,11 +84,15 @@ def export_sequence_graph(model, path: Path, *, target: str = "ort", dtype: str 
                           quantize=None) -> dict[str, Any]:
     """Write ``decode_seq.onnx`` to ``path`` atomically (large weights in ``<name>.data`` beside it)
     and return its manifest section (``manifest["decode"]["sequence"]``; ``data_file`` when the weights went beside it)."""
-    from .export import publish_graph
+    from ..export.weights import save_graph, source_for
 
     path = Path(path)
     proto = build_sequence_onnx(model, target=target, dtype=dtype, opset=opset, lazy=True)
-    names = publish_graph(proto, path, model, quantize, target)
+    if quantize is not None:  # a smlp_export.quantize.QuantScheme: the same weights as model.onnx's
+        from ..quantize import quantize_graph
+
+        quantize_graph(proto, source_for(model), quantize, target)
+    names = save_graph(proto, path, source_for(model))
     section = sequence_manifest(model, file=path.name)
     if len(names) > 1:
         section["data_file"] = names[1]

@@ -32,13 +32,10 @@ from ..errors import SMLPError
 def _reference_model(export_dir: Path, section: dict[str, Any], model):
     if model is not None:
         return model.eval()
-    import json
+    from ..artifacts import Manifest, is_export_dir
+    from ..model import load_checkpoint
 
-    from ..checkpoint import load_checkpoint
-
-    man = export_dir / "manifest.json"
-    ckpt = json.loads(man.read_text()).get("checkpoint", {}) if man.exists() else {}
-    path = ckpt.get("path") if isinstance(ckpt, dict) else None
+    path = Manifest.read(export_dir).checkpoint_path() if is_export_dir(export_dir) else None
     if not path:
         raise SMLPError(f"{export_dir}: manifest names no checkpoint; pass the model to validate_decode")
     return load_checkpoint(path)

@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..artifacts import DECODE_FILE, MANIFEST_FILE, export_path
 from ..errors import SMLPError
 from ..fsutil import copy_file
 from . import model_config as mc
@@ -58,7 +59,7 @@ def generate_config(name: str, *, instances: int, kind: str, intra_op_threads: i
 def generate_spec(section: dict[str, Any]) -> dict[str, Any]:
     """smlp_generate.json from manifest["decode"]: what the served model checks and runs."""
     try:
-        spec = {"file": "decode.onnx",
+        spec = {"file": DECODE_FILE,
                 "vocab_size": int(section["vocab_size"]), "max_seq_len": int(section["max_seq_len"]),
                 "eos_token_id": None if section.get("eos_token_id") is None else int(section["eos_token_id"]),
                 "min_prompt_tokens": int(section.get("min_prompt_tokens", 1)),
@@ -67,7 +68,7 @@ def generate_spec(section: dict[str, Any]) -> dict[str, Any]:
                 "state_shape": [1, int(section["state_shape"][1]), int(section["state_shape"][2])],
                 "state_dtype": str(section["state_dtype"])}
     except (KeyError, TypeError, ValueError, IndexError) as e:
-        raise SMLPError(f"manifest.json: the decode section is incomplete ({type(e).__name__}: {e})") from None
+        raise SMLPError(f"{MANIFEST_FILE}: the decode section is incomplete ({type(e).__name__}: {e})") from None
     spec["defaults"] = {"max_new_tokens": DEFAULT_MAX_NEW_TOKENS, "temperature": 0.0, "top_k": None, "seed": 0,
                         "stop_on_eos": True}
     return spec
@@ -78,14 +79,14 @@ def write_generate_model(export_dir: Path, model_dir: Path, manifest: dict[str, 
     """Write ``model_dir`` (inside the caller's temporary repository); returns its record entry."""
     section = manifest.get("decode") or {}
     if not section:
-        raise SMLPError(f"{export_dir}/manifest.json has no decode section: re-export with `smlp export ... --decode`")
+        raise SMLPError(f"{export_dir / MANIFEST_FILE} has no decode section: re-export with `smlp export ... --decode`")
     spec = generate_spec(section)
     version = model_dir / "1"
     version.mkdir(parents=True)
-    src = export_dir / section.get("file", "decode.onnx")
-    copy_file(src, version / "decode.onnx")
+    src = export_path(export_dir, section.get("file", DECODE_FILE))
+    copy_file(src, version / DECODE_FILE)
     if section.get("data_file"):  # external weights: the graph names this file, keep its name
-        copy_file(export_dir / section["data_file"], version / section["data_file"])
+        copy_file(export_path(export_dir, section["data_file"]), version / section["data_file"])
     copy_file(MODEL_SOURCE, version / "model.py")
     copy_file(SAMPLING_SOURCE, version / "smlp_sampling.py")
     (version / SPEC_FILE).write_text(json.dumps(spec, indent=2) + "\n")

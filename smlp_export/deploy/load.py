@@ -19,6 +19,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..artifacts import MODEL_FILE, Manifest
 from ..errors import SMLPError
 
 SERVING_ULPS = 16.0
@@ -51,7 +52,6 @@ class Request:
 def request_pool(export_dir, lengths: Sequence[int], *, per_length: int = 2, batch: int = 1,
                  offset: int = 0) -> list[Request]:
     """Held-out windows of the given lengths (clipped to max_seq_len), each run in-process alone."""
-    import json
     from pathlib import Path
 
     from smlp_export.runners.ort_session import create_session
@@ -59,9 +59,9 @@ def request_pool(export_dir, lengths: Sequence[int], *, per_length: int = 2, bat
     from ..data import heldout_windows
 
     export_dir = Path(export_dir)
-    cfg = json.loads((export_dir / "manifest.json").read_text())["config"]
+    cfg = Manifest.read(export_dir).config
     n, vocab = int(cfg["max_seq_len"]), int(cfg["vocab_size"])
-    sess = create_session(export_dir / "model.onnx")
+    sess = create_session(export_dir / MODEL_FILE)
     pool = []
     for i, t in enumerate(lengths):
         t = max(1, min(int(t), n))

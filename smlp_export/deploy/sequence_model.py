@@ -28,6 +28,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..artifacts import TRITON_MODEL_FILE
 from ..errors import InputError, SMLPError
 from . import model_config as mc
 from .model_config import parse_config  # noqa: F401 - the simulation and its tests read configs with it
@@ -193,7 +194,7 @@ class SequenceBatcherSim:
                     self.controls.append((ci.name, np.float32, *c.fp32_false_true))
                 else:
                     self.controls.append((ci.name, np.bool_, *c.bool_false_true))
-        self.session = create_session(self.model_dir / "1" / "model.onnx", intra_op_threads=self.threads)
+        self.session = create_session(self.model_dir / "1" / TRITON_MODEL_FILE, intra_op_threads=self.threads)
         self.store: dict[int, dict[str, np.ndarray]] = {}  # corrid -> its state inputs for the next request
         self.queue: deque[Request] = deque()
         self.active: set[int] = set()  # sequences started (START seen) and not ended

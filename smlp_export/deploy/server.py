@@ -7,7 +7,6 @@ onnxruntime-backend ones need a full Triton build (NGC container). The server bi
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import socket
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Iterator
 
 
+from ..artifacts import DEPLOY_RECORD_FILE, MODEL_FILE, Manifest, read_json
 from ..errors import SMLPError
 
 
@@ -134,13 +134,13 @@ def check_repository(repo: str | Path, export_dir: str | Path, model: str = "sml
     from .load import Client, check_bad_inputs, relative_error, request_pool, run_load, serving_bound
 
     repo, export_dir = Path(repo), Path(export_dir)
-    manifest = json.loads((export_dir / "manifest.json").read_text())
-    cfg = manifest["config"]
+    manifest = Manifest.read(export_dir)
+    cfg = manifest.config
     max_len, vocab = int(cfg["max_seq_len"]), int(cfg["vocab_size"])
-    deployed = json.loads((repo / "smlp_deploy.json").read_text())
+    deployed = read_json(repo / DEPLOY_RECORD_FILE, what="deployment record")
     mb = next((int(m.get("max_batch_size", 0)) for m in deployed["models"] if m["name"] == model), 0)
-    bound = serving_bound(manifest.get("dtype", "fp32"))
-    sess = create_session(export_dir / "model.onnx")
+    bound = serving_bound(manifest.dtype)
+    sess = create_session(export_dir / MODEL_FILE)
     say = progress or (lambda msg: None)
     rows, worst = [], 0.0
     with local_tritonserver(repo) as srv:

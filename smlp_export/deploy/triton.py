@@ -28,6 +28,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from ..artifacts import (DATA_SUFFIX, DECODE_FILE, DEPLOY_RECORD_FILE, MANIFEST_FILE, MODEL_FILE, PARITY_FILE,
+                         TRITON_MODEL_FILE, Manifest, is_export_dir, read_parity)
 from ..checkpoint import atomic_dir
 from ..errors import SMLPError
 from ..fsutil import check_output, copy_file
@@ -203,10 +205,10 @@ def write_triton_repository(export_dir: str | Path, repo: str | Path, *, name: s
     ``sequence_model.SEQUENCE_DEFAULTS``).
     """
     export_dir, repo = Path(export_dir), Path(repo)
-    man_path = export_dir / "manifest.json"
-    if not man_path.is_file():
-        raise SMLPError(f"{export_dir} is not an export directory (no manifest.json)")
-    manifest = json.loads(man_path.read_text())
+    if not is_export_dir(export_dir):
+        raise SMLPError(f"{export_dir} is not an export directory (no {MANIFEST_FILE})")
+    man = Manifest.read(export_dir)
+    manifest = man.to_dict()
     if not _NAME.match(name):
         raise SMLPError(f"model name {name!r} may only contain letters, digits, '_', '.', '-'")
     if backend not in BACKENDS:
@@ -216,29 +218,28 @@ def write_triton_repository(export_dir: str | Path, repo: str | Path, *, name: s
     _check_apart(export_dir, repo, force)
     max_batch_size, preferred = batching_options(max_batch_size, preferred_batch_sizes, queue_delay_us)
     pb()  # the configs are Triton's ModelConfig protobuf (tritonclient): one clear line if it is missing
-    parity_path = export_dir / "parity.json"
-    parity = json.loads(parity_path.read_text()) if parity_path.is_file() else None
+    parity = read_parity(export_dir)
     if parity is not None and not parity.get("passed", False):
-        raise SMLPError(f"{export_dir} failed parity validation (parity.json): refusing to deploy it")
-    from ..validate.integrity import verify_files
-
-    digests = verify_files(export_dir, manifest)  # one-line error for any file changed after export
-    if max_batch_size and not batch_first(export_dir / "model.onnx"):
-        raise SMLPError(f"{export_dir / 'model.onnx'}: not every input/output leads with one symbolic batch "
+        raise SMLPError(f"{export_dir} failed parity validation ({PARITY_FILE}): refusing to deploy it")
+    # one-line error for any file changed after export, or whose data lies outside it
+    digests = man.verify_files()
+    if max_batch_size and not batch_first(export_dir / MODEL_FILE):
+        raise SMLPError(f"{export_dir / MODEL_FILE}: not every input/output leads with one symbolic batch "
                         "axis, so Triton cannot batch it: deploy with --max-batch-size 0")
-    models = [("model.onnx", name)]
+    models = [(MODEL_FILE, name)]
     warnings: list[str] = []
-    seq_section = (manifest.get("decode") or {}).get("sequence")
-    if (export_dir / "decode.onnx").is_file():
+    seq_section = man.sequence
+    decode_path = man.decode_path()
+    if decode_path is not None and decode_path.is_file():
         if backend == "python":
-            models.append(("decode.onnx", f"{name}_decode"))
+            models.append((decode_path.name, f"{name}_decode"))
         if seq_section:  # per-row positions under Triton's sequence batcher (sequence_model.py)
             models.append((seq_section["file"], f"{name}_sequence"))
         elif backend != "python":  # its scalar `position` input cannot be fed through Triton's onnxruntime backend
             warnings.append("decode.onnx not deployed: Triton's onnxruntime backend cannot feed its scalar "
                             "input `position`; use --backend python to serve it")
     # names only, no absolute paths: the repository is copied to other machines and containers
-    record: dict[str, Any] = {"export": export_dir.resolve().name, "manifest_sha256": _sha256(man_path),
+    record: dict[str, Any] = {"export": export_dir.resolve().name, "manifest_sha256": _sha256(export_dir / MANIFEST_FILE),
                               "backend": backend, "target": manifest.get("target"),
                               "dtype": manifest.get("dtype"), "checkpoint": _checkpoint_name(manifest),
                               "parity_passed": None if parity is None else parity.get("passed"),
@@ -253,15 +254,15 @@ def write_triton_repository(export_dir: str | Path, repo: str | Path, *, name: s
     limits = serving_limits(manifest)
     with atomic_dir(repo, overwrite=force, inputs=(export_dir,)) as tmp:
         for fname, mname in models:
-            src = export_dir / fname
+            src = man.path(fname)
             digest = digests[fname]
             inputs, outputs = graph_io(src)
-            batch = max_batch_size if fname == "model.onnx" else 0  # the decode model carries explicit state
+            batch = max_batch_size if fname == MODEL_FILE else 0  # the decode model carries explicit state
             version = tmp / mname / "1"
             version.mkdir(parents=True)
             # bytes only: copy2 would carry a 0600 source mode to a server running as another user
-            copy_file(src, version / "model.onnx")
-            for extra in export_dir.glob(f"{fname}.data"):  # external data, if the export has it
+            copy_file(src, version / TRITON_MODEL_FILE)
+            for extra in export_dir.glob(f"{fname}{DATA_SUFFIX}"):  # external data, if the export has it
                 copy_file(extra, version / extra.name)
             kind = "KIND_GPU" if gpu else "KIND_CPU"
             if seq_section and fname == seq_section["file"]:
@@ -279,7 +280,7 @@ def write_triton_repository(export_dir: str | Path, repo: str | Path, *, name: s
                     preferred_batch_sizes=preferred if batch else (), queue_delay_us=queue_delay_us,
                     ragged_inputs=("input_ids",) if batch and backend == "python" else ()))
             if backend == "python":
-                if fname == "model.onnx":
+                if fname == MODEL_FILE:
                     (version / "model.py").write_text(FULL_MODEL_SOURCE.read_text())
                     (version / LIMITS_FILE).write_text(json.dumps(limits, indent=2) + "\n")
                 elif seq_section and fname == seq_section["file"]:
@@ -289,14 +290,14 @@ def write_triton_repository(export_dir: str | Path, repo: str | Path, *, name: s
                     (version / "model.py").write_text(PYTHON_MODEL)
             record["models"].append({"name": mname, "file": fname, "sha256": digest, "max_batch_size": batch,
                                      "inputs": inputs, "outputs": outputs})
-        if backend == "python" and (export_dir / "decode.onnx").is_file():
+        if backend == "python" and decode_path is not None and decode_path.is_file():
             from .generate_model import write_generate_model  # token streaming: docs/serving-generate.md
 
             record["models"].append(write_generate_model(
-                export_dir, tmp / f"{name}_generate", manifest, digests["decode.onnx"], instances=instances,
+                export_dir, tmp / f"{name}_generate", manifest, digests[decode_path.name], instances=instances,
                 kind="KIND_GPU" if gpu else "KIND_CPU", intra_op_threads=intra_op_threads))
         (tmp / "README.md").write_text(repository_readme(record, limits))
-        (tmp / "smlp_deploy.json").write_text(json.dumps(record, indent=2) + "\n")
+        (tmp / DEPLOY_RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
     return record
 
 
@@ -322,7 +323,7 @@ def repository_readme(record: dict[str, Any], limits: dict[str, Any]) -> str:
         if m["name"].endswith("_sequence"):
             return ("`input_ids` INT64 [1, S] with a sequence id, `sequence_start` on the prompt, one token per "
                     "request after, `sequence_end` on the last; gets `logits` (the server keeps the state)")
-        if m["file"] == "decode.onnx":
+        if m["file"] == DECODE_FILE:
             return ("`input_ids`, `position` [1], every `state.blocks.i`; gets `logits` and `new_state.blocks.i` "
                     "(the client keeps the state)")
         return "`input_ids` INT64 [batch, tokens]; gets `logits` [batch, tokens, vocab] and the router outputs"

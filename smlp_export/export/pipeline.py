@@ -1,14 +1,13 @@
 """``export_model``: checkpoint -> OUT/{model.onnx, manifest.json, parity.json}, atomically.
 
-Stages: load -> trace (torch.export) -> translate (dynamo ONNX + smlp translations) -> check
-(onnx.checker full check) -> save -> [decode graph] -> validate (``smlp_export.validate``) ->
-publish. Everything is written into a temporary sibling of OUT that is renamed into place only
-when every stage passed, so an OUT that exists is complete. A parity failure moves the temporary
-directory to ``OUT.failed`` (for inspection) and raises ``ExportError``.
+The one orchestration of an export, above both layers it calls: load -> write (``write.py``:
+trace, translate, save + check the graphs, [decode graphs], manifest) -> validate
+(``smlp_export.validate``) -> publish. Everything is written into a temporary sibling of OUT that
+is renamed into place only when every stage passed, so an OUT that exists is complete. A parity
+failure moves the temporary directory to ``OUT.failed`` (for inspection) and raises ``ExportError``.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -16,20 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from ..artifacts import MODEL_FILE, PARITY_FILE
 from ..errors import SMLPError
 from .translations import DTYPES, MIN_OPSET, ORT_MOE_IMPLS, TARGETS
-from ..fsutil import sha256_file as _sha256
 
-MANIFEST_FORMAT = 1
-MODEL_FILE = "model.onnx"
-DATA_FILE = "model.onnx.data"
-MANIFEST_FILE = "manifest.json"
-PARITY_FILE = "parity.json"
-DECODE_FILE = "decode.onnx"
-IR_VERSION = 10  # ONNX Runtime 1.31 refuses IR > 13; 10 is what onnx 1.16+ readers all take
-# Weights above this go to model.onnx.data (written one tensor at a time, never all in memory);
-# below it they are embedded in model.onnx (one file; at most 2x this in memory while saving).
-EXTERNAL_DATA_THRESHOLD = 128 * 1024**2
 DEFAULT_OPSET = 18
 
 
@@ -83,87 +72,11 @@ class ExportResult:
     stage_seconds: dict[str, float] = field(default_factory=dict)
 
 
-def _tool_versions() -> dict[str, str]:
-    import onnx
-    import onnxruntime
-    import onnxscript
-    import torch
-
-    import smlp_export
-
-    return {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
-            "onnxscript": onnxscript.__version__, "smlp_export": smlp_export.__version__}
-
-
-def _checkpoint_entry(model, checkpoint: Any) -> dict[str, Any]:
-    """checkpoint: what the user named (path, "default"/None) or the in-memory model itself."""
-    from ..checkpoint import DEFAULT_NAME
-
-    info = getattr(model, "checkpoint_info", None) or {}
-    path = str(Path(info["path"]).resolve()) if info.get("path") else None
-    if checkpoint is model:
-        name = Path(path).name if path else "in-memory"
-    elif checkpoint is None or str(checkpoint) == DEFAULT_NAME:
-        name = DEFAULT_NAME
-    else:
-        name = Path(str(path or checkpoint)).name
-    return {"path": path, "weights_sha256": info.get("weights_sha256"), "name": name}
-
-
-def build_manifest(model, proto, *, target: str, dtype: str, opset: int, checkpoint: Any,
-                   files: list[dict[str, Any]], ort_moe: str = "fused") -> dict[str, Any]:
-    """manifest.json: what the file is, what it expects and what made it (keys read by others)."""
-    from .graph import io_spec, routing_layout
-
-    cfg = model.config
-    inputs, outputs = io_spec(proto)
-    routing = {}
-    for name, kind in routing_layout(model):
-        if kind == "tmoe_logits":
-            routing[name] = {"output": f"router.{name}", "kind": kind, "routing": cfg.token_routing, "k": cfg.top_k}
-        else:
-            routing[name] = {"output": f"router.{name}", "kind": kind, "routing": cfg.spatial_routing, "k": 1}
-    return {
-        "format_version": MANIFEST_FORMAT,
-        "target": target,
-        "opset": opset,
-        "dtype": dtype,
-        # ort target: how token MoE is expressed ("auto" = If(few tokens: fused com.microsoft.MoE,
-        # else loop), "fused" or "loop"); else null
-        "ort_moe": ort_moe if target == "ort" else None,
-        # fp16 graphs compute in float16 and cast every output to float32 at the end.
-        "output_dtype": "float32",
-        "ir_version": int(proto.ir_version),
-        "inputs": inputs,
-        "outputs": outputs,
-        "routing_outputs": routing,
-        "max_seq_len": cfg.max_seq_len,
-        "custom_domains": sorted({o.domain for o in proto.opset_import if o.domain not in ("", "ai.onnx")}),
-        "checkpoint": _checkpoint_entry(model, checkpoint),
-        "config": cfg.to_dict(),
-        "tool_versions": _tool_versions(),
-        "files": files,
-        "decode": None,
-    }
-
-
-def _save(proto, directory: Path, source) -> list[dict[str, Any]]:
-    """Write model.onnx (+ model.onnx.data for large weights), computing each placeholder
-    weight from ``source`` one tensor at a time (``weights.write_model``); return the file entries."""
-    from .weights import lazy_bytes, write_model
-
-    big = lazy_bytes(proto) > EXTERNAL_DATA_THRESHOLD
-    names = write_model(proto, directory / MODEL_FILE, source, external=big, data_name=DATA_FILE)
-    return [{"name": n, "bytes": (directory / n).stat().st_size, "sha256": _sha256(directory / n)} for n in names]
-
-
-def _validate(tmp: Path, checkpoint: Any, quick: bool, progress: bool = False) -> tuple[str, bool]:
+def _validate(tmp: Path, checkpoint: Any, quick: bool, dtype: str, progress: bool = False) -> tuple[str, bool]:
     from ..precision import validation_backend
     from ..validate import run_validation
 
-    manifest = json.loads((tmp / MANIFEST_FILE).read_text())
-    report = run_validation(tmp, validation_backend(manifest["dtype"]), checkpoint=checkpoint, quick=quick,
-                            progress=progress)
+    report = run_validation(tmp, validation_backend(dtype), checkpoint=checkpoint, quick=quick, progress=progress)
     return ("passed" if report.passed else "failed"), bool(report.passed)
 
 
@@ -215,9 +128,7 @@ def export_model(
     case counter on stderr. Raises ``ExportError`` / ``SMLPError``
     with a one-line message for anything the user can fix; ``out`` is only ever complete.
     """
-    import onnx
-
-    from .graph import build_onnx, node_counts
+    from .graph import node_counts
 
     scheme = check_options(target, dtype, opset, ort_moe, quantize, block_size)
     if dtype is None:
@@ -235,14 +146,19 @@ def export_model(
     step = progress or (lambda stage: None)
     stages: dict[str, float] = {}
     t0 = last = time.perf_counter()
+    current = ""
 
-    def mark(stage: str) -> None:
-        nonlocal last
+    def stage(name: str) -> None:
+        """End the running stage (its seconds go to ``stage_seconds``) and start ``name``."""
+        nonlocal last, current
         now = time.perf_counter()
-        stages[stage] = round(now - last, 3)
-        last = now
+        if current:
+            stages[current] = round(now - last, 3)
+        last, current = now, name
+        if name:
+            step(name)
 
-    step("load")
+    stage("load")
     if hasattr(checkpoint, "config") and hasattr(checkpoint, "forward"):
         model, in_memory = checkpoint, True
         model.eval()
@@ -253,67 +169,26 @@ def export_model(
         model = open_checkpoint(checkpoint, allow_pickle=allow_pickle, dtype=dtype,
                                 memory_op="export+validate" if validate else "export")
         in_memory = False
-    from .weights import source_for
-
-    source = source_for(model)  # build_onnx traces a meta twin; save reads the weights from here
     if scheme is not None:
         from ..quantize import check_model
 
         check_model(model, scheme, target=target)  # block size vs widths: before tracing
-    mark("load")
-
-    step("trace + translate")
-    proto = build_onnx(model, target=target, dtype=dtype, opset=opset, ir_version=IR_VERSION, ort_moe=ort_moe,
-                       lazy=True)
-    quantized = None
-    if scheme is not None:
-        from ..quantize import quantize_graph
-
-        quantized = quantize_graph(proto, source, scheme, target)
-    mark("trace + translate")
 
     from ..fsutil import clean_stale, temp_dir_for
+    from .write import write_export
 
     clean_stale(out)  # .OUT.tmp-* / .OUT.old-* of earlier exports that were killed
     tmp = temp_dir_for(out)  # ordinary (umask) permissions, unlike mkdtemp's 0700
     try:
-        step("save")
-        files = _save(proto, tmp, source)
-        mark("save")
-        step("check")
-        # checked from the file: the in-memory graph holds placeholders, the file holds the data
-        onnx.checker.check_model(str(tmp / MODEL_FILE), full_check=True)
-        manifest = build_manifest(model, proto, target=target, dtype=dtype, opset=opset,
-                                  checkpoint=checkpoint, files=files, ort_moe=ort_moe)
-        if scheme is not None:
-            from ..quantize import manifest_entry
-
-            manifest["quantization"] = manifest_entry(scheme, quantized, model)
-        mark("check")
-        if decode:
-            step("decode graph")
-            from ..decode.export import export_decode_graph
-
-            manifest["decode"] = export_decode_graph(model, tmp / DECODE_FILE, target=target, dtype=dtype, opset=opset,
-                                                     quantize=scheme)
-            # the per-row-position twin for Triton's sequence batcher (decode/sequence_export.py)
-            from ..decode.sequence_export import SEQ_FILE, export_sequence_graph
-
-            seq = manifest["decode"]["sequence"] = export_sequence_graph(model, tmp / SEQ_FILE, target=target,
-                                                                         dtype=dtype, opset=opset, quantize=scheme)
-            for name in [DECODE_FILE] + ([manifest["decode"]["data_file"]] if "data_file" in manifest["decode"] else []) + \
-                    [SEQ_FILE] + ([seq["data_file"]] if "data_file" in seq else []):
-                d = tmp / name
-                manifest["files"].append({"name": name, "bytes": d.stat().st_size, "sha256": _sha256(d)})
-            mark("decode graph")
-        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        manifest, proto = write_export(model, tmp, out=out, checkpoint=checkpoint, target=target, dtype=dtype,
+                                       opset=opset, ort_moe=ort_moe, decode=decode, scheme=scheme, stage=stage)
         parity, ok = "skipped (--no-validate)", True
         if validate:
-            step("validate")
-            # the validator reloads the checkpoint by path; an in-memory model is passed as is
-            parity, ok = _validate(tmp, model if in_memory else manifest["checkpoint"]["path"], quick,
+            stage("validate")
+            # the validator reloads the checkpoint from its file; an in-memory model is passed as is
+            parity, ok = _validate(tmp, model if in_memory else model.checkpoint_info["path"], quick, dtype,
                                    validate_progress)
-            mark("validate")
+        stage("")
         if not ok:
             failed = out.parent / f"{out.name}.failed"
             shutil.rmtree(failed, ignore_errors=True)
@@ -325,6 +200,6 @@ def export_model(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return ExportResult(out_dir=out, manifest=manifest, node_counts=node_counts(proto),
-                        model_bytes=sum(f["bytes"] for f in files), seconds=time.perf_counter() - t0,
-                        parity=parity, stage_seconds=stages)
+    return ExportResult(out_dir=out, manifest=manifest.to_dict(), node_counts=node_counts(proto),
+                        model_bytes=sum(f["bytes"] for f in manifest.files if f["name"].startswith(MODEL_FILE)),
+                        seconds=time.perf_counter() - t0, parity=parity, stage_seconds=stages)

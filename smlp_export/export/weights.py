@@ -34,6 +34,10 @@ from onnx import TensorProto, numpy_helper
 
 from ..errors import SMLPError
 
+# Weights above this go to <graph>.data (written one tensor at a time, never all in memory);
+# below it they are embedded in the .onnx (one file; at most 2x this in memory while saving).
+EXTERNAL_DATA_THRESHOLD = 128 * 1024**2
+
 RECIPE_KEY = "smlp.recipe"
 LAZY_LOCATION = "smlp-lazy"
 # The exporter deduplicates initializers of at most 1024 elements by content (onnx_ir's
@@ -331,6 +335,29 @@ def write_model(model: onnx.ModelProto, path: str | os.PathLike, source: WeightS
     return [path.name, data_name]
 
 
+def save_graph(model: onnx.ModelProto, path: str | os.PathLike, source: WeightSource, *,
+               full_check: bool = False) -> list[str]:
+    """Write a traced graph with lazy weights to ``path`` atomically and check the written file;
+    returns the file names written (the .onnx first, then ``<name>.data`` when the weights went
+    beside it: past ``EXTERNAL_DATA_THRESHOLD`` bytes, one tensor at a time). Every graph of an
+    export (model.onnx, decode.onnx, decode_seq.onnx) is written by this one function."""
+    import shutil
+    import tempfile
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.stem}-", dir=path.parent))
+    try:
+        names = write_model(model, tmpdir / path.name, source, external=lazy_bytes(model) > EXTERNAL_DATA_THRESHOLD)
+        # checked from the file: the in-memory graph holds placeholders, the file holds the data
+        onnx.checker.check_model(str(tmpdir / path.name), full_check=full_check)
+        for n in reversed(names):  # the .onnx last: a graph file that exists is complete
+            os.replace(tmpdir / n, path.parent / n)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    return names
+
+
 # ---------------------------------------------------------------------------------------------
 # the exporter's IR (onnx_ir), between conversion and optimisation
 # ---------------------------------------------------------------------------------------------
@@ -493,7 +520,8 @@ def open_checkpoint(path_or_name: Any = None, *, allow_pickle: bool = False, mem
     loaded whole (``load_checkpoint``) and exported from its state dict. Before any module is
     built, ``memory.require(cfg, memory_op, dtype=dtype)`` refuses a model this machine cannot
     export (``memory_op``: "export" or "export+validate")."""
-    from ..checkpoint import WEIGHTS_FILE, check_structure, load_checkpoint, read_header, resolve, sha256_file
+    from ..checkpoint import WEIGHTS_FILE, check_structure, read_header, resolve, sha256_file
+    from ..model import load_checkpoint
     from ..errors import CheckpointError
 
     d = resolve(path_or_name)

@@ -12,10 +12,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from smlp_export.artifacts import MODEL_FILE
+
 from .base import Runner, RunnerUnavailable
 from .ort_session import create_session
-
-MODEL_FILE = "model.onnx"
 
 
 def ort_version() -> str:

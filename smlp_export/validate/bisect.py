@@ -29,6 +29,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from smlp_export.artifacts import DECODE_FILE, MODEL_FILE, export_path
 from smlp_export.errors import InputError, SMLPError
 
 from .tolerances import Tolerance
@@ -289,7 +290,7 @@ def bisect_export(export_dir: str | Path, model, cases: list[tuple[str, np.ndarr
     from smlp_export.runners import RunnerUnavailable, get_runner
 
     export_dir = Path(export_dir)
-    src = export_dir / "model.onnx"
+    src = export_dir / MODEL_FILE
     proto, probes = _read_graph(src)
     chosen = _pick_mode(mode, _graph_bytes(src, proto))
     capture = TorchCapture(model)
@@ -308,7 +309,7 @@ def bisect_export(export_dir: str | Path, model, cases: list[tuple[str, np.ndarr
         tmp = Path(t)
         _compare(src, proto, rows, _groups(rows, chosen), cases, capture, make_runner, lambda ids: ids, tmp,
                  routing or [], tol)
-        out = _summarise(rows, tol, {"mode": chosen, "graph": "model.onnx"})
+        out = _summarise(rows, tol, {"mode": chosen, "graph": MODEL_FILE})
         if decode:
             out["decode"] = _bisect_decode(export_dir, decode, model, cases, tol, chosen, providers, capture, tmp)
     return out
@@ -317,7 +318,7 @@ def bisect_export(export_dir: str | Path, model, cases: list[tuple[str, np.ndarr
 def _bisect_decode(export_dir: Path, dec: dict[str, Any], model, cases, tol: Tolerance, mode: str,
                    providers: list[str] | None, capture: TorchCapture, tmp: Path) -> dict[str, Any]:
     """decode.onnx as one prefill step (position 0, zero states) per case; ORT only."""
-    src = export_dir / dec.get("file", "decode.onnx")
+    src = export_path(export_dir, dec.get("file", DECODE_FILE))
     proto, probes = _read_graph(src)
     names = dec["inputs"]["states"]
     outs = dec["outputs"]["states"]
@@ -361,7 +362,7 @@ def _bisect_decode(export_dir: Path, dec: dict[str, Any], model, cases, tol: Tol
 def table_lines(bisect: dict[str, Any]) -> list[str]:
     """The per-block table and the verdict line, for the CLI."""
     lines = []
-    sections = [("model.onnx", bisect)] + ([("decode.onnx", bisect["decode"])] if bisect.get("decode") else [])
+    sections = [(MODEL_FILE, bisect)] + ([(DECODE_FILE, bisect["decode"])] if bisect.get("decode") else [])
     for title, sec in sections:
         rows = [("tensor", "max|diff|/scale", "mean|diff|", "scale", "where", "ok")]
         for r in sec["blocks"]:
@@ -374,5 +375,5 @@ def table_lines(bisect: dict[str, Any]) -> list[str]:
         widths = [max(len(x[i]) for x in rows) for i in range(6)]
         lines.append(f"bisect {title} ({sec['mode']}, limit {sec['limit']:.3g} of scale)")
         lines += ["  " + "  ".join(s.ljust(w) for s, w in zip(x, widths)).rstrip() for x in rows]
-        lines.append(f"first divergence{'' if title == 'model.onnx' else ' (decode)'}: {sec['first_divergence'] or 'none'}")
+        lines.append(f"first divergence{'' if title == MODEL_FILE else ' (decode)'}: {sec['first_divergence'] or 'none'}")
     return lines

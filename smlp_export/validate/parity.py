@@ -8,7 +8,6 @@ only condition the routing (their loss is masked in training), so perplexity use
 from __future__ import annotations
 
 import importlib.metadata as _md
-import json
 import os
 import sys
 import time
@@ -17,48 +16,31 @@ from typing import Any
 
 import numpy as np
 
+from smlp_export.artifacts import DECODE_FILE, MANIFEST_FILE, MODEL_FILE, Manifest
 from smlp_export.errors import CheckpointError, InputError, SMLPError
 from smlp_export.export.translations import AUTO_FUSED_MAX_TOKENS
 
 from .compare import LayerRouting, compare_logits, nll_sum
 from . import coverage
-from .integrity import graph_dtype, verify_files
+from .integrity import graph_dtype
 from .report import ParityReport
 from .tolerances import tolerance_for
 
-MANIFEST_FILE = "manifest.json"
-MODEL_FILE = "model.onnx"
 BACKENDS = ("ort", "reference", "tensorrt")
 # (batch, seq); seq None = max_seq_len; every seq is clipped to max_seq_len and duplicates dropped.
 CASES_FULL: tuple[tuple[int, int | None], ...] = ((1, 1), (2, 33), (3, 77), (2, None), (4, 16), (5, 13))
 CASES_QUICK: tuple[tuple[int, int | None], ...] = ((1, 1), (3, 77), (1, None))
 # onnx.reference is pure NumPy (slow): small cases only, still including T = 1 and an odd T.
 CASES_REFERENCE: tuple[tuple[int, int | None], ...] = ((1, 1), (3, 13), (2, 33), (1, 77))
-REQUIRED_MANIFEST_KEYS = ("target", "dtype", "checkpoint", "config")
 # ort target, ort_moe "auto": short held-out inputs through the fused branch (B * T <= 4 tokens).
 FUSED_SHAPES: tuple[tuple[int, int], ...] = ((1, 2), (1, 3), (1, 4), (2, 2), (4, 1))
 COVERAGE_SEQ = 64  # length of the windows searched for uncovered experts
 COVERAGE_OFFSET = 10_000  # where in the held-out stream the search starts (wraps around)
 
 
-def read_manifest(export_dir: Path) -> dict[str, Any]:
+def read_manifest(export_dir: Path) -> Manifest:
     """manifest.json of an export folder, with the keys validation needs (InputError otherwise)."""
-    if not export_dir.exists():
-        raise InputError(f"{export_dir} does not exist (expected an export folder from `smlp export`)")
-    if not export_dir.is_dir():
-        raise InputError(f"{export_dir} is not a folder (expected an export folder from `smlp export`)")
-    mpath = export_dir / MANIFEST_FILE
-    if not mpath.is_file():
-        raise InputError(f"{mpath} is missing: not an export folder from `smlp export`")
-    try:
-        manifest = json.loads(mpath.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"{mpath} is not valid JSON ({e})") from None
-    if not isinstance(manifest, dict):
-        raise InputError(f"{mpath} must hold a JSON object")
-    missing = [k for k in REQUIRED_MANIFEST_KEYS if k not in manifest]
-    if missing:
-        raise InputError(f"{mpath} lacks key(s) {', '.join(missing)}")
+    manifest = Manifest.read(export_dir)
     if not (export_dir / MODEL_FILE).is_file():
         raise InputError(f"{export_dir / MODEL_FILE} is missing")
     return manifest
@@ -73,16 +55,16 @@ def case_shapes(cases: tuple[tuple[int, int | None], ...], max_seq_len: int) -> 
     return out
 
 
-def _load_reference_model(manifest: dict, checkpoint: Any, export_dir: Path):
+def _load_reference_model(manifest: Manifest, checkpoint: Any, export_dir: Path):
     """The PyTorch model to compare against, its checkpoint facts, and whether its sha was verified."""
     from smlp_export import load_checkpoint
 
-    want = (manifest.get("checkpoint") or {}).get("weights_sha256")
+    want = manifest.checkpoint.get("weights_sha256")
     if checkpoint is None or isinstance(checkpoint, (str, Path)):
-        path = checkpoint if checkpoint is not None else (manifest.get("checkpoint") or {}).get("path")
+        path = checkpoint if checkpoint is not None else manifest.checkpoint_path()
         if path is None:
             raise InputError(f"{export_dir / MANIFEST_FILE} names no checkpoint path; pass the checkpoint explicitly")
-        if manifest.get("decode") or manifest.get("quantization"):
+        if manifest.decode or manifest.quantization:
             # the decode checks and the fake-quant twin read parameters outside module calls
             model = load_checkpoint(path)
         else:
@@ -97,7 +79,7 @@ def _load_reference_model(manifest: dict, checkpoint: Any, export_dir: Path):
         raise CheckpointError(f"checkpoint {info.get('path')} has weights sha256 {got[:12]}..., but the export "
                               f"was made from {want[:12]}... (manifest.json): pass the matching checkpoint")
     # Compare as configs, not dicts: a manifest written before a config field existed lacks it.
-    if manifest.get("config") and not _same_config(model.config, manifest["config"]):
+    if manifest.config and not _same_config(model.config, manifest.config):
         raise CheckpointError(f"checkpoint config differs from the config in {export_dir / MANIFEST_FILE}")
     ckpt = {"path": info.get("path"), "weights_sha256": got, "manifest_weights_sha256": want,
             "verified": bool(want and got and want == got)}
@@ -125,10 +107,10 @@ def _quantization_quality(float_model, onnx_path: Path, backend: str, providers,
         ref.close()
 
 
-def _scheme(manifest: dict):
+def _scheme(manifest: Manifest):
     from smlp_export.quantize import QuantScheme
 
-    return QuantScheme.from_manifest(manifest["quantization"])
+    return QuantScheme.from_manifest(manifest.quantization)
 
 
 def _same_config(cfg, recorded: dict) -> bool:
@@ -138,10 +120,10 @@ def _same_config(cfg, recorded: dict) -> bool:
         return False
 
 
-def _routing_layers(manifest: dict, cfg) -> list[LayerRouting]:
+def _routing_layers(manifest: Manifest, cfg) -> list[LayerRouting]:
     """One accumulator per router output, from the manifest (or the config if the manifest lacks it)."""
     k_tok = cfg.top_k if cfg.token_routing == "topk" else 1
-    spec = manifest.get("routing_outputs")
+    spec = manifest.routing_outputs
     layers = []
     if spec:
         for name, s in spec.items():
@@ -201,7 +183,7 @@ def run_validation(export_dir: str | Path, backend: str = "ort", *, checkpoint: 
                    rtol: float | None = None, engine: str | None = None) -> ParityReport:
     """Compare the export in ``export_dir`` with PyTorch on real held-out text; write parity.json.
 
-    checkpoint: path, name, or an ``SMLPForCausalLM``; default ``manifest["checkpoint"]["path"]``.
+    checkpoint: path, name, or an ``SMLPForCausalLM``; default the manifest's (``Manifest.checkpoint_path``).
     Its weights sha256 must match the manifest's (CheckpointError otherwise).
     quick: fewer cases (used after every export). engine: the TensorRT engine file for backend
     ``tensorrt`` (default OUT/model.engine if present, else one is built). bisect: None, or a mode of
@@ -252,8 +234,8 @@ def _run_validation(export_dir: Path, backend: str, dir_fd: int | None, *, check
     check_save_paths(export_dir, save_inputs, save_outputs)  # before the long run, not after it
     stage("checksums")
     manifest = read_manifest(export_dir)
-    digests = verify_files(export_dir, manifest)  # refuse files that changed after export
-    target = manifest["target"]
+    digests = manifest.verify_files()  # refuse files that changed after export (or point outside it)
+    target = manifest.target
     onnx_path = export_dir / MODEL_FILE
     # The tolerance table follows what the graph computes in, never the manifest's label.
     dtype = graph_dtype(onnx_path)
@@ -264,7 +246,7 @@ def _run_validation(export_dir: Path, backend: str, dir_fd: int | None, *, check
     stage("load")
     model, ckpt = _load_reference_model(manifest, checkpoint, export_dir)
     float_model = model
-    if manifest.get("quantization"):  # compare with the fake-quant twin: the export's exact numbers
+    if manifest.quantization:  # compare with the fake-quant twin: the export's exact numbers
         from smlp_export.quantize.twin import fake_quant_twin
 
         model = fake_quant_twin(model, _scheme(manifest))
@@ -275,7 +257,7 @@ def _run_validation(export_dir: Path, backend: str, dir_fd: int | None, *, check
     layers = _routing_layers(manifest, cfg)
     p = cfg.prefix_len
     cov = coverage.new_coverage(cfg, [(layer.name, layer.kind, layer.k) for layer in layers])
-    fused_max = AUTO_FUSED_MAX_TOKENS if (target, manifest.get("ort_moe")) == ("ort", "auto") else 0
+    fused_max = AUTO_FUSED_MAX_TOKENS if (target, manifest.ort_moe) == ("ort", "auto") else 0
     fused_cov = coverage.token_layers(cov) if fused_max else None
 
     from .streamed import RowCache
@@ -286,8 +268,8 @@ def _run_validation(export_dir: Path, backend: str, dir_fd: int | None, *, check
     rows: list[dict[str, Any]] = []
     inputs: list[tuple[str, np.ndarray]] = []  # (case, input_ids): what --bisect replays
     failures: list[str] = []
-    if dtype != manifest["dtype"]:
-        failures.append(f"dtype: manifest.json says {manifest['dtype']!r} but {MODEL_FILE} computes in {dtype} "
+    if dtype != manifest.dtype:
+        failures.append(f"dtype: {MANIFEST_FILE} says {manifest.dtype!r} but {MODEL_FILE} computes in {dtype} "
                         f"(validated with the {dtype} tolerances)")
     nll_t = nll_b = 0.0
     n_tok = 0
@@ -377,12 +359,12 @@ def _run_validation(export_dir: Path, backend: str, dir_fd: int | None, *, check
                                 "search exhausted) and driving them directly did not verify them "
                                 "(parity.json coverage.unreached)")
     quality = None
-    if manifest.get("quantization"):  # what the quantization costs: export vs the float model
+    if manifest.quantization:  # what the quantization costs: export vs the float model
         quality = _quantization_quality(float_model, onnx_path, backend, providers, source, quick, _scheme(manifest))
         checks += quality["checks"]
     failures += [f"{c['name']} = {c['value']} (limit {c['limit']})" for c in checks if not c["ok"]]
     decode = None
-    if manifest.get("decode"):
+    if manifest.decode:
         stage("decode graph")
         decode = _validate_decode(export_dir, model, backend, quick, providers)
         if decode.get("passed") is not None:
@@ -410,19 +392,19 @@ def _run_validation(export_dir: Path, backend: str, dir_fd: int | None, *, check
         stage("bisect")
         bis = bisect_export(export_dir, model, inputs, tol, backend=backend, providers=providers, mode=bisect,
                             routing=[(layer.name, layer.kind, layer.k) for layer in layers],
-                            decode=manifest.get("decode") if backend == "ort" else None)
+                            decode=manifest.decode if backend == "ort" else None)
     report = ParityReport(
         passed=not failures, backend=backend, target=target, dtype=dtype, tolerances=tol.to_dict(),
         metrics=metrics, checks=checks, failures=failures, cases=rows, checkpoint=ckpt,
         # The file name, not the path: validation runs inside export's temp dir before it is renamed.
         model={"path": MODEL_FILE, "sha256": digests[MODEL_FILE], "files_sha256": digests,
-               "manifest_dtype": manifest["dtype"], "graph_dtype": dtype}, backend_metadata=backend_meta,
+               "manifest_dtype": manifest.dtype, "graph_dtype": dtype}, backend_metadata=backend_meta,
         reference={**ref_meta, "onnx": _md.version("onnx"), "numpy": np.__version__},
         corpus={"source": source, "split": "held-out", "ppl_from_position": p,
                 "windows": "consecutive held-out windows of seq + 1 tokens (input + next-token targets)"},
         time_s=round(time.perf_counter() - t0, 3), quick=quick, decode=decode, coverage=cov_report,
         extra={**({"plugin_attributes": plugins} if plugins is not None else {}),
-               **({"quantization": {"scheme": manifest["quantization"], **quality}} if quality else {})}, bisect=bis,
+               **({"quantization": {"scheme": manifest.quantization, **quality}} if quality else {})}, bisect=bis,
         tolerance_overrides=overrides, polygraphy=poly)
     if write:
         report.write(export_dir, dir_fd)
@@ -443,20 +425,20 @@ def _verify_unreached(export_dir: Path, model, cov, fused_cov, tol, dtype: str,
     return verify(export_dir, model, {k: sorted(v) for k, v in sorted(missing.items())}, tol, dtype, providers)
 
 
-def _check_plugin_attributes(export_dir: Path, manifest: dict, cfg) -> dict[str, Any] | None:
+def _check_plugin_attributes(export_dir: Path, manifest: Manifest, cfg) -> dict[str, Any] | None:
     """tensorrt exports: every plugin node's fields vs the config (ORT runs the fallback bodies, so
     only this check sees a field TensorRT would read wrong). None for other targets."""
-    if manifest.get("target") != "tensorrt":
+    if manifest.target != "tensorrt":
         return None
     from .plugin_attrs import check_plugin_nodes
 
-    out = {"model.onnx": check_plugin_nodes(export_dir / MODEL_FILE, cfg)}
-    dec = manifest.get("decode") or {}
-    if dec and (export_dir / dec.get("file", "decode.onnx")).is_file():
-        out["decode.onnx"] = check_plugin_nodes(export_dir / dec.get("file", "decode.onnx"), cfg, decode=True)
-    seq = dec.get("sequence") or {}  # decode_seq.onnx: the same plugin nodes as decode.onnx
-    if seq and (export_dir / seq["file"]).is_file():
-        out[seq["file"]] = check_plugin_nodes(export_dir / seq["file"], cfg, decode=True)
+    out = {MODEL_FILE: check_plugin_nodes(export_dir / MODEL_FILE, cfg)}
+    dec = manifest.decode_path()
+    if dec is not None and dec.is_file():
+        out[DECODE_FILE] = check_plugin_nodes(dec, cfg, decode=True)
+    seq = manifest.sequence or {}  # decode_seq.onnx: the same plugin nodes as decode.onnx
+    if seq and manifest.path(seq["file"]).is_file():
+        out[seq["file"]] = check_plugin_nodes(manifest.path(seq["file"]), cfg, decode=True)
     return {"passed": all(r["passed"] for r in out.values()),
             "failures": [f"{name}: {line}" for name, r in out.items() for line in r["failures"]],
             "files": out}

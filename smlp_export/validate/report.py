@@ -9,10 +9,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..artifacts import PARITY_FILE
 from ..fsutil import set_default_mode
 
 REPORT_FORMAT = 1
-PARITY_FILE = "parity.json"
 
 
 @dataclass
