@@ -442,7 +442,7 @@ def test_failed_parity_leaves_no_complete_out(ckpt: Path, ckpt_proto, tmp_path: 
     from smlp_export.export.pipeline import ExportError
 
     monkeypatch.setattr(graph, "build_onnx", lambda *a, **k: ckpt_proto)
-    monkeypatch.setattr(pipeline, "_validate", lambda tmp, checkpoint, quick, dtype: ("failed", False))
+    monkeypatch.setattr(pipeline, "_validate", lambda tmp, checkpoint, quick, dtype, progress=False: ("failed", False))
     out = tmp_path / "out"
     with pytest.raises(ExportError, match="parity check failed"):
         export_model(ckpt, out, target="ort")
