@@ -16,7 +16,6 @@ CUDA runtime (see docs/validation.md).
 from __future__ import annotations
 
 import io
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -24,9 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from smlp_export.artifacts import ENGINE_FILE, Manifest, read_json
 from smlp_export.runners.base import Runner, RunnerUnavailable
-
-ENGINE_FILE = "model.engine"
 INPUT = "input_ids"
 # validation runs up to 32 windows in one batch (coverage search): the default built profile covers it
 DEFAULT_MAX_BATCH = 32
@@ -77,15 +75,11 @@ class TensorRTRunner(Runner):
     def _export_manifest(self) -> dict[str, Any]:
         from smlp_export.errors import SMLPError
 
-        man = self.export_dir / "manifest.json"
-        try:
-            manifest = json.loads(man.read_text())
-        except (OSError, ValueError) as e:
-            raise SMLPError(f"{man}: cannot read the export manifest ({_one_line(e)})") from None
-        if manifest.get("target") != "tensorrt":
-            raise SMLPError(f"{self.export_dir} was exported with --target {manifest.get('target')}; the tensorrt "
+        manifest = Manifest.read(self.export_dir)  # one line naming the file for a bad manifest
+        if manifest.target != "tensorrt":
+            raise SMLPError(f"{self.export_dir} was exported with --target {manifest.target}; the tensorrt "
                             "backend needs an export with --target tensorrt (plugin nodes)")
-        return manifest
+        return manifest.to_dict()
 
     def _engine_bytes(self) -> tuple[bytes, dict[str, Any]]:
         """(plan bytes, build manifest) of the given / existing / freshly built engine."""
@@ -100,10 +94,12 @@ class TensorRTRunner(Runner):
                 raise SMLPError(f"engine {path} does not exist (build one with `smlp build-engine {self.export_dir}`)")
             info_path = plan.manifest_path(path)
             try:
-                info = json.loads(info_path.read_text())
-            except (OSError, ValueError):
-                raise SMLPError(f"{info_path} is missing or unreadable: rebuild the engine with "
-                                f"`smlp build-engine {self.export_dir}`") from None
+                info = read_json(info_path, what="engine build manifest")
+            except SMLPError as e:
+                raise SMLPError(f"{e}: rebuild the engine with `smlp build-engine {self.export_dir}`") from None
+            if not isinstance(info, dict):
+                raise SMLPError(f"{info_path} is not an engine build manifest: rebuild the engine with "
+                                f"`smlp build-engine {self.export_dir}`")
             want = sha256_file(self.onnx_path)
             if (info.get("export") or {}).get("model_sha256") != want:
                 raise SMLPError(f"engine {path} was built from another model.onnx than {self.onnx_path} "

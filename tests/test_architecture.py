@@ -22,7 +22,7 @@ PACKAGES = {"smlp_export": "smlp_export", "smlp_cli": "cli", "smlp_plugins": "pl
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("base", ("smlp_export.errors", "smlp_export.fsutil", "smlp_export.config", "smlp_export.tokenizer",
               "smlp_export.artifacts", "smlp_export.memory", "smlp_export.shapes", "smlp_export.init_weights",
-              "smlp_export.export.contract", "smlp_export.safe_load", "smlp_export.flops")),
+              "smlp_export.export.contract", "smlp_export.safe_load", "smlp_export.flops", "smlp_export.sampling")),
     ("ops", ("smlp_export.ops", "smlp_export.kernels", "smlp_export.precision", "smlp_export.routing")),
     ("checkpoint", ("smlp_export.checkpoint", "smlp_export.hub")),
     ("model", ("smlp_export.model",)),
