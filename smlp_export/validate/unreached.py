@@ -106,10 +106,11 @@ def verify(export_dir: Path, model, missing: dict[str, list[int]], tol, dtype: s
     model: the float32 reference (``SMLPForCausalLM``, streamed or whole)."""
     import onnx
 
+    from smlp_export.artifacts import MODEL_FILE
     from smlp_export.export.probes import read_probes
     from smlp_export.runners.ort_session import create_session
 
-    src = export_dir / "model.onnx"
+    src = export_dir / MODEL_FILE
     proto = onnx.load(str(src), load_external_data=False)  # weights stay on disk
     probes = {p["name"]: p["tensor"] for p in (read_probes(proto) or [])}
     elem = {"fp32": onnx.TensorProto.FLOAT, "fp16": onnx.TensorProto.FLOAT16,
