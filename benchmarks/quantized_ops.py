@@ -13,12 +13,12 @@ import statistics
 import time
 
 import numpy as np
-import onnxruntime as ort
 from onnx import TensorProto as TP
 from onnx import helper as h
 from onnx import numpy_helper as nh
 
 from smlp_export.quantize.scheme import pack_unsigned, quantize
+from smlp_export.runners.ort_session import create_session
 
 RNG = np.random.default_rng(0)
 
@@ -26,9 +26,7 @@ RNG = np.random.default_rng(0)
 def _session(nodes, ins, outs, inits):
     m = h.make_model(h.make_graph(nodes, "g", ins, outs, inits),
                      opset_imports=[h.make_opsetid("", 18), h.make_opsetid("com.microsoft", 1)], ir_version=10)
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return create_session(m.SerializeToString(), intra_op_threads=1)
 
 
 def _ms(s, feeds, n=30) -> float:
