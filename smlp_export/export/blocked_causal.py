@@ -2,7 +2,7 @@
 
 Every spatial projection (dense gMLP blocks and the deterministic spatial MoE) is a MatMul whose
 left operand is causal, ``A = tril(W[..., :T, :T])`` [..., T, T], so half of a dense product
-multiplies zeros. ``block_causal_matmuls(model, n, block)`` rewrites, in the top-level graph,
+multiplies zeros. ``BlockCausalMatMul(n, block)`` (an onnxscript rewriter rule) rewrites, in the top-level graph,
 
     Y = MatMul(A, Z)                     A [..., T, T] lower-triangular, Z [..., T, X]
 into
@@ -22,80 +22,70 @@ Whether this pays is measured in ``benchmarks/cpu_real_shapes.py`` (docs/benchma
 from __future__ import annotations
 
 import numpy as np
-import onnx
-from onnx import helper, numpy_helper
+import onnx_ir as ir
+from onnxscript.rewriter import pattern
 
-from .optimize import _attr, _Graph, _is
+from .optimize import _GraphRule, is_zero_start_slice, top_level, tril_k_is_zero
+from .weights import ir_recipe
 
 
-def _is_causal(g: _Graph, name: str) -> bool:
-    """``name`` is a lower-triangular [..., T, T] matrix by construction (see the module doc)."""
-    p = g.producer.get(name)
-    if _is(p, "Trilu"):
-        k_zero = len(p.input) < 2 or not p.input[1] or (g.const(p.input[1]) is not None and int(g.const(p.input[1]).reshape(-1)[0]) == 0)
-        return _attr(p, "upper", 1) == 0 and k_zero
-    x = name
-    while _is(g.producer.get(x), "Slice"):
-        s = g.producer[x]
-        starts = g.const(s.input[1])
-        steps = g.const(s.input[4]) if len(s.input) > 4 and s.input[4] else None
-        if starts is None or np.any(starts != 0) or (steps is not None and np.any(steps != 1)):
-            return False
-        x = s.input[0]
-    if x == name or x not in g.init:
+def is_causal(a: ir.Value) -> bool:
+    """``a`` is a lower-triangular [..., T, T] matrix by construction (see the module doc)."""
+    p = a.producer()
+    if p is not None and p.op_type == "Trilu" and p.domain in ("", "ai.onnx"):
+        upper = p.attributes.get("upper")
+        return upper is not None and upper.value == 0 and tril_k_is_zero(p.inputs[1] if len(p.inputs) > 1 else None)
+    x = a
+    while x.producer() is not None and is_zero_start_slice(x.producer()):
+        x = x.producer().inputs[0]
+    if x is a or not x.is_initializer() or x.const_value is None:
         return False
-    from .weights import recipe_of
-
-    r = recipe_of(g.init[x])
+    dims = list(x.shape) if x.shape is not None else []
+    if len(dims) < 2 or dims[-1] != dims[-2]:
+        return False
+    r = ir_recipe(x.const_value)
     if r is not None:  # a low-memory export's placeholder: causal iff its recipe ends in a tril
-        dims = list(g.init[x].dims)
-        return bool(r.ops) and r.ops[-1] == ("tril",) and len(dims) >= 2 and dims[-1] == dims[-2]
-    w = numpy_helper.to_array(g.init[x])
-    return w.ndim >= 2 and w.shape[-1] == w.shape[-2] and not np.any(np.triu(w.astype(np.float32), 1))
+        return bool(r.ops) and r.ops[-1] == ("tril",)
+    return not np.any(np.triu(x.const_value.numpy().astype(np.float32), 1))
 
 
-def block_causal_matmuls(model: onnx.ModelProto, n: int, block: int) -> int:
-    """Rewrite every top-level MatMul with a causal left operand (in place); returns how many.
+class BlockCausalMatMul(_GraphRule):
+    """``MatMul(A, Z)`` with A causal -> ``Concat_i MatMul(A[iC:(i+1)C, :(i+1)C], Z[:(i+1)C])``."""
 
-    ``n``: max_seq_len (T <= n), ``block``: rows per block C. Nothing happens when C >= n."""
-    if block <= 0 or block >= n:
-        return 0
-    g = _Graph(model.graph)
-    k_blocks = -(-n // block)
-    consts: dict[str, onnx.TensorProto] = {}
+    def __init__(self, n: int, block: int) -> None:
+        self.n, self.block = n, block
+        self.made: set[str] = set()  # the row-block products this rule wrote: never split again
+        super().__init__(name=f"BlockCausalMatMul{block}")
 
-    def const(name: str, values: list[int]) -> str:
-        if name not in consts:
-            consts[name] = numpy_helper.from_array(np.asarray(values, dtype=np.int64), name)
-        return name
+    def pattern(self, op, a, z):
+        return op.MatMul(a, z, _outputs=["y"])
 
-    out_nodes: list[onnx.NodeProto] = []
-    done = 0
-    for node in model.graph.node:
-        if not (_is(node, "MatMul") and _is_causal(g, node.input[0])):
-            out_nodes.append(node)
-            continue
-        a, z, y = node.input[0], node.input[1], node.output[0]
+    def check(self, context, a, z, y):
+        self.graph = context.graph_or_function
+        return top_level(context) and y.name not in self.made and is_causal(a)
+
+    def rewrite(self, op, a, z, y):
         parts = []
-        for i in range(k_blocks):
-            lo, hi = i * block, (i + 1) * block
-            a_i, z_i, y_i = f"{y}.blk{i}.a", f"{y}.blk{i}.z", f"{y}.blk{i}"
-            out_nodes += [
-                helper.make_node("Slice", [a, const(f"causal_blk.{lo}_0", [lo, 0]),
-                                           const(f"causal_blk.{hi}_{hi}", [hi, hi]),
-                                           const("causal_blk.axes_rc", [-2, -1])], [a_i]),
-                helper.make_node("Slice", [z, const("causal_blk.0", [0]), const(f"causal_blk.{hi}", [hi]),
-                                           const("causal_blk.axis_r", [-2])], [z_i]),
-                helper.make_node("MatMul", [a_i, z_i], [y_i]),
-            ]
-            parts.append(y_i)
-        out_nodes.append(helper.make_node("Concat", parts, [y], axis=-2))
-        done += 1
-    if done:
-        del model.graph.node[:]
-        model.graph.node.extend(out_nodes)
-        model.graph.initializer.extend(sorted(consts.values(), key=lambda t: t.name))
-    return done
+        for i in range(-(-self.n // self.block)):
+            lo, hi = i * self.block, (i + 1) * self.block
+            a_i = op.Slice(a, self.ints(op, f"causal_blk.{lo}_0", [lo, 0]), self.ints(op, f"causal_blk.{hi}_{hi}", [hi, hi]),
+                           self.ints(op, "causal_blk.axes_rc", [-2, -1]), _outputs=[f"{y.name}.blk{i}.a"])
+            z_i = op.Slice(z, self.ints(op, "causal_blk.0", [0]), self.ints(op, f"causal_blk.{hi}", [hi]),
+                           self.ints(op, "causal_blk.axis_r", [-2]), _outputs=[f"{y.name}.blk{i}.z"])
+            parts.append(op.MatMul(a_i, z_i, _outputs=[f"{y.name}.blk{i}"]))
+            self.made.add(f"{y.name}.blk{i}")
+        return op.Concat(*parts, axis=-2)
+
+    def ints(self, op, name: str, values: list[int]) -> ir.Value:
+        return self.reuse(op, lambda: ir.tensor(np.asarray(values, dtype=np.int64), name=name), name)
+
+
+def causal_rules(n: int, block: int) -> pattern.RewriteRuleSet | None:
+    """The blocked-causal rule for max_seq_len ``n`` and ``block`` rows per block; None when
+    there is nothing to do (``block`` <= 0 or >= n)."""
+    if block <= 0 or block >= n:
+        return None
+    return pattern.RewriteRuleSet([BlockCausalMatMul.rule(n, block)])
 
 
 def default_block(n: int) -> int:
@@ -110,4 +100,4 @@ def default_block(n: int) -> int:
     return 256 if n >= 1024 else 0
 
 
-__all__ = ["block_causal_matmuls", "default_block"]
+__all__ = ["BlockCausalMatMul", "causal_rules", "default_block", "is_causal"]

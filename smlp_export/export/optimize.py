@@ -1,281 +1,191 @@
-"""Exact graph rewrites for the ``ort`` target: less work per run on ONNX Runtime's CPU provider.
+"""Exact graph rewrites for the ``ort`` target, as onnxscript rewriter rules on onnx_ir.
 
 The dynamo exporter writes what PyTorch does, every run: mask the causal spatial weights
 (``Slice -> Trilu``), GELU as five elementwise nodes (``Div -> Erf -> Add -> Mul -> Mul``; ONNX
 Runtime's own Gelu fusion does not match this operand order, measured: the Erf nodes stay), and
-``z.chunk(2)`` as a ``Split`` that copies the GELU output in two. ``optimize_ort`` rewrites, in the
+``z.chunk(2)`` as a ``Split`` that copies the GELU output in two. ``ORT_RULES`` rewrites, in the
 top-level graph, each of these to what gives the same numbers with less work:
 
 - ``Trilu(Slice*(W))`` with every Slice starting at 0 (step 1) and ``upper=0, k=0`` ->
-  ``Slice*(tril(W))``: the mask is applied once, at export, to a new constant (the top-left
-  corner of a lower-triangular matrix is the lower triangle of the corner);
-- the erf-GELU pattern -> one ``com.microsoft.Gelu`` (same formula, 0.5 x (1 + erf(x / sqrt 2)));
+  ``Slice*(tril(W))`` (``PremaskedWeight``): the mask is applied once, at export, to a new
+  initializer (``weights.ir_derive``: a placeholder's recipe grows by a ``tril`` step); the
+  top-left corner of a lower-triangular matrix is the lower triangle of the corner;
+- the erf-GELU pattern -> one ``com.microsoft.Gelu``: onnxscript's own rules
+  (``onnxscript.rewriter.ort_fusions.erfgelu`` / ``gelu``, every operand order), and
+  ``HalfPrecisionErfGelu`` for fp16 / bf16 graphs, whose rounded constants those never match;
 - ``Split(Gelu(MatMul(x, W) + b), 2, last axis)`` -> two ``MatMul(x, W_i) + b_i -> Gelu`` on the
-  column halves of W (split at export: GELU is elementwise, so no copy at run time).
+  column halves of W (``SplitGeluWeights``; split at export: GELU is elementwise, so no copy at
+  run time).
 
-Every rewrite checks its pattern fully (constant values, single consumers) and leaves anything
-else alone; names of new values are derived from the old ones, so the result is deterministic.
-Used by ``graph.build_onnx`` for the ``ort`` target only (``portable`` stays default-domain; the
-``tensorrt`` target is left as the exporter wrote it).
+Every rule checks its pattern fully (constant values, single consumers: the matcher refuses a
+match whose inner values are read elsewhere) and fires in the top-level graph only, as the
+exporter's graph is written there (``top_level``). Names of new values are derived from the old
+ones, so the result is deterministic.
 """
 from __future__ import annotations
 
 import math
 
 import numpy as np
-import onnx
-from onnx import helper, numpy_helper
+import onnx_ir as ir
+from onnxscript.rewriter import pattern
+from onnxscript.rewriter.ort_fusions import erfgelu, gelu
 
-from .weights import derive, is_lazy
+from .weights import ir_derive, ir_recipe
 
 MSFT_DOMAIN = "com.microsoft"
 
 
-class _Graph:
-    """Producer / consumer / constant look-ups over one GraphProto's top level."""
+def top_level(context) -> bool:
+    """The match lies in the model's top-level graph (not a Loop / If body)."""
+    return context.graph_or_function is context.model.graph
 
-    def __init__(self, g: onnx.GraphProto) -> None:
-        self.g = g
-        self.init = {t.name: t for t in g.initializer}
-        self.producer: dict[str, onnx.NodeProto] = {}
-        self.consumers: dict[str, list[onnx.NodeProto]] = {}
-        for n in g.node:
-            for o in n.output:
-                self.producer[o] = n
-            for i in _inputs_deep(n):
-                self.consumers.setdefault(i, []).append(n)
-        self.outputs = {o.name for o in g.output}
 
-    def const(self, name: str) -> np.ndarray | None:
-        if name in self.init:
-            # a placeholder weight (weights.py) has no data yet: never a known constant
-            return None if is_lazy(self.init[name]) else numpy_helper.to_array(self.init[name])
-        p = self.producer.get(name)
-        if p is not None and p.op_type == "Constant" and p.domain in ("", "ai.onnx"):
-            for a in p.attribute:
-                if a.name == "value":
-                    return numpy_helper.to_array(a.t)
+def const(v: ir.Value | None) -> np.ndarray | None:
+    """The value of a constant ``v`` (initializer or Constant node), None if unknown or a
+    placeholder weight (``weights.py``: it has no data yet)."""
+    if v is None:
         return None
-
-    def only_consumer(self, name: str) -> onnx.NodeProto | None:
-        """The single node reading ``name`` (None if several, none, or it is a graph output)."""
-        c = self.consumers.get(name, [])
-        return c[0] if len(c) == 1 and name not in self.outputs else None
+    t = ir.convenience.get_const_tensor(v)
+    return None if t is None or ir_recipe(t) is not None else t.numpy()
 
 
-def _inputs_deep(n: onnx.NodeProto):
-    """A node's inputs plus every outer-scope name its subgraphs read."""
-    yield from (i for i in n.input if i)
-    for a in n.attribute:
-        for sg in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-            for m in sg.node:
-                yield from _inputs_deep(m)
-
-
-def _attr(n: onnx.NodeProto, name: str, default=None):
-    for a in n.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
-
-
-def _key(n: onnx.NodeProto) -> str:
-    """A node's identity across passes (protobuf wrappers have no stable id): its first output."""
-    return n.output[0]
-
-
-def _same(a: onnx.NodeProto | None, b: onnx.NodeProto | None) -> bool:
-    return a is not None and b is not None and _key(a) == _key(b)
-
-
-def _is(n: onnx.NodeProto | None, op_type: str) -> bool:
-    return n is not None and n.op_type == op_type and n.domain in ("", "ai.onnx")
-
-
-def _scalar(g: _Graph, name: str, value: float) -> bool:
-    """``name`` is a one-element constant equal to ``value`` up to its dtype's rounding."""
-    c = g.const(name)
-    if c is None or c.size != 1 or c.dtype.kind not in "fiu":
+def is_zero_start_slice(node: ir.Node) -> bool:
+    """``node`` is a Slice whose starts are all 0 and steps (if given) all 1."""
+    if node.op_type != "Slice" or node.domain not in ("", "ai.onnx"):
         return False
-    if c.dtype.kind in "iu":
-        return float(c.reshape(-1)[0]) == value
-    rel = float(np.finfo(c.dtype).eps)  # fp16 sqrt(2) is 1.414 (half an ulp off), fp32 1.4142135
-    return math.isclose(float(c.reshape(-1)[0]), value, rel_tol=rel)
+    starts = const(node.inputs[1])
+    steps = const(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4] is not None else None
+    return starts is not None and not np.any(starts != 0) and (steps is None or not np.any(steps != 1))
 
 
-def _other(n: onnx.NodeProto, name: str) -> str:
-    """The other input of a binary node one of whose inputs is ``name``."""
-    return n.input[1] if n.input[0] == name else n.input[0]
+def tril_k_is_zero(k: ir.Value | None) -> bool:
+    """Trilu's optional ``k`` input is absent or a constant 0."""
+    if k is None:
+        return True
+    c = const(k)
+    return c is not None and c.size == 1 and float(c.reshape(-1)[0]) == 0.0
 
 
-def _premask_trilu(g: _Graph, new_init: list[onnx.TensorProto]) -> tuple[set[str], dict[str, str], dict[str, onnx.NodeProto]]:
-    drop: set[str] = set()
-    rename: dict[str, str] = {}
-    replace: dict[str, onnx.NodeProto] = {}
-    for n in g.g.node:
-        if not _is(n, "Trilu") or _attr(n, "upper", 1) != 0:
-            continue
-        if len(n.input) > 1 and n.input[1] and not _scalar(g, n.input[1], 0.0):
-            continue
-        chain, x = [], n.input[0]
-        while _is(g.producer.get(x), "Slice"):
-            s = g.producer[x]
-            starts = g.const(s.input[1])
-            steps = g.const(s.input[4]) if len(s.input) > 4 and s.input[4] else None
-            if starts is None or np.any(starts != 0) or (steps is not None and np.any(steps != 1)):
-                break
-            if g.only_consumer(x) is None:
-                break
-            chain.append(s)
-            x = s.input[0]
-        if not chain or x not in g.init:
-            continue
-        if len(g.init[x].dims) < 2:
-            continue
-        masked = derive(g.init[x], f"{x}.tril", "tril")
-        if masked.name not in {t.name for t in new_init}:
-            new_init.append(masked)
-        first = chain[-1]
-        new_first = onnx.NodeProto()
-        new_first.CopyFrom(first)
-        new_first.input[0] = masked.name
-        replace[_key(first)] = new_first
-        drop.add(_key(n))
-        rename[n.output[0]] = n.input[0]
-    return drop, rename, replace
+class _GraphRule(pattern.RewriteRuleClassBase):
+    """A rule that may reuse the initializers of the graph it rewrites (``self.graph``)."""
+
+    graph: ir.Graph
+
+    def reuse(self, op, tensor_fn, name: str) -> ir.Value:
+        """The initializer ``name``: the graph's own if it has one (the exporter shares identical
+        weights between blocks) or this replacement made it already, else a new one made from
+        ``tensor_fn()``."""
+        if name in self.graph.initializers:
+            return self.graph.initializers[name]
+        made = self.__dict__.setdefault("_made", {})
+        if made.get("op") is not op:  # a new replacement: op is its TapeBuilder
+            made.clear()
+            made["op"] = op
+        if name not in made:
+            made[name] = op.initializer(tensor_fn(), name)
+        return made[name]
 
 
-def _match_erf_gelu(g: _Graph, erf: onnx.NodeProto):
-    """(x, nodes to drop, last node) of 0.5 * (1 + erf(x / sqrt2)) * x in any operand order."""
-    scale = g.producer.get(erf.input[0])
-    if _is(scale, "Div") and _scalar(g, scale.input[1], math.sqrt(2)):
-        x = scale.input[0]
-    elif _is(scale, "Mul") and (_scalar(g, scale.input[1], 1 / math.sqrt(2)) or _scalar(g, scale.input[0], 1 / math.sqrt(2))):
-        x = scale.input[0] if _scalar(g, scale.input[1], 1 / math.sqrt(2)) else scale.input[1]
-    else:
-        return None
-    if not _same(g.only_consumer(scale.output[0]), erf):
-        return None
-    add = g.only_consumer(erf.output[0])
-    if not _is(add, "Add") or not _scalar(g, _other(add, erf.output[0]), 1.0):
-        return None
-    m1 = g.only_consumer(add.output[0])
-    if not _is(m1, "Mul"):
-        return None
-    m2 = g.only_consumer(m1.output[0])
-    if _scalar(g, _other(m1, add.output[0]), 0.5):  # (0.5 * (1 + erf)) * x
-        if not _is(m2, "Mul") or _other(m2, m1.output[0]) != x:
-            return None
-    elif _other(m1, add.output[0]) == x:  # (x * (1 + erf)) * 0.5
-        if not _is(m2, "Mul") or not _scalar(g, _other(m2, m1.output[0]), 0.5):
-            return None
-    else:
-        return None
-    return x, [scale, erf, add, m1], m2
+class PremaskedWeight(_GraphRule):
+    """``Trilu(Slice^depth(W), upper=0, k=0)`` of an initializer W, every Slice zero-start and
+    unit-step -> ``Slice^depth(W.tril)``, the same Slices (``depth`` = 1, 2, 3: the exporter slices
+    each of the last two axes, one Slice each or one for both)."""
+
+    def __init__(self, depth: int) -> None:
+        self.depth = depth
+        super().__init__(name=f"PremaskedWeight{depth}")
+
+    def pattern(self, op, w):
+        x = w
+        for i in range(self.depth):
+            x = op.Slice(x, _allow_other_inputs=True, _outputs=[f"s{i}"])
+        return op.Trilu(x, _allow_other_inputs=True, upper=0, _outputs=["masked"])
+
+    def check(self, context, w, masked, **slices):
+        self.graph = context.graph_or_function
+        trilu = masked.producer()
+        return (top_level(context) and w.is_initializer() and w.const_value is not None and w.shape is not None
+                and len(w.shape) >= 2 and tril_k_is_zero(trilu.inputs[1] if len(trilu.inputs) > 1 else None)
+                and all(is_zero_start_slice(slices[f"s{i}"].producer()) for i in range(self.depth)))
+
+    def rewrite(self, op, w, masked, **slices):
+        name = f"{w.name}.tril"
+        x = self.reuse(op, lambda: ir_derive(w.const_value, name, "tril"), name)
+        for i in range(self.depth):
+            s = slices[f"s{i}"]
+            x = op.Slice(x, *s.producer().inputs[1:], _outputs=[s.name] if i < self.depth - 1 else 1)
+            x.type, x.shape = s.type, s.shape
+        return x
 
 
-def _fuse_gelu(g: _Graph) -> tuple[set[str], dict[str, onnx.NodeProto]]:
-    drop: set[str] = set()
-    replace: dict[str, onnx.NodeProto] = {}
-    for n in g.g.node:
-        if not _is(n, "Erf"):
-            continue
-        m = _match_erf_gelu(g, n)
-        if m is None:
-            continue
-        x, dead, last = m
-        drop |= {_key(d) for d in dead}
-        replace[_key(last)] = helper.make_node("Gelu", [x], list(last.output), domain=MSFT_DOMAIN)
-    return drop, replace
+class SplitGeluWeights(_GraphRule):
+    """``Split(Gelu(MatMul(x, W) + b), 2, last axis)`` -> two half-width chains (W, b split at export)."""
+
+    def pattern(self, op, x, w, b, axis):
+        z = op.Gelu(op.Add(op.MatMul(x, w), b), _domain=MSFT_DOMAIN)
+        return op.Split(z, axis=axis, _outputs=["z0", "z1"])
+
+    def check(self, context, x, w, b, axis, z0, z1, **_):
+        self.graph = context.graph_or_function
+        if not (top_level(context) and w.is_initializer() and b.is_initializer()):
+            return False
+        out = w.shape[-1] if w.shape is not None and len(w.shape) == 2 else None
+        # dims only: either may be a placeholder
+        return (isinstance(out, int) and out % 2 == 0 and b.shape is not None and list(b.shape) == [out]
+                and axis.value in (-1, 2))
+
+    def rewrite(self, op, x, w, b, axis, z0, z1, **_):
+        h = w.shape[-1] // 2
+        outs = []
+        for i, z in enumerate((z0, z1)):
+            wn, bn = f"{w.name}.part{i}", f"{b.name}.part{i}"
+            wi = self.reuse(op, lambda: ir_derive(w.const_value, wn, "slice", 1, i * h, (i + 1) * h), wn)
+            bi = self.reuse(op, lambda: ir_derive(b.const_value, bn, "slice", 0, i * h, (i + 1) * h), bn)
+            mm = op.MatMul(x, wi, _outputs=[f"{z.name}.mm"])
+            pre = op.Add(mm, bi, _outputs=[f"{z.name}.pre"])
+            outs.append(op.Gelu(pre, _domain=MSFT_DOMAIN))
+        return outs
 
 
-def _split_weights(g: _Graph, new_init: list[onnx.TensorProto]) -> tuple[set[str], dict[str, list[onnx.NodeProto]]]:
-    """Split(Gelu(MatMul(x, W) + b)) into two half-width chains (W, b split at export)."""
-    drop: set[str] = set()
-    expand: dict[str, list[onnx.NodeProto]] = {}
-    for n in g.g.node:
-        if not _is(n, "Split") or len(n.output) != 2 or (len(n.input) > 1 and n.input[1]):
-            continue
-        gelu = g.producer.get(n.input[0])
-        if gelu is None or (gelu.domain, gelu.op_type) != (MSFT_DOMAIN, "Gelu") or not _same(g.only_consumer(gelu.output[0]), n):
-            continue
-        add = g.producer.get(gelu.input[0])
-        if not _is(add, "Add") or not _same(g.only_consumer(add.output[0]), gelu):
-            continue
-        mm_out = next((i for i in add.input if _is(g.producer.get(i), "MatMul")), None)
-        if mm_out is None or not _same(g.only_consumer(mm_out), add):
-            continue
-        b_name, mm = _other(add, mm_out), g.producer[mm_out]
-        if b_name not in g.init or mm.input[1] not in g.init:
-            continue
-        w, b = g.init[mm.input[1]], g.init[b_name]  # dims only: either may be a placeholder
-        out = w.dims[-1] if w.dims else 0
-        if len(w.dims) != 2 or list(b.dims) != [out] or out % 2 or _attr(n, "axis", 0) not in (-1, 2):
-            continue
-        h = out // 2
-        nodes = []
-        for i, z in enumerate(n.output):
-            wi = derive(w, f"{mm.input[1]}.part{i}", "slice", 1, i * h, (i + 1) * h)
-            bi = derive(b, f"{b_name}.part{i}", "slice", 0, i * h, (i + 1) * h)
-            # the exporter shares identical initializers between blocks: add each split once
-            new_init += [t for t in (wi, bi) if t.name not in {u.name for u in new_init}]
-            nodes += [helper.make_node("MatMul", [mm.input[0], wi.name], [f"{z}.mm"]),
-                      helper.make_node("Add", [f"{z}.mm", bi.name], [f"{z}.pre"]),
-                      helper.make_node("Gelu", [f"{z}.pre"], [z], domain=MSFT_DOMAIN)]
-        drop |= {_key(mm), _key(add), _key(gelu)}
-        expand[_key(n)] = nodes
-    return drop, expand
+class HalfPrecisionErfGelu(pattern.RewriteRuleClassBase):
+    """The erf GELU in float16 / bfloat16 -> ``com.microsoft.Gelu``. onnxscript's rules match
+    their constants to a relative 1e-5, which a half-precision sqrt(2) (1.414, half an ulp off)
+    never meets; here each constant matches up to its own dtype's rounding. ``form`` 0:
+    ``x * ((erf(x / sqrt2) + 1) * 0.5)`` (what the exporter writes), 1: ``(x * (erf + 1)) * 0.5``."""
+
+    def __init__(self, form: int) -> None:
+        self.form = form
+        super().__init__(name=f"HalfPrecisionErfGelu{form}")
+
+    def pattern(self, op, x, sqrt2, one, half):
+        e = op.Add(op.Erf(op.Div(x, sqrt2)), one)
+        return op.Mul(x, op.Mul(e, half)) if self.form == 0 else op.Mul(op.Mul(x, e), half)
+
+    def check(self, context, x, sqrt2, one, half, **_):
+        if not top_level(context) or x.dtype not in (ir.DataType.FLOAT16, ir.DataType.BFLOAT16):
+            return False
+        eps = float(np.finfo(np.float16).eps) if x.dtype == ir.DataType.FLOAT16 else 2.0 ** -7
+        return all(_scalar(v, want, eps) for v, want in ((sqrt2, math.sqrt(2)), (one, 1.0), (half, 0.5)))
+
+    def rewrite(self, op, x, **_):
+        return op.Gelu(x, _domain=MSFT_DOMAIN)
 
 
-def _apply(model: onnx.ModelProto, drop: set[str], replace: dict[str, list[onnx.NodeProto]],
-           rename: dict[str, str], new_init: list[onnx.TensorProto]) -> None:
-    g = model.graph
-    nodes: list[onnx.NodeProto] = []
-    for n in g.node:
-        if _key(n) in drop:
-            continue
-        nodes += replace.get(_key(n), [n])
-    del g.node[:]
-    g.node.extend(nodes)
-    g.initializer.extend(new_init)
-    if rename:
-        def resolve(x: str) -> str:
-            while x in rename:
-                x = rename[x]
-            return x
-
-        def fix(graph: onnx.GraphProto) -> None:
-            for n in graph.node:
-                for k, i in enumerate(n.input):
-                    n.input[k] = resolve(i)
-                for a in n.attribute:
-                    for sg in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-                        fix(sg)
-        fix(g)
-    # drop initializers nothing reads any more, and value_info of values no longer produced
-    used = {i for n in g.node for i in _inputs_deep(n)} | {o.name for o in g.output}
-    keep = [t for t in g.initializer if t.name in used]
-    del g.initializer[:]
-    g.initializer.extend(keep)
-    produced = {o for n in g.node for o in n.output} | {i.name for i in g.input}
-    vi = [v for v in g.value_info if v.name in produced]
-    del g.value_info[:]
-    g.value_info.extend(vi)
-    if any(n.domain == MSFT_DOMAIN for n in g.node) and not any(o.domain == MSFT_DOMAIN for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(MSFT_DOMAIN, 1))
+def _scalar(v: ir.Value, value: float, rel: float) -> bool:
+    """``v`` is a one-element constant equal to ``value`` up to a relative ``rel``."""
+    c = const(v)
+    return c is not None and c.size == 1 and math.isclose(float(c.reshape(-1)[0]), value, rel_tol=rel)
 
 
-def optimize_ort(model: onnx.ModelProto) -> dict[str, int]:
-    """Rewrite ``model`` in place (see the module docstring); returns how many of each were done."""
-    new_init: list[onnx.TensorProto] = []
-    drop, rename, replace = _premask_trilu(_Graph(model.graph), new_init)
-    _apply(model, drop, {k: [v] for k, v in replace.items()}, rename, new_init)
-    counts = {"trilu_premasked": len(drop)}
-    drop, replace = _fuse_gelu(_Graph(model.graph))
-    _apply(model, drop, {k: [v] for k, v in replace.items()}, {}, [])
-    counts["gelu_fused"] = len(replace)
-    new_init = []
-    drop, expand = _split_weights(_Graph(model.graph), new_init)
-    _apply(model, drop, expand, {}, new_init)
-    counts["split_weights"] = len(expand)
-    return counts
+# deepest first: a chain of two Slices must not be matched as one Slice of a non-weight
+PREMASK_RULES = pattern.RewriteRuleSet([PremaskedWeight.rule(d) for d in (3, 2, 1)])
+# onnxscript ships the erf-GELU fusion (0.5 x (1 + erf(x / sqrt 2)) -> com.microsoft.Gelu); its
+# constants match fp32 only, so half precision has its own rule
+GELU_RULES = pattern.RewriteRuleSet([*erfgelu.rules.rules, gelu.GeluErfFusion.rule(),
+                                     HalfPrecisionErfGelu.rule(0), HalfPrecisionErfGelu.rule(1)], commute=True)
+SPLIT_RULES = pattern.RewriteRuleSet([SplitGeluWeights.rule()], commute=True)
+ORT_RULES = (PREMASK_RULES, GELU_RULES, SPLIT_RULES)  # in this order: each needs the one before
+
+__all__ = ["ORT_RULES", "PREMASK_RULES", "GELU_RULES", "SPLIT_RULES", "PremaskedWeight", "HalfPrecisionErfGelu",
+           "SplitGeluWeights", "top_level", "const", "is_zero_start_slice", "tril_k_is_zero"]

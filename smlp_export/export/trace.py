@@ -103,14 +103,14 @@ def finish(proto: onnx.ModelProto, model, *, target: str, dtype: str, opset: int
     none)."""
     elem = onnx_elem_type(dtype)
     if rewrites is not None:
-        rewrites.before_inline(proto, elem=elem, opset=opset)
+        proto = rewrites.before_inline(proto, elem=elem, opset=opset)
     ops = {n.op_type for g in _all_graphs(proto.graph) for n in g.node if n.domain == contract.DOMAIN}
     proto.functions.extend(functions_for(model.config, elem=elem, opset=opset, op_types=ops, unroll=unroll_experts))
     if target in ("ort", "portable"):
         proto = onnx.inliner.inline_local_functions(proto)
         del proto.functions[:]
     if rewrites is not None:
-        rewrites.after_inline(proto)
+        proto = rewrites.after_inline(proto)
     _drop_unused_opsets(proto)
     from .probes import attach_probes, find_probes
 

@@ -472,11 +472,18 @@ def to_ir(proto: onnx.ModelProto):
     return ir.serde.deserialize_model(proto)
 
 
-def from_ir(model) -> onnx.ModelProto:
-    """The ``ModelProto`` of a ``to_ir`` model, its placeholders recipe-carrying again."""
+def from_ir(model, value_info: set[str] | None = None) -> onnx.ModelProto:
+    """The ``ModelProto`` of a ``to_ir`` model, its placeholders recipe-carrying again.
+    ``value_info``: keep the top-level value_info of these node outputs only (onnx_ir writes one
+    for every typed value, initializers included)."""
     import onnx_ir as ir
 
     proto = ir.serde.serialize_model(model)
+    if value_info is not None:
+        produced = {o for n in proto.graph.node for o in n.output}
+        keep = [v for v in proto.graph.value_info if v.name in value_info and v.name in produced]
+        del proto.graph.value_info[:]
+        proto.graph.value_info.extend(keep)
     prefix = LAZY_LOCATION + "/"
     for g in _all_graphs(proto.graph):
         for t in g.initializer:
