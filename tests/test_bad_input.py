@@ -233,7 +233,7 @@ def trained(tmp_path_factory):
 
 
 @pytest.mark.parametrize("defect, message", [
-    ("evil", "cannot load with weights_only=True: it holds a Python object"),
+    ("evil", "cannot load with weights_only=True: it holds a forbidden global object, a Python object"),
     ("garbage", "not a torch.save file, or corrupt"),
     ("keys", r"not a trainer state \(missing rng"),
     ("config", "saved for a different model config"),
