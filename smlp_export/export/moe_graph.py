@@ -153,8 +153,14 @@ def expert_loop(b: GraphBuilder, rows: str, offsets: str, n_experts: str, *, ele
         [helper.make_tensor_value_info(cond, TensorProto.BOOL, []),
          helper.make_tensor_value_info(acc, elem, None)],
     )
-    zeros = b.op("ConstantOfShape", b.op("Concat", b.dim(rows, 0), width, axis=0),
-                 value=helper.make_tensor("v", elem, [1], [0]))
+    shape = b.op("Concat", b.dim(rows, 0), width, axis=0)
+    zero = helper.make_tensor("v", elem, [1], [0])
+    if elem == TensorProto.BFLOAT16:
+        # ConstantOfShape outputs bfloat16 only from opset 20; the graphs are opset 18 by default,
+        # so a bf16 zero tensor is a broadcast (Expand takes bfloat16 since opset 13).
+        zeros = b.op("Expand", b.op("Constant", value=zero), shape)
+    else:
+        zeros = b.op("ConstantOfShape", shape, value=zero)
     true = b.op("Constant", value=helper.make_tensor("v", TensorProto.BOOL, [], [True]))
     return b.op("Loop", b.op("Squeeze", n_experts), true, zeros, body=graph)
 
