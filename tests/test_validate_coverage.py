@@ -25,6 +25,10 @@ def _scale_init(path, name: str, fn) -> None:
 
 def _copy(src, dst):
     shutil.copytree(src, dst)
+    # the manifest records its checkpoint relative to the export ("../ck"): keep it reachable
+    ck = src.parent / "ck"
+    if ck.exists() and not (dst.parent / "ck").exists():
+        (dst.parent / "ck").symlink_to(ck)
     (dst / "parity.json").unlink(missing_ok=True)
     return dst
 
