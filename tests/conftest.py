@@ -74,3 +74,21 @@ def mixing_model(seed: int = 0, **overrides) -> SMLPForCausalLM:
             if name.endswith("spatial.weight") or name.endswith("smoe.weight"):
                 p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
     return m
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of the real `smlp` entry point."""
+    from smlp_cli.main import main
+
+    with pytest.raises(SystemExit) as e:
+        main([str(a) for a in argv])
+        raise SystemExit(0)
+    got = capsys.readouterr()
+    return e.value.code, got.out, got.err
+
+
+def one_error_line(err: str) -> str:
+    """The single `error: ...` line a refused command prints (no traceback, nothing else)."""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    return lines[0]

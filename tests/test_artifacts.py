@@ -10,13 +10,13 @@ from pathlib import Path
 import onnx
 import pytest
 
-from smlp_cli.main import main
 from smlp_export import save_checkpoint
 from smlp_export.artifacts import (DECODE_FILE, MANIFEST_FILE, MODEL_FILE, PARITY_FILE, Manifest,
                                    checkpoint_of_export)
 from smlp_export.errors import CheckpointError, InputError
 
-from .conftest import micro_model, rehash_manifest
+from .conftest import micro_model, rehash_manifest, run_cli
+from .conftest import one_error_line as one_line
 
 
 @pytest.fixture(scope="module")
@@ -36,20 +36,6 @@ def out(exported, tmp_path) -> Path:
     shutil.copytree(exported / "out", tmp_path / "out")
     (tmp_path / "ckpt").symlink_to(exported / "ckpt")
     return tmp_path / "out"
-
-
-def run_cli(capsys, *argv) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as e:
-        main([str(a) for a in argv])
-        raise SystemExit(0)
-    got = capsys.readouterr()
-    return e.value.code, got.out, got.err
-
-
-def one_line(err: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
-    return lines[0]
 
 
 def edit_manifest(out: Path, change) -> None:

@@ -11,26 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from smlp_cli.main import main
 from smlp_export import fsutil, save_checkpoint
 from smlp_export.errors import SMLPError
 
-from .conftest import micro_model
-
-
-def run_cli(capsys, *argv):
-    """(exit code, stdout, stderr) of the real entry point."""
-    with pytest.raises(SystemExit) as e:
-        main([str(a) for a in argv])
-        raise SystemExit(0)
-    out = capsys.readouterr()
-    return e.value.code, out.out, out.err
-
-
-def one_error_line(err: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    return lines[0]
+from .conftest import micro_model, one_error_line, run_cli
 
 
 def tree(d: Path) -> dict[str, bytes]:
