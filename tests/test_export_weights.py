@@ -160,3 +160,29 @@ def test_config_that_does_not_match_the_weights_is_refused(ckpt: Path, tmp_path:
     with pytest.raises(CheckpointError, match="config does not match the weights"):
         export_model(d, tmp_path / "out", target="ort", validate=False)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_source_reads_what_safetensors_reads(model, tmp_path: Path, dtype) -> None:
+    """SafetensorsSource reads byte ranges itself (no mapping): every tensor equals safe_open's."""
+    from safetensors import safe_open
+
+    d = tmp_path / "ck"
+    save_checkpoint(model, d, dtype=dtype)
+    src = weights.SafetensorsSource(d / "model.safetensors")
+    with safe_open(str(d / "model.safetensors"), framework="pt") as f:
+        assert src.keys() == sorted(f.keys())
+        for k in src.keys():
+            want, got = f.get_tensor(k), src.get(k)
+            assert got.dtype == want.dtype and got.shape == want.shape and torch.equal(got, want), k
+
+
+def test_a_truncated_weights_file_is_named(model, tmp_path: Path) -> None:
+    d = tmp_path / "ck"
+    save_checkpoint(model, d)
+    wpath = d / "model.safetensors"
+    src = weights.SafetensorsSource(wpath)
+    last = max(src.keys(), key=lambda k: src._entries[k][2][1])  # the tensor at the file's end
+    wpath.write_bytes(wpath.read_bytes()[:-8])
+    with pytest.raises(ValueError, match=f"tensor '{last}': file ends after"):
+        src.get(last)

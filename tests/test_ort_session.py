@@ -137,3 +137,29 @@ def test_a_model_onnxruntime_cannot_load_is_one_line(tmp_path):
     with pytest.raises(SMLPError, match=f"onnxruntime cannot load {bad}: ") as e:
         create_session(bad)
     assert "\n" not in str(e.value)
+
+
+def _gather_model() -> onnx.ModelProto:
+    """y = x + Gather(w, 1): ORT's ConstantFolding turns Gather(initializer, constant) into a new initializer."""
+    w = numpy_helper.from_array(np.arange(12, dtype=np.float32).reshape(3, 4), "w")
+    i = numpy_helper.from_array(np.array(1, dtype=np.int64), "i")
+    g = helper.make_graph([helper.make_node("Gather", ["w", "i"], ["row"]), helper.make_node("Add", ["x", "row"], ["y"])],
+                          "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])], [w, i])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+
+
+@pytest.mark.parametrize("large", [False, True])
+def test_large_model_options_keep_one_copy_of_the_weights(tmp_path, large):
+    """LARGE_MODEL_OPTIONS: no constant folding (Gather stays a node), no arena, no prepacking; same result."""
+    from smlp_export.runners.ort_session import LARGE_MODEL_OPTIONS
+
+    opt = tmp_path / "optimized.onnx"
+    kw = dict(LARGE_MODEL_OPTIONS) if large else {}
+    s = create_session(_gather_model().SerializeToString(), optimized_model_path=opt,
+                       **kw)
+    np.testing.assert_array_equal(s.run(None, {"x": np.zeros(4, np.float32)})[0], [4, 5, 6, 7])
+    ops = [n.op_type for n in onnx.load(str(opt)).graph.node]
+    assert ("Gather" in ops) == large
+    so = session_options(**{k: v for k, v in kw.items() if k != "constant_folding"})
+    assert so.enable_cpu_mem_arena == (not large)

@@ -49,3 +49,23 @@ def test_row_cache_replays_rows_of_an_earlier_batch() -> None:
         np.testing.assert_allclose(picked[k], ref.run(ids[[4, 1]])[k], rtol=1e-5, atol=1e-6)
     cache.run(np.concatenate([ids[:1], ids[:1] + 1]))  # one row never seen: a real pass
     assert inner.calls == 2
+
+
+def test_token_experts_stay_half_during_the_call(tmp_path) -> None:
+    """A half checkpoint's tMoE weights are not widened as a whole (E x 2 x f x d float32 at once):
+    they stay in the file's dtype and ops.grouped_expert_ffn widens one expert at a time."""
+    d = tmp_path / "ck"
+    save_checkpoint(micro_model(seed=3), d, dtype=torch.float16)
+    model = streamed_reference(d)
+    seen: dict[str, torch.dtype] = {}
+    for name, mod in model.named_modules():
+        if name.endswith("tmoe"):
+            mod.register_forward_pre_hook(lambda m, a, name=name: seen.update({name: None if m.w1.is_meta else m.w1.dtype}))
+        elif name.endswith("norm"):
+            mod.register_forward_pre_hook(lambda m, a, name=name: seen.update({name: m.weight.dtype}))
+    runner = TorchRunner(model)
+    runner.load()
+    runner.run(np.random.default_rng(2).integers(0, 257, size=(2, 9)))
+    tm = {k: v for k, v in seen.items() if k.endswith("tmoe")}
+    assert tm and set(tm.values()) == {torch.float16}
+    assert {v for k, v in seen.items() if k.endswith("norm")} == {torch.float32}

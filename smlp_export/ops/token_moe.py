@@ -53,8 +53,10 @@ def grouped_expert_ffn(
         if bounds[e] == bounds[e + 1]:  # an expert that gets no token costs nothing
             continue
         rows = x_sorted[bounds[e]:bounds[e + 1]]
-        h = activation_fn(activation, F.linear(rows, w1[e], b1[e]))
-        pieces.append(F.linear(h, w2[e], b2[e]))
+        # .to: no-op for weights in the input's dtype; validation's streamed reference keeps the
+        # experts in their storage dtype and widens one expert at a time (validate/streamed.py)
+        h = activation_fn(activation, F.linear(rows, w1[e].to(rows.dtype), b1[e].to(rows.dtype)))
+        pieces.append(F.linear(h, w2[e].to(rows.dtype), b2[e].to(rows.dtype)))
     y_sorted = torch.cat(pieces, 0) if pieces else hidden.new_zeros(0, d)
     y_sorted = y_sorted * gates.reshape(-1)[order].unsqueeze(-1).to(y_sorted.dtype)
     out = hidden.new_zeros(N, d)

@@ -15,7 +15,7 @@ import numpy as np
 from smlp_export.artifacts import MODEL_FILE
 
 from .base import Runner, RunnerUnavailable
-from .ort_session import create_session
+from .ort_session import LARGE_MODEL_OPTIONS, create_session
 
 
 def ort_version() -> str:
@@ -55,7 +55,7 @@ class OrtRunner(Runner):
     def __init__(self, path: str | os.PathLike, *, providers: Sequence[str] | None = None,
                  intra_op_threads: int | None = None, inter_op_threads: int = 1,
                  graph_optimization: str = "all", session_config: dict[str, str] | None = None,
-                 prepacking: bool = True, profile_prefix: str | None = None):
+                 large_model: bool = False, profile_prefix: str | None = None):
         self.path = resolve_onnx(path)
         self.providers = list(providers or ["CPUExecutionProvider"])
         self.intra_op_threads = intra_op_threads or len(os.sched_getaffinity(0))
@@ -65,8 +65,8 @@ class OrtRunner(Runner):
 
         # further SessionOptions config entries
         self.session_config = {**ORT_EXACT_SESSION_CONFIG, **(session_config or {})}
-        # False for large models: no second, prepacked copy of every weight
-        self.prepacking = prepacking
+        # external-data models: no second copy of the weights (ort_session.LARGE_MODEL_OPTIONS)
+        self.large_model = large_model
         self.profile_prefix = profile_prefix  # ORT's profiler on: end_profiling() returns the trace
         self.session: Any = None
         self._output_types: dict[str, str] = {}
@@ -82,7 +82,8 @@ class OrtRunner(Runner):
         self.session = create_session(self.path, providers=self.providers, intra_op_threads=self.intra_op_threads,
                                       inter_op_threads=self.inter_op_threads, sequential=True,
                                       graph_optimization=self.graph_optimization, config=self.session_config,
-                                      prepacking=self.prepacking, profile_prefix=self.profile_prefix)
+                                      profile_prefix=self.profile_prefix,
+                                      **(LARGE_MODEL_OPTIONS if self.large_model else {}))
         self._output_types = {o.name: o.type for o in self.session.get_outputs()}
 
     def end_profiling(self) -> str:
@@ -103,7 +104,7 @@ class OrtRunner(Runner):
                 "providers": self.session.get_providers() if self.session is not None else None,
                 "intra_op_threads": self.intra_op_threads, "inter_op_threads": self.inter_op_threads,
                 "execution_mode": "sequential", "graph_optimization": self.graph_optimization,
-                "session_config": self.session_config, "prepacking": self.prepacking,
+                "session_config": self.session_config, "large_model_options": LARGE_MODEL_OPTIONS if self.large_model else None,
                 "output_types": self._output_types}
 
     def close(self) -> None:

@@ -160,8 +160,8 @@ def _make_backend(backend: str, onnx_path: Path, providers: list[str] | None, en
     if backend == "tensorrt" and engine:
         kwargs["engine"] = engine
     if backend == "ort" and (onnx_path.parent / f"{onnx_path.name}.data").is_file():
-        # a large (external-data) model: no prepacked second copy of the weights (docs/export.md)
-        kwargs["prepacking"] = False
+        # a large (external-data) model: no second copy of the weights (docs/export.md)
+        kwargs["large_model"] = True
     runner = get_runner(backend, onnx_path, **kwargs)
     try:
         runner.load()

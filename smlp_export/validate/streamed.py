@@ -4,10 +4,12 @@ Validation used to hold the checkpoint twice at once (the float32 PyTorch model 
 Runtime session): 3.3x the weight bytes at 372 M parameters, an OOM kill at 3.5 B. Here the
 reference is ``SMLPForCausalLM`` on the meta device; a forward pre-hook on every module that owns
 parameters (embedding, LayerNorms, Linears, the tMoE / sMoE / spatial layers) reads that module's
-tensors from the checkpoint (``export.weights.open_checkpoint``'s source: one ``safe_open`` per
-tensor, so no mapping keeps the file resident), casts them to float32, and the post-hook puts the
-meta tensors back. At most one module's float32 weights exist at a time (the largest is a sparse
-block's tMoE: 2 x E x f_t x d), so the reference adds about that to the session's 1x.
+tensors from the checkpoint (``export.weights.open_checkpoint``'s source: plain reads of each
+tensor's byte range, no mapping), casts them to float32, and the post-hook puts the meta tensors
+back. The token experts are the exception: they stay in the checkpoint's dtype and
+``ops.grouped_expert_ffn`` widens one expert at a time (same values), so a sparse block's tMoE call
+holds its 2 x E x f_t x d weights at the file's width, not float32. The reference adds at most that
+one module to the session's 1x.
 
 The values are those of ``load_checkpoint(path).float()`` exactly (each tensor cast alone); every
 forward reads the weights again from the page cache, the price of the memory bound.
@@ -46,10 +48,15 @@ def streamed_reference(path: Any):
 def _attach(mod, prefix: str, names: list[str], source, torch) -> None:
     metas = {n: getattr(mod, n) for n in names}
 
+    # The token experts stay in their storage dtype: ops.grouped_expert_ffn widens one expert at a
+    # time (the same float32 values), so a tMoE call holds E x 2 x f x d half values, not float32 ones.
+    narrow = {"w1", "b1", "w2", "b2"} if type(mod).__name__ == "TokenMoE" else set()
+
     def load(m, args):
         for n in names:
             key = f"{prefix}.{n}" if prefix else n
-            m._parameters[n] = torch.nn.Parameter(source.get(key).float(), requires_grad=False)
+            t = source.get(key)
+            m._parameters[n] = torch.nn.Parameter(t if n in narrow else t.float(), requires_grad=False)
 
     def unload(m, args, out):
         for n in names:

@@ -108,7 +108,7 @@ def verify(export_dir: Path, model, missing: dict[str, list[int]], tol, dtype: s
 
     from smlp_export.artifacts import MODEL_FILE
     from smlp_export.export.probes import read_probes
-    from smlp_export.runners.ort_session import create_session
+    from smlp_export.runners.ort_session import LARGE_MODEL_OPTIONS, create_session
 
     src = export_dir / MODEL_FILE
     proto = onnx.load(str(src), load_external_data=False)  # weights stay on disk
@@ -140,7 +140,7 @@ def verify(export_dir: Path, model, missing: dict[str, list[int]], tol, dtype: s
         path = export_dir / f".unreached-{i}.smlp-{os.getpid()}.onnx"
         onnx.save_model(sub, str(path))
         try:
-            sess = create_session(path, providers=providers, prepacking=False)
+            sess = create_session(path, providers=providers, **LARGE_MODEL_OPTIONS)
             feeds_of = {i.name for i in sess.get_inputs()}
             tmoe = model.blocks[i].tmoe
             centroids = _tensor(model, f"blocks.{i}.tmoe.centroids")
