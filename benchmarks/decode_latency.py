@@ -33,6 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common  # noqa: E402
+from smlp_export.artifacts import MODEL_FILE  # noqa: E402
 
 
 def scatter_inplace_check(threads: int, rows: int = 2048, channels: int = 2048) -> dict:
@@ -118,7 +119,7 @@ def main() -> None:
     export_model(model, tmp / "out", target="ort", validate=False, decode=True, force=True)
     out = tmp / "out"
 
-    full_sess = create_session(out / "model.onnx", intra_op_threads=threads)
+    full_sess = create_session(out / MODEL_FILE, intra_op_threads=threads)
     dec = OrtDecoder(out, threads=threads)
     dec.bind(1)
     dec.step_bound(ids, 0)  # fill every state row once (see module docstring)

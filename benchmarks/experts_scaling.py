@@ -22,6 +22,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import _common  # noqa: E402
+from smlp_export.artifacts import MODEL_FILE  # noqa: E402
 
 GOAL_RATIO = 1.3
 PARITY_ATOL = 1e-3  # fp32 graphs vs eager: summation order only (validator uses its own table)
@@ -72,7 +73,7 @@ def main() -> None:
             graphs = {}
             for target in ("ort", "portable"):
                 res = export_model(str(ckpt), Path(tmp) / f"E{E}-{target}", target=target, validate=False)
-                graphs[target] = Path(res.out_dir) / "model.onnx"
+                graphs[target] = Path(res.out_dir) / MODEL_FILE
             graphs["dense (baseline)"] = export_dense_onnx(ckpt, Path(tmp) / f"E{E}-dense.onnx")
             row = {"experts": E, "active_params": model.num_active_parameters(), "params": model.num_parameters(),
                    "experts_used_per_layer": used,

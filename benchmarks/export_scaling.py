@@ -35,6 +35,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common  # noqa: E402
+from smlp_export.artifacts import MANIFEST_FILE, PARITY_FILE  # noqa: E402
 
 GiB = 1024**3
 SIZES = ("tiny", "100m", "350m", "1.5b")
@@ -123,11 +124,11 @@ def run_size(name: str, work: Path, keep: bool, dtype: str = "fp32", quick: bool
             res = json.loads(stdout)
             fig.update(parity=res["parity"], stage_seconds=res["stage_seconds"], model_bytes=res["model_bytes"],
                        export_dtype=res["dtype"])
-            if (out / "manifest.json").is_file():
-                fig["files"] = json.loads((out / "manifest.json").read_text())["files"]
+            if (out / MANIFEST_FILE).is_file():
+                fig["files"] = json.loads((out / MANIFEST_FILE).read_text())["files"]
             kept = work / f"parity-{tag}.json"  # kept after the export folder is removed
-            if key == "export_quick" and (out / "parity.json").is_file() and not fig.get("reused_record"):
-                shutil.copyfile(out / "parity.json", kept)
+            if key == "export_quick" and (out / PARITY_FILE).is_file() and not fig.get("reused_record"):
+                shutil.copyfile(out / PARITY_FILE, kept)
             if key == "export_quick" and kept.is_file():
                 fig["coverage"] = _coverage_summary(json.loads(kept.read_text()))
         except (json.JSONDecodeError, KeyError, FileNotFoundError):

@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 
 import _common  # noqa: E402
+from smlp_export.artifacts import DATA_SUFFIX, DECODE_FILE, MANIFEST_FILE, MODEL_FILE  # noqa: E402
 
 VARIANTS = ("fp32", "fp16", "int8", "int4")
 
@@ -98,16 +99,16 @@ def export_one(ckpt: Path, out: Path, variant: str) -> None:
     res = export_model(str(ckpt), tmp, target="ort", dtype=dtype, quantize=q, validate=False, force=True)
     model = open_checkpoint(str(ckpt), dtype=dtype)
     man = res.manifest
-    man["decode"] = export_decode_graph(model, tmp / "decode.onnx", target="ort", dtype=dtype,
+    man["decode"] = export_decode_graph(model, tmp / DECODE_FILE, target="ort", dtype=dtype,
                                         quantize=QuantScheme.make(q) if q else None)
-    man["files"] += [{"name": n, "bytes": (tmp / n).stat().st_size} for n in ("decode.onnx", "decode.onnx.data")
+    man["files"] += [{"name": n, "bytes": (tmp / n).stat().st_size} for n in (DECODE_FILE, DECODE_FILE + DATA_SUFFIX)
                      if (tmp / n).exists()]
-    (tmp / "manifest.json").write_text(json.dumps(man, indent=2))
+    (tmp / MANIFEST_FILE).write_text(json.dumps(man, indent=2))
     tmp.rename(out)
 
 
 def export(ckpt: Path, out: Path, variant: str) -> dict:
-    if (out / "manifest.json").exists():
+    if (out / MANIFEST_FILE).exists():
         return {"status": "ok", "reused": True}
     t = time.perf_counter()
     r = subprocess.run([sys.executable, __file__, "--export-one", variant, str(ckpt), str(out)],
@@ -120,7 +121,7 @@ def export(ckpt: Path, out: Path, variant: str) -> dict:
 def time_prefill(out: Path, ids: np.ndarray, threads: int, reps: int) -> float:
     from smlp_export.runners.ort_runner import OrtRunner
 
-    r = OrtRunner(out / "model.onnx", intra_op_threads=threads)
+    r = OrtRunner(out / MODEL_FILE, intra_op_threads=threads)
     r.load()
     try:
         r.run(ids)
@@ -190,11 +191,11 @@ def main() -> None:
             print(f"[{name}] {row['reason']}")
             rows.append(row)
             continue
-        man = json.loads((out / "manifest.json").read_text())
+        man = json.loads((out / MANIFEST_FILE).read_text())
         files = [f["name"] for f in man["files"]]
-        row["model_bytes"] = _files_bytes(out, [f for f in files if f.startswith("model.onnx")])
-        row["decode_bytes"] = _files_bytes(out, [f for f in files if f.startswith("decode.onnx")])
-        row["bytes_per_token"] = bytes_per_token(out / "decode.onnx", man["config"])
+        row["model_bytes"] = _files_bytes(out, [f for f in files if f.startswith(MODEL_FILE)])
+        row["decode_bytes"] = _files_bytes(out, [f for f in files if f.startswith(DECODE_FILE)])
+        row["bytes_per_token"] = bytes_per_token(out / DECODE_FILE, man["config"])
         row["bits_per_weight"] = (man.get("quantization") or {}).get("bits_per_weight")
         try:
             row["prefill_p50_ms"] = time_prefill(out, ids[:, :args.seq], threads, args.reps)

@@ -26,6 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common  # noqa: E402
+from smlp_export.artifacts import DECODE_FILE, SEQ_FILE  # noqa: E402
 
 
 def main() -> None:
@@ -50,10 +51,10 @@ def main() -> None:
     rounds = 5 if args.quick else args.rounds
     tmp = Path(tempfile.mkdtemp(prefix="seq-bench-"))
     try:
-        export_decode_graph(model, tmp / "decode.onnx", target="ort")
-        export_sequence_graph(model, tmp / "decode_seq.onnx", target="ort")
-        dec = create_session(tmp / "decode.onnx", intra_op_threads=threads)
-        seq = create_session(tmp / "decode_seq.onnx", intra_op_threads=threads)
+        export_decode_graph(model, tmp / DECODE_FILE, target="ort")
+        export_sequence_graph(model, tmp / SEQ_FILE, target="ort")
+        dec = create_session(tmp / DECODE_FILE, intra_op_threads=threads)
+        seq = create_session(tmp / SEQ_FILE, intra_op_threads=threads)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     names = [i.name for i in dec.get_inputs()][2:]

@@ -126,13 +126,15 @@ def upward_imports(graph: dict[str, set[str]], layers=LAYERS) -> list[str]:
     return out
 
 
-def file_name_literals(root: Path, packages=PACKAGES) -> list[str]:
-    """String constants equal to an export file name outside smlp_export/artifacts.py (docstrings
-    and the sources copied into Triton repositories, which run without the package, excepted)."""
+def file_name_literals(root: Path, packages=PACKAGES, scripts: str = "benchmarks") -> list[str]:
+    """String constants equal to an export file name outside smlp_export/artifacts.py, in the
+    packages and the ``scripts`` folder (docstrings and the sources copied into Triton
+    repositories, which run without the package, excepted)."""
     from smlp_export.artifacts import FILE_NAMES, STANDALONE_SOURCES
 
     hits = []
-    for mod, path in module_files(root, packages).items():
+    files = list(module_files(root, packages).values()) + sorted((root / scripts).glob("*.py"))
+    for path in files:
         rel = path.relative_to(root).as_posix()
         if rel == "smlp_export/artifacts.py" or rel in STANDALONE_SOURCES:
             continue
@@ -199,8 +201,9 @@ def test_planted_file_name_literal_is_found(tmp_path: Path) -> None:
     from smlp_export.artifacts import MANIFEST_FILE
 
     root = _tree(tmp_path, {"smlp_export/x.py": f'"""Reads {MANIFEST_FILE}."""\nNAME = "{MANIFEST_FILE}"\n',
-                            "smlp_export/artifacts.py": f'MANIFEST_FILE = "{MANIFEST_FILE}"\n'})
-    assert file_name_literals(root) == [f"smlp_export/x.py:2: '{MANIFEST_FILE}'"]
+                            "smlp_export/artifacts.py": f'MANIFEST_FILE = "{MANIFEST_FILE}"\n',
+                            "benchmarks/b.py": f'p = out / "{MANIFEST_FILE}"\n'})
+    assert file_name_literals(root) == [f"smlp_export/x.py:2: '{MANIFEST_FILE}'", f"benchmarks/b.py:1: '{MANIFEST_FILE}'"]
 
 
 @pytest.mark.parametrize("mod,layer", [("smlp_export.export.pipeline", "orchestration"),

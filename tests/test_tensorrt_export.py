@@ -14,7 +14,8 @@ from onnx.reference import ReferenceEvaluator
 
 from smlp_export.export import contract
 from smlp_export.export import translations  # noqa: F401  (registers the smlp schemas)
-from smlp_export.export.tensorrt_moe import grouped_gemm_function, lower_token_moe
+from smlp_export.export.rewrites import lower_tensorrt
+from smlp_export.export.tensorrt_moe import grouped_gemm_function
 from smlp_export.ops.grouped_gemm import GEMM_ACTIVATIONS, grouped_expert_gemm_reference
 from smlp_export.ops.token_moe import token_moe_naive
 
@@ -45,8 +46,7 @@ def _token_moe_model(E: int, d: int, f: int, routing: str, k: int, act: str, see
         [numpy_helper.from_array(a, n) for n, a in w.items()])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("smlp", 1)],
                               ir_version=10)
-    assert lower_token_moe(model, elem=TensorProto.FLOAT, opset=OPSET) == 1
-    return model, w
+    return lower_tensorrt(model, elem=TensorProto.FLOAT, opset=OPSET), w
 
 
 # (routing, k, E, logits kind): awkward routings on purpose

@@ -2,8 +2,7 @@
 
 ``Rewrites(target, ...)`` is one graph's pass list: ``before_inline`` works on the smlp nodes the
 exporter wrote (ort ``auto``: the ``AutoTokenMoE`` rule, token MoE -> If(fused, loop); tensorrt:
-``tensorrt_moe.finish_tensorrt``, token MoE -> routing + grouped-GEMM plugin nodes, still a
-ModelProto pass: docs/architecture.md says why), ``after_inline`` on the standard-op graph
+``tensorrt_moe.TensorrtTokenMoE``, token MoE -> routing + grouped-GEMM plugin nodes), ``after_inline`` on the standard-op graph
 (ort: ``optimize.ORT_RULES``; ort / portable: ``blocked_causal.causal_rules``). Rules are
 onnxscript rewriter rules (pattern, check, replacement) run on onnx_ir by ``apply_rules``.
 """
@@ -38,9 +37,7 @@ class Rewrites:
         if self.target == "ort" and self.ort_moe == "auto":
             proto = apply_rules(proto, [pattern.RewriteRuleSet([AutoTokenMoE.rule(elem)])])
         if self.target == "tensorrt":  # token MoE -> standard-op routing + two grouped-GEMM plugin nodes
-            from .tensorrt_moe import finish_tensorrt
-
-            finish_tensorrt(proto, elem=elem, opset=opset)
+            proto = lower_tensorrt(proto, elem=elem, opset=opset)
         return proto
 
     def after_inline_rules(self) -> list:
@@ -59,6 +56,19 @@ class Rewrites:
     def after_inline(self, proto: onnx.ModelProto) -> onnx.ModelProto:
         sets = self.after_inline_rules()
         return apply_rules(proto, sets) if sets else proto
+
+
+def lower_tensorrt(proto: onnx.ModelProto, *, elem: int, opset: int) -> onnx.ModelProto:
+    """The tensorrt target's pass (model.onnx and decode graphs): every top-level token-MoE node
+    rewritten (``tensorrt_moe.TensorrtTokenMoE``), the grouped-GEMM fallback function added, the
+    plugin nodes named (``name_plugin_nodes``; the spatial MoE nodes stay one plugin node each).
+    ``proto`` is consumed."""
+    from .tensorrt_moe import TensorrtTokenMoE, add_fallback_function, name_plugin_nodes
+
+    proto = apply_rules(proto, [pattern.RewriteRuleSet([TensorrtTokenMoE.rule(elem)])])
+    add_fallback_function(proto, elem=elem, opset=opset)
+    name_plugin_nodes(proto)
+    return proto
 
 
 def apply_rules(proto: onnx.ModelProto, rule_sets) -> onnx.ModelProto:

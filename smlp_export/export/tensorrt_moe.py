@@ -1,6 +1,7 @@
 """The ``tensorrt`` target's token MoE: standard-op routing + permutation around two grouped GEMMs.
 
-``lower_token_moe(model, elem=..., opset=...)`` rewrites, in the top-level graph, every
+The onnxscript rewriter rule ``TensorrtTokenMoE`` (run by ``rewrites.lower_tensorrt``) rewrites,
+in the top-level graph, every
 ``smlp::SMLPTokenMoE`` node the dynamo exporter wrote (hidden [N, d], router_logits [N, E],
 w1 [E, f, d], b1 [E, f], w2 [E, d, f], b2 [E, d]; fields routing, k, activation) into
 ``moe_graph.token_moe`` (the graph every target uses: ``TopK`` routing, the counting-sort
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import onnx
 from onnx import FunctionProto, NodeProto, TensorProto, helper
+from onnxscript.rewriter import pattern
 
 from . import contract
 from ..ops.grouped_gemm import GEMM_ACTIVATIONS
@@ -54,38 +56,10 @@ def name_plugin_nodes(model: onnx.ModelProto) -> None:
             n.name = plugin_node_name(n.op_type, i)
 
 
-def _attrs(n: NodeProto) -> dict:
-    out = {}
-    for a in n.attribute:
-        v = helper.get_attribute_value(a)
-        out[a.name] = v.decode() if isinstance(v, bytes) else v
-    return out
-
-
 def _gemm_node(b: GraphBuilder, x: str, offsets: str, w: str, bias: str, act: str) -> str:
     return b.op(GEMM.op_type, x, offsets, w, bias, domain=GEMM.domain, activation=act,
                 activation_index=GEMM_ACTIVATIONS.index(act), plugin_namespace=GEMM.namespace,
                 plugin_version=GEMM.version)
-
-
-def token_moe_nodes(n: NodeProto, prefix: str, elem: int = TensorProto.FLOAT) -> list[NodeProto]:
-    """The standard-op + grouped-GEMM replacement of one SMLPTokenMoE node (same outputs)."""
-    a = _attrs(n)
-    act = a["activation"]
-    hidden, logits, w1, b1, w2, b2 = n.input
-    b = GraphBuilder(prefix=prefix)
-
-    def experts(b: GraphBuilder, x_sorted: str, perm: Permutation) -> str:
-        h = _gemm_node(b, x_sorted, perm.offsets, w1, b1, act)  # [M, f]
-        return _gemm_node(b, h, perm.offsets, w2, b2, "identity")  # [M, d]
-
-    try:
-        out = token_moe(b, hidden, logits, b.dim(w1, 0), routing=a["routing"], k=int(a["k"]), elem=elem,
-                        experts=experts)
-    except ValueError as e:
-        raise ValueError(f"{n.name or n.output[0]}: {e}") from None
-    b.output(out, n.output[0])
-    return b.nodes
 
 
 def _activation_by_index(b: GraphBuilder, z: str, elem: int) -> str:
@@ -149,29 +123,71 @@ def grouped_gemm_function(*, elem: int, opset: int) -> FunctionProto:
                                 attributes=[*GEMM.attributes, *GEMM.fallback_attributes, *PLUGIN_ATTRS])
 
 
-def lower_token_moe(model: onnx.ModelProto, *, elem: int, opset: int) -> int:
-    """Rewrite every top-level SMLPTokenMoE node (see the module docstring) and add the
-    grouped-GEMM fallback functions it needs. Returns how many layers were rewritten."""
-    nodes: list[NodeProto] = []
-    count = 0
-    for n in model.graph.node:
-        if (n.domain, n.op_type) != (TOKEN_MOE_NODE.domain, TOKEN_MOE_NODE.op_type):
-            nodes.append(n)
-            continue
-        nodes += token_moe_nodes(n, prefix=f"tmoe{count}_", elem=elem)
-        count += 1
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
-    if count and not any((f.domain, f.name) == (GEMM.domain, GEMM.op_type) for f in model.functions):
+class RuleBuilder:
+    """``moe_graph.GraphBuilder``'s interface over an onnxscript rewriter's ``op``: the builders of
+    ``moe_graph`` then emit onnx_ir values into a rule's replacement, under the value names
+    ``GraphBuilder`` would give them (``prefix`` + op + counter)."""
+
+    def __init__(self, op, prefix: str) -> None:
+        self._op, self.prefix, self._n = op, prefix, 0
+
+    def op(self, op_type: str, *inputs, n_out: int = 1, domain: str = "", **attrs):
+        import onnx_ir as ir
+
+        outs = [f"{self.prefix}{op_type.lower()}_{self._n}" + (f"_{i}" if n_out > 1 else "") for i in range(n_out)]
+        self._n += 1
+        # sorted like onnx.helper.make_node writes them
+        attrs = {k: ir.serde.deserialize_tensor(v) if isinstance(v, TensorProto) else v for k, v in sorted(attrs.items())}
+        return getattr(self._op, op_type)(*inputs, _domain=domain, _outputs=outs, **attrs)
+
+    ints, scalar, fconst, dim = GraphBuilder.ints, GraphBuilder.scalar, GraphBuilder.fconst, GraphBuilder.dim
+
+
+class TensorrtTokenMoE(pattern.RewriteRuleClassBase):
+    """tensorrt: each top-level ``smlp::SMLPTokenMoE`` node -> ``moe_graph.token_moe`` with two
+    grouped-GEMM plugin nodes as its expert stage (see the module docstring)."""
+
+    def __init__(self, elem: int) -> None:
+        self.elem, self.count = elem, 0
+        super().__init__(name="TensorrtTokenMoE")
+
+    def setup(self) -> None:
+        self.count = 0  # value names tmoe{i}_*, i = the layer's place in graph order
+
+    def pattern(self, op, hidden, logits, w1, b1, w2, b2):
+        return op.SMLPTokenMoE(hidden, logits, w1, b1, w2, b2, _domain=TOKEN_MOE_NODE.domain,
+                               _allow_other_attributes=True, _outputs=["y"])
+
+    def check(self, context, y, **_):
+        from .optimize import top_level
+
+        return top_level(context)
+
+    def rewrite(self, op, hidden, logits, w1, b1, w2, b2, y):
+        node = y.producer()
+        a = {k: v.value for k, v in node.attributes.items()}
+        b = RuleBuilder(op, prefix=f"tmoe{self.count}_")
+        self.count += 1
+
+        def experts(b, x_sorted, perm: Permutation):
+            h = _gemm_node(b, x_sorted, perm.offsets, w1, b1, a["activation"])  # [M, f]
+            return _gemm_node(b, h, perm.offsets, w2, b2, "identity")  # [M, d]
+
+        try:
+            out = token_moe(b, hidden, logits, b.dim(w1, 0), routing=a["routing"], k=int(a["k"]), elem=self.elem,
+                            experts=experts)
+        except ValueError as e:
+            raise ValueError(f"{node.name or y.name}: {e}") from None
+        out.name = y.name  # the layer's output keeps its name (the old value goes with its node)
+        return out
+
+
+def add_fallback_function(model: onnx.ModelProto, *, elem: int, opset: int) -> None:
+    """The grouped-GEMM plugin nodes' standard-op fallback (``grouped_gemm_function``), once,
+    when the top-level graph has such a node."""
+    used = any((n.domain, n.op_type) == (GEMM.domain, GEMM.op_type) for n in model.graph.node)
+    if used and not any((f.domain, f.name) == (GEMM.domain, GEMM.op_type) for f in model.functions):
         model.functions.append(grouped_gemm_function(elem=elem, opset=opset))
-    return count
 
 
-def finish_tensorrt(model: onnx.ModelProto, *, elem: int, opset: int) -> None:
-    """The tensorrt target's graph pass (model.onnx and decode.onnx): lower token MoE, name the
-    plugin nodes. The spatial MoE nodes stay one plugin node each."""
-    lower_token_moe(model, elem=elem, opset=opset)
-    name_plugin_nodes(model)
-
-
-__all__ = ["finish_tensorrt", "lower_token_moe", "token_moe_nodes", "grouped_gemm_function", "plugin_node_name", "name_plugin_nodes"]
+__all__ = ["add_fallback_function", "TensorrtTokenMoE", "grouped_gemm_function", "plugin_node_name", "name_plugin_nodes"]
