@@ -14,9 +14,11 @@ the process terms are measured on this project's exports (docs/export.md, "Large
   traced meta graph (0.25-0.6 GB measured);
 - export without validation: the largest tensor a few times over (read, cast, transformed copy),
   since weights are written one tensor at a time (``export/weights.py``);
-- validation: the ONNX Runtime session (1.0-1.15x the exported weights measured; prepacking is off
-  for external-data models) plus one module of the float32 PyTorch reference, which reads its
-  weights per call (``validate/streamed.py``), plus activations.
+- validation: the ONNX Runtime session (1.0-1.15x the exported weights measured; external-data
+  models run with ``ort_session.LARGE_MODEL_OPTIONS``: weights memory-mapped once) plus the larger
+  of one module of the streamed PyTorch reference (``validate/streamed.py``) and ORT's fused-MoE
+  transient (a float32 copy of one layer's experts for a half graph): both are bounded by one tMoE
+  layer in float32, plus activations.
 """
 from __future__ import annotations
 
