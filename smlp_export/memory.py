@@ -176,3 +176,21 @@ def require(cfg: SMLPConfig, op: str, *, dtype: str = "fp32", checkpoint_dtype: 
             f"{_fmt(need)} of memory but only {_fmt(have)} is available; choose a smaller config "
             f"(or set SMLP_SKIP_MEMORY_CHECK=1 to try anyway)")
     return need
+
+
+def release_freed_memory() -> None:
+    """Hand memory the process no longer uses back to the system: a garbage collection, then
+    glibc's ``malloc_trim(0)`` (freed heap pages otherwise stay in the process's RSS). Called
+    between an export's write and its validation, whose peaks would otherwise add up: measured on
+    the 350m preset, ``export --quick`` peaked 0.33 GB above ``validate --quick`` of the same
+    export. A no-op where the C library has no ``malloc_trim``."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -183,7 +183,12 @@ def export_model(
         manifest, proto = write_export(model, tmp, out=out, checkpoint=checkpoint, target=target, dtype=dtype,
                                        opset=opset, ort_moe=ort_moe, decode=decode, scheme=scheme, stage=stage)
         parity, ok = "skipped (--no-validate)", True
+        counts = node_counts(proto)
+        del proto  # the graph is on disk; validation reads it from there
         if validate:
+            from ..memory import release_freed_memory
+
+            release_freed_memory()  # the write's peak must not stay under validation's (memory.py)
             stage("validate")
             # the validator reloads the checkpoint from its file; an in-memory model is passed as is
             parity, ok = _validate(tmp, model if in_memory else model.checkpoint_info["path"], quick, dtype,
@@ -200,6 +205,6 @@ def export_model(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return ExportResult(out_dir=out, manifest=manifest.to_dict(), node_counts=node_counts(proto),
+    return ExportResult(out_dir=out, manifest=manifest.to_dict(), node_counts=counts,
                         model_bytes=sum(f["bytes"] for f in manifest.files if f["name"].startswith(MODEL_FILE)),
                         seconds=time.perf_counter() - t0, parity=parity, stage_seconds=stages)
