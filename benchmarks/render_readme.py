@@ -155,17 +155,22 @@ def _gb(n: int | None) -> str:
     return "-" if n is None else f"{n / 1e9:.2f}"
 
 
+def _measured(r: dict) -> str:
+    """The day a row was measured; rows of runs before the field existed say so."""
+    return str(r["measured_at"])[:10] if r.get("measured_at") else "before 2026-12-08"
+
+
 def _export_scaling_table(rep: dict) -> list[str]:
     lines = ["| preset (checkpoint) | parameters | weights GB | init: peak RSS GB (x weights) | "
              "export: peak RSS GB (x weights) | export: wall s (s/GB) | --quick: peak RSS GB (x weights) | "
-             "--quick: wall s | parity | load avg before |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
+             "--quick: wall s | parity | load avg before | measured |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---|"]
     for r in rep["rows"]:
         nv, q, ini = r.get("export_no_validate") or {}, r.get("export_quick") or {}, r.get("init") or {}
         name = f"{r['preset']} ({r.get('checkpoint_dtype', 'fp32')})"
         if not nv:
             lines.append(f"| {name} | {r['parameters']:,} | {_gb(r.get('weight_bytes'))} | "
-                         f"{ini.get('error', 'not run')} | | | | | | |")
+                         f"{ini.get('error', 'not run')} | | | | | | | {_measured(r)} |")
             continue
 
         def cell(f: dict) -> str:
@@ -178,7 +183,8 @@ def _export_scaling_table(rep: dict) -> list[str]:
                  else "not run (does not fit; docs/export.md) | | -")
         lines.append(f"| {name} | {r['parameters']:,} | {_gb(r['weight_bytes'])} | {cell(ini)} | {cell(nv)} | "
                      f"{nv.get('wall_s', 0):.0f}" + (f" ({per_gb:.0f})" if per_gb else "") + f" | {qcell} | "
-                     f"{nv.get('load_avg_1m_before')}, {q.get('load_avg_1m_before', '-')} |")
+                     f"{nv.get('load_avg_1m_before')}, {q.get('load_avg_1m_before', '-')} | "
+                     f"{_measured(r)} |")
     return lines + [""]
 
 
